@@ -1,0 +1,124 @@
+"""Every exception aiokvpipe raises, in one flat module.
+
+Backends translate OS, socket, CUDA and NCCL failures into these types at
+their boundary (``raise X(...) from exc``) so callers only ever catch ours.
+Two families matter most to callers:
+
+* *closed* (:class:`PipeClosedError`): you closed it; using it again is a
+  programming error.
+* *broken* (:class:`PeerClosedError`, :class:`ProtocolError`, ...): the peer or
+  the wire broke it; the original cause is chained as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "AiokvpipeError",
+    "AuthenticationError",
+    "BadMagicError",
+    "ConfigError",
+    "CudaTransferError",
+    "CudaUnavailableError",
+    "FrameTooLargeError",
+    "HandleError",
+    "MalformedFrameError",
+    "PeerClosedError",
+    "PipeClosedError",
+    "ProtocolError",
+    "SequenceError",
+    "SlowReaderError",
+    "TransferTimeout",
+    "UnsupportedTensorError",
+    "UnsupportedVersionError",
+    "WriterGoneError",
+]
+
+
+class AiokvpipeError(Exception):
+    """Root of every error this library raises."""
+
+
+class ConfigError(AiokvpipeError, ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class PipeClosedError(AiokvpipeError):
+    """The resource was closed by this process and cannot be used any more."""
+
+
+class ProtocolError(AiokvpipeError):
+    """Bytes from the peer do not form a valid frame (or a value we refuse)."""
+
+
+class BadMagicError(ProtocolError):
+    """A frame did not start with the aiokvpipe magic: not our protocol."""
+
+
+class UnsupportedVersionError(ProtocolError):
+    """The peer speaks a wire version this build does not understand."""
+
+
+class MalformedFrameError(ProtocolError):
+    """A frame header is internally inconsistent (dims, sizes, kind)."""
+
+
+class SequenceError(ProtocolError):
+    """A frame arrived out of sequence: the stream lost or repeated data."""
+
+
+class FrameTooLargeError(ProtocolError):
+    """A frame announces more payload bytes than ``max_frame_bytes`` allows."""
+
+    def __init__(self, nbytes: int, limit: int, where: str = "") -> None:
+        self.nbytes = nbytes
+        self.limit = limit
+        prefix = f"{where}: " if where else ""
+        super().__init__(
+            f"{prefix}frame of {nbytes} payload bytes exceeds max_frame_bytes={limit}"
+        )
+
+
+class UnsupportedTensorError(ProtocolError, TypeError):
+    """The object cannot be sent (not a tensor, unsupported dtype, too many dims)."""
+
+
+class PeerClosedError(AiokvpipeError, ConnectionError):
+    """The peer went away: it closed the pipe, died, or the connection broke."""
+
+
+class WriterGoneError(PeerClosedError):
+    """The writer of a shared-memory ring exited or closed it."""
+
+
+class AuthenticationError(AiokvpipeError):
+    """A connection could not prove (or verify) knowledge of the shared token."""
+
+
+class TransferTimeout(AiokvpipeError, TimeoutError):
+    """An operation waited longer than its timeout."""
+
+
+class SlowReaderError(TransferTimeout):
+    """A ring writer timed out because some readers stopped consuming."""
+
+    def __init__(self, message: str, lagging_readers: Sequence[int]) -> None:
+        self.lagging_readers = tuple(lagging_readers)
+        super().__init__(message)
+
+
+class HandleError(AiokvpipeError, ValueError):
+    """A shared-memory handle does not match the segment it names."""
+
+
+class CudaUnavailableError(AiokvpipeError, RuntimeError):
+    """A CUDA transport was requested but CUDA, cupy or NCCL is not usable."""
+
+
+class CudaTransferError(AiokvpipeError, RuntimeError):
+    """CUDA or NCCL reported an error while moving a tensor."""

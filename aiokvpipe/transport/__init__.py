@@ -1,0 +1,76 @@
+"""Transport backends and the rule that picks one for a link.
+
+Backends are imported lazily by name (as anyio loads its backends), so a
+CPU-only install never imports cupy or NCCL.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from ..errors import ConfigError
+from .base import Link, OutgoingMessage, PeerInfo, RecvChannel, SendChannel, Transport
+
+__all__ = [
+    "Link",
+    "OutgoingMessage",
+    "PeerInfo",
+    "RecvChannel",
+    "SendChannel",
+    "Transport",
+    "choose_transport",
+    "load_transport",
+]
+
+_MODULES = {
+    "tcp": ("aiokvpipe.transport.tcp", "TcpTransport"),
+    "shm": ("aiokvpipe.transport.shm", "ShmTransport"),
+    "nccl": ("aiokvpipe.transport.nccl", "NcclTransport"),
+    "cuda_ipc": ("aiokvpipe.transport.cuda_ipc", "CudaIpcTransport"),
+}
+
+
+def load_transport(name: str) -> type[Transport]:
+    try:
+        module_name, class_name = _MODULES[name]
+    except KeyError:
+        raise ConfigError("transport", f"unknown transport {name!r}") from None
+    cls: type[Transport] = getattr(import_module(module_name), class_name)
+    return cls
+
+
+def _is_cuda(device: str) -> bool:
+    return device.startswith("cuda")
+
+
+def choose_transport(sender: PeerInfo, receiver: PeerInfo) -> str:
+    """The transport for the link ``sender -> receiver``.
+
+    Pure and symmetric in what it reads, so both ends agree without talking.
+    """
+    if sender.transport != receiver.transport:
+        raise ConfigError(
+            "transport",
+            f"rank {sender.rank} asks for {sender.transport!r} but rank {receiver.rank} "
+            f"asks for {receiver.transport!r}; both ends of a link must agree",
+        )
+    same_host = sender.host_id == receiver.host_id
+    both_cuda = _is_cuda(sender.device) and _is_cuda(receiver.device)
+    wanted = sender.transport
+    if wanted == "auto":
+        if both_cuda:
+            return "cuda_ipc" if same_host else "nccl"
+        return "tcp"
+    if wanted in ("shm", "cuda_ipc") and not same_host:
+        raise ConfigError(
+            "transport",
+            f"{wanted!r} needs both ranks on one host, but ranks {sender.rank} and "
+            f"{receiver.rank} are on different hosts",
+        )
+    if wanted in ("nccl", "cuda_ipc") and not both_cuda:
+        raise ConfigError(
+            "transport",
+            f"{wanted!r} moves GPU tensors: both ranks need device='cuda[:N]' "
+            f"(rank {sender.rank}: {sender.device}, rank {receiver.rank}: {receiver.device})",
+        )
+    return wanted

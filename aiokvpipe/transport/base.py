@@ -1,0 +1,129 @@
+"""What every transport implements.
+
+A transport moves frames over one *link*: one authenticated, connected socket
+between a sender rank and the next rank (the receiver). Rendezvous builds the
+links; a transport turns the sender's end into a :class:`SendChannel` and the
+receiver's end into a :class:`RecvChannel`. Data flows one way per link; the
+socket's reverse direction is free for the transport's own control messages
+(acks, handles), and TCP transports carry the payload on it as well.
+
+Both ends of a link must pick the same transport. :func:`choose_transport`
+is a pure function of both ranks' :class:`PeerInfo`, so each end computes the
+same answer, and the sender announces its choice so a mismatch is detected.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch
+
+from ..wire import FrameHeader
+
+if TYPE_CHECKING:
+    from ..config import PipeConfig
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What a rank tells the others about itself during rendezvous."""
+
+    rank: int
+    address: str
+    port: int
+    host_id: str
+    pid: int
+    device: str
+    transport: str
+
+
+@dataclass
+class Link:
+    """One direction of the ring, as seen from one of its ends."""
+
+    config: PipeConfig
+    sock: socket.socket
+    role: Literal["send", "recv"]
+    local: PeerInfo
+    peer: PeerInfo
+
+    @property
+    def describe(self) -> str:
+        arrow = "->" if self.role == "send" else "<-"
+        return f"rank {self.local.rank} {arrow} rank {self.peer.rank}"
+
+
+@dataclass
+class OutgoingMessage:
+    """A message accepted by the pipe and handed to a send channel.
+
+    ``done`` resolves when the transport no longer needs ``tensor``'s memory
+    (written to the kernel, copied into shared memory, or its CUDA event
+    completed); it fails with the error that stopped the transfer.
+    """
+
+    header: FrameHeader
+    tensor: torch.Tensor | None
+    done: asyncio.Future[None] = field(repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self.header.nbytes
+
+
+class SendChannel(abc.ABC):
+    """The sending end of a link. Owns its socket and background tasks."""
+
+    @abc.abstractmethod
+    def submit(self, message: OutgoingMessage) -> None:
+        """Queue ``message`` behind every earlier one; never blocks.
+
+        Failures are reported through ``message.done`` and :attr:`error`.
+        """
+
+    @property
+    @abc.abstractmethod
+    def error(self) -> BaseException | None:
+        """The fatal error that broke this channel, if any."""
+
+    @abc.abstractmethod
+    async def aclose(self, graceful: bool = True) -> None:
+        """Close; with ``graceful`` first tell the peer (a CLOSE frame).
+
+        Idempotent; frees the socket and tasks even if cancelled.
+        """
+
+
+class RecvChannel(abc.ABC):
+    """The receiving end of a link."""
+
+    @abc.abstractmethod
+    async def recv(self) -> torch.Tensor | None:
+        """Next message in order. Cancellation never loses or reorders one."""
+
+    @property
+    @abc.abstractmethod
+    def error(self) -> BaseException | None:
+        """The fatal error that broke this channel, if any."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Close; idempotent; pending ``recv`` calls fail with PipeClosedError."""
+
+
+class Transport(abc.ABC):
+    """A backend: a name and a way to open either end of a link."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abc.abstractmethod
+    async def open_sender(cls, link: Link) -> SendChannel: ...
+
+    @classmethod
+    @abc.abstractmethod
+    async def open_receiver(cls, link: Link) -> RecvChannel: ...

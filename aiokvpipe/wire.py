@@ -1,0 +1,175 @@
+"""The frame header that precedes every payload, and the dtype table.
+
+No pickle, ever: a header is a fixed 136-byte little-endian struct, so a
+receiver knows exactly how many bytes to read before it trusts anything, and
+every field is validated before a byte of payload is accepted or a buffer is
+allocated. Layout (offsets in bytes)::
+
+    0   magic     4s   b"AKVP"
+    4   version   u8   WIRE_VERSION
+    5   kind      u8   FrameKind (tensor / none / close)
+    6   dtype     u8   DTYPE_CODES (0 for non-tensor frames)
+    7   ndim      u8   0..MAX_DIMS
+    8   seq       u64  per-direction sequence number, starts at 0
+    16  nbytes    u64  payload bytes that follow the header
+    24  shape     14 x i64, unused trailing dims are 0
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from .errors import (
+    BadMagicError,
+    FrameTooLargeError,
+    MalformedFrameError,
+    SequenceError,
+    UnsupportedTensorError,
+    UnsupportedVersionError,
+)
+
+MAGIC = b"AKVP"
+WIRE_VERSION = 1
+MAX_DIMS = 14
+
+_HEADER = struct.Struct("<4sBBBBQQ14q")
+HEADER_SIZE = _HEADER.size
+
+
+class FrameKind(enum.IntEnum):
+    TENSOR = 0
+    NONE = 1
+    CLOSE = 2
+
+
+def _optional_dtype(name: str) -> torch.dtype | None:
+    value = getattr(torch, name, None)
+    return value if isinstance(value, torch.dtype) else None
+
+
+# Codes are part of the wire format: never renumber, only append. Dtypes are
+# looked up by name so an older torch without (say) float8 still loads.
+_DTYPE_NAMES: tuple[tuple[int, str], ...] = (
+    (1, "bool"),
+    (2, "uint8"),
+    (3, "int8"),
+    (4, "int16"),
+    (5, "int32"),
+    (6, "int64"),
+    (7, "float16"),
+    (8, "bfloat16"),
+    (9, "float32"),
+    (10, "float64"),
+    (11, "complex32"),
+    (12, "complex64"),
+    (13, "complex128"),
+    (14, "uint16"),
+    (15, "uint32"),
+    (16, "uint64"),
+    (17, "float8_e4m3fn"),
+    (18, "float8_e5m2"),
+    (19, "float8_e4m3fnuz"),
+    (20, "float8_e5m2fnuz"),
+    (21, "float8_e8m0fnu"),
+    (22, "float4_e2m1fn_x2"),
+    (23, "bits8"),
+    (24, "bits16"),
+)
+
+DTYPE_CODES: dict[torch.dtype, int] = {}
+CODE_DTYPES: dict[int, torch.dtype] = {}
+for _code, _name in _DTYPE_NAMES:
+    _dtype = _optional_dtype(_name)
+    if _dtype is not None and _dtype not in DTYPE_CODES:
+        DTYPE_CODES[_dtype] = _code
+        CODE_DTYPES[_code] = _dtype
+
+_ITEMSIZE: dict[int, int] = {code: dtype.itemsize for code, dtype in CODE_DTYPES.items()}
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """Wire code of ``dtype``; quantized and sub-byte dtypes are refused."""
+    try:
+        return DTYPE_CODES[dtype]
+    except KeyError:
+        raise UnsupportedTensorError(
+            f"dtype {dtype} cannot be sent: only fixed-size dtypes without "
+            f"extra metadata are supported ({', '.join(str(d) for d in DTYPE_CODES)})"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class FrameHeader:
+    """A decoded, validated header."""
+
+    kind: FrameKind
+    seq: int
+    dtype: torch.dtype | None = None
+    shape: tuple[int, ...] = ()
+    nbytes: int = 0
+
+    def encode(self) -> bytes:
+        code = 0 if self.dtype is None else dtype_code(self.dtype)
+        dims = list(self.shape) + [0] * (MAX_DIMS - len(self.shape))
+        return _HEADER.pack(
+            MAGIC, WIRE_VERSION, int(self.kind), code, len(self.shape), self.seq, self.nbytes, *dims
+        )
+
+
+def tensor_header(seq: int, dtype: torch.dtype, shape: tuple[int, ...]) -> FrameHeader:
+    """Header for a tensor frame; validates dtype and rank before anything is written."""
+    code = dtype_code(dtype)
+    if len(shape) > MAX_DIMS:
+        raise UnsupportedTensorError(
+            f"tensor has {len(shape)} dims; at most {MAX_DIMS} are supported"
+        )
+    nbytes = math.prod(shape) * _ITEMSIZE[code]
+    return FrameHeader(FrameKind.TENSOR, seq, dtype, tuple(shape), nbytes)
+
+
+def decode_header(
+    data: bytes | bytearray | memoryview, *, expected_seq: int, max_frame_bytes: int
+) -> FrameHeader:
+    """Parse and validate one header; raise a ``ProtocolError`` subclass on any violation."""
+    if len(data) != HEADER_SIZE:
+        raise MalformedFrameError(f"header is {len(data)} bytes, expected {HEADER_SIZE}")
+    magic, version, kind_code, code, ndim, seq, nbytes, *dims = _HEADER.unpack(data)
+    if magic != MAGIC:
+        raise BadMagicError(f"bad frame magic {bytes(magic)!r} (expected {MAGIC!r})")
+    if version != WIRE_VERSION:
+        raise UnsupportedVersionError(
+            f"peer speaks wire version {version}, this build speaks {WIRE_VERSION}"
+        )
+    try:
+        kind = FrameKind(kind_code)
+    except ValueError:
+        raise MalformedFrameError(f"unknown frame kind {kind_code}") from None
+    if seq != expected_seq:
+        raise SequenceError(f"frame sequence {seq} received, expected {expected_seq}")
+    if kind is not FrameKind.TENSOR:
+        if code or ndim or nbytes or any(dims):
+            raise MalformedFrameError(f"{kind.name} frame carries tensor fields")
+        return FrameHeader(kind, seq)
+    dtype = CODE_DTYPES.get(code)
+    if dtype is None:
+        raise MalformedFrameError(f"unknown dtype code {code}")
+    if ndim > MAX_DIMS:
+        raise MalformedFrameError(f"ndim {ndim} exceeds {MAX_DIMS}")
+    shape = tuple(dims[:ndim])
+    if any(d < 0 for d in shape):
+        raise MalformedFrameError(f"negative dimension in shape {shape}")
+    if any(dims[ndim:]):
+        raise MalformedFrameError("non-zero dimensions beyond ndim")
+    if nbytes > max_frame_bytes:
+        raise FrameTooLargeError(nbytes, max_frame_bytes, "received")
+    expected = math.prod(shape) * _ITEMSIZE[code]
+    if nbytes != expected:
+        raise MalformedFrameError(
+            f"nbytes {nbytes} does not match shape {shape} of {dtype} ({expected} bytes)"
+        )
+    return FrameHeader(kind, seq, dtype, shape, nbytes)
