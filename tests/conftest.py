@@ -1,0 +1,114 @@
+"""Shared fixtures: both event loops, strict leak checks, helpers.
+
+Every async test runs under the default asyncio loop and under uvloop. An
+autouse fixture fails a test that leaks file descriptors, threads, asyncio
+tasks, ``/dev/shm`` segments, or lets an exception reach the loop's handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is in the test extra
+    uvloop = None  # type: ignore[assignment]
+
+SHM_PREFIXES = ("aiokv", "akv")
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Run every async test on both loops (the vLLM-style servers run uvloop)."""
+    factories: dict[str, Any] = {"asyncio": asyncio.new_event_loop}
+    if uvloop is not None:
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
+
+
+def _open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def _shm_entries() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIXES)}
+    except FileNotFoundError:  # pragma: no cover
+        return set()
+
+
+def _describe_fds(fds: set[int]) -> list[str]:
+    out = []
+    for fd in sorted(fds):
+        try:
+            out.append(f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:
+            out.append(str(fd))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test if it leaked fds, threads or shared-memory segments."""
+    gc.collect()
+    fds_before = _open_fds()
+    threads_before = {t.ident for t in threading.enumerate()}
+    shm_before = _shm_entries()
+    yield
+    if request.node.get_closest_marker("allow_leaks"):
+        return
+    leaked_fds: set[int] = set()
+    for _ in range(50):
+        gc.collect()
+        leaked_fds = _open_fds() - fds_before
+        leaked_threads = [
+            t for t in threading.enumerate() if t.ident not in threads_before and t.is_alive()
+        ]
+        leaked_shm = _shm_entries() - shm_before
+        if not leaked_fds and not leaked_threads and not leaked_shm:
+            return
+        threading.Event().wait(0.02)
+    assert not leaked_fds, f"leaked file descriptors: {_describe_fds(leaked_fds)}"
+    assert not leaked_threads, f"leaked threads: {leaked_threads}"
+    assert not leaked_shm, f"leaked /dev/shm segments: {sorted(leaked_shm)}"
+
+
+@pytest.fixture(autouse=True)
+async def loop_checks() -> Any:
+    """Fail on leaked tasks and on exceptions that reached the loop's handler."""
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    loop.slow_callback_duration = 1.0
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    current = asyncio.current_task()
+    before = asyncio.all_tasks() - {current}
+    yield
+    for _ in range(20):
+        leftover = {t for t in asyncio.all_tasks() - before if not t.done()} - {asyncio.current_task()}
+        if not leftover:
+            break
+        await asyncio.sleep(0.01)
+    assert not leftover, f"leaked tasks: {leftover}"
+    gc.collect()
+    await asyncio.sleep(0)
+    assert not errors, f"exceptions reached the loop's handler: {errors}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """An ephemeral TCP port that is free right now (for rendezvous in tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
