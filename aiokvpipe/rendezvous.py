@@ -1,0 +1,449 @@
+"""Who listens where, and proving the token before any data is read.
+
+Flow of :func:`rendezvous` for rank ``r`` of ``world_size``:
+
+1. Rank 0 serves a rendezvous endpoint at ``(host, port)``.
+2. Every rank (rank 0 too, through the same code) connects to it, proves the
+   token, and registers ``PeerInfo``: the address and ephemeral port of its
+   own data listener, a host identity, pid, device and wanted transport.
+3. Once all ranks registered, rank 0 answers everyone with the full table.
+4. Rank ``r`` connects to rank ``r+1``'s listener (its *send* link) and
+   accepts rank ``r-1`` on its own (its *recv* link); both are authenticated
+   again, so a stranger who learns a port gets nothing.
+
+Every socket is a plain non-blocking socket driven through ``loop.sock_*``
+calls (supported by asyncio and uvloop alike), then handed to a transport.
+
+The token handshake (mutual, HMAC-SHA256, nothing but nonces on the wire)::
+
+    acceptor  -> connector : b"AKVH" ver flags nonce_a[32]
+    connector -> acceptor  : b"AKVC" ver flags nonce_c[32] mac_c[32]
+    acceptor  -> connector : verdict[1] mac_a[32]
+
+``mac_c = HMAC(token, "client" | nonce_a | nonce_c)`` and
+``mac_a = HMAC(token, "server" | nonce_c | nonce_a)``. Without a token the
+MACs are zero. A failing connector is told ``verdict=0`` and dropped before
+any frame is read; it raises :class:`AuthenticationError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+from ._timeouts import deadline
+from .config import PipeConfig
+from .errors import (
+    AuthenticationError,
+    BadMagicError,
+    ConfigError,
+    PeerClosedError,
+    ProtocolError,
+    TransferTimeout,
+    UnsupportedVersionError,
+)
+from .transport.base import Link, PeerInfo
+
+T = TypeVar("T")
+
+HANDSHAKE_VERSION = 1
+_HELLO = struct.Struct("<4sBB32s")
+_RESPONSE = struct.Struct("<4sBB32s32s")
+_VERDICT = struct.Struct("<B32s")
+_FLAG_TOKEN = 1
+_LEN = struct.Struct("<I")
+MAX_CONTROL_MESSAGE = 64 * 1024
+_CONNECT_RETRY = 0.05
+
+
+def host_identity() -> str:
+    """An identity shared by exactly the processes that can share memory.
+
+    Compares kernel boot id and the IPC/net namespaces rather than IP
+    strings: two containers on one machine with separate /dev/shm differ,
+    and one host reached through two addresses does not.
+    """
+    parts = []
+    for path in ("/proc/sys/kernel/random/boot_id",):
+        try:
+            with open(path, encoding="ascii") as fh:
+                parts.append(fh.read().strip())
+        except OSError:
+            parts.append(socket.gethostname())
+    for ns in ("ipc", "net"):
+        try:
+            parts.append(os.readlink(f"/proc/self/ns/{ns}"))
+        except OSError:
+            pass
+    try:
+        st = os.stat("/dev/shm")
+        parts.append(f"shm:{st.st_dev}:{st.st_ino}")
+    except OSError:
+        pass
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+# --------------------------------------------------------------------- io helpers
+
+
+async def recv_exactly(sock: socket.socket, n: int, what: str) -> bytes:
+    """Read exactly ``n`` bytes or raise PeerClosedError naming ``what``."""
+    loop = asyncio.get_running_loop()
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        try:
+            k = await loop.sock_recv_into(sock, view[got:])
+        except OSError as exc:
+            raise PeerClosedError(f"{what}: connection failed: {exc}") from exc
+        if k == 0:
+            raise PeerClosedError(f"{what}: peer closed the connection after {got} of {n} bytes")
+        got += k
+    return bytes(buf)
+
+
+async def send_all(sock: socket.socket, data: bytes, what: str) -> None:
+    try:
+        await asyncio.get_running_loop().sock_sendall(sock, data)
+    except OSError as exc:
+        raise PeerClosedError(f"{what}: connection failed: {exc}") from exc
+
+
+async def send_message(sock: socket.socket, payload: dict[str, Any], what: str) -> None:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    await send_all(sock, _LEN.pack(len(body)) + body, what)
+
+
+async def recv_message(sock: socket.socket, what: str) -> dict[str, Any]:
+    (length,) = _LEN.unpack(await recv_exactly(sock, _LEN.size, what))
+    if length > MAX_CONTROL_MESSAGE:
+        raise ProtocolError(f"{what}: control message of {length} bytes exceeds {MAX_CONTROL_MESSAGE}")
+    try:
+        payload = json.loads(await recv_exactly(sock, length, what))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{what}: control message is not valid JSON") from exc
+    if not isinstance(payload, dict):
+        raise ProtocolError(f"{what}: control message is not an object")
+    return payload
+
+
+# --------------------------------------------------------------------- handshake
+
+
+def _mac(token: bytes | None, label: bytes, a: bytes, b: bytes) -> bytes:
+    if token is None:
+        return bytes(32)
+    return hmac.new(token, label + a + b, hashlib.sha256).digest()
+
+
+async def authenticate_acceptor(sock: socket.socket, token: bytes | None, what: str) -> None:
+    """Acceptor side of the handshake; raises AuthenticationError on failure."""
+    nonce_a = secrets.token_bytes(32)
+    flags = _FLAG_TOKEN if token is not None else 0
+    await send_all(sock, _HELLO.pack(b"AKVH", HANDSHAKE_VERSION, flags, nonce_a), what)
+    raw = await recv_exactly(sock, _RESPONSE.size, what)
+    magic, version, _cflags, nonce_c, mac_c = _RESPONSE.unpack(raw)
+    if magic != b"AKVC":
+        raise BadMagicError(f"{what}: connector did not speak the aiokvpipe handshake")
+    if version != HANDSHAKE_VERSION:
+        raise UnsupportedVersionError(f"{what}: handshake version {version}")
+    ok = hmac.compare_digest(mac_c, _mac(token, b"client", nonce_a, nonce_c))
+    mac_a = _mac(token, b"server", nonce_c, nonce_a) if ok else bytes(32)
+    await send_all(sock, _VERDICT.pack(1 if ok else 0, mac_a), what)
+    if not ok:
+        raise AuthenticationError(f"{what}: connector failed to prove the token")
+
+
+async def authenticate_connector(sock: socket.socket, token: bytes | None, what: str) -> None:
+    """Connector side; raises AuthenticationError if either side lacks the token."""
+    raw = await recv_exactly(sock, _HELLO.size, what)
+    magic, version, flags, nonce_a = _HELLO.unpack(raw)
+    if magic != b"AKVH":
+        raise BadMagicError(f"{what}: {sock.getpeername()} is not an aiokvpipe endpoint")
+    if version != HANDSHAKE_VERSION:
+        raise UnsupportedVersionError(f"{what}: handshake version {version}")
+    peer_wants_token = bool(flags & _FLAG_TOKEN)
+    nonce_c = secrets.token_bytes(32)
+    await send_all(
+        sock,
+        _RESPONSE.pack(b"AKVC", HANDSHAKE_VERSION, 0, nonce_c, _mac(token, b"client", nonce_a, nonce_c)),
+        what,
+    )
+    try:
+        verdict, mac_a = _VERDICT.unpack(await recv_exactly(sock, _VERDICT.size, what))
+    except PeerClosedError as exc:
+        raise AuthenticationError(f"{what}: peer dropped the connection during the handshake") from exc
+    if not verdict:
+        if token is None and peer_wants_token:
+            raise AuthenticationError(f"{what}: peer requires a token and none is configured")
+        raise AuthenticationError(f"{what}: peer rejected our token")
+    if token is not None and not peer_wants_token:
+        raise AuthenticationError(f"{what}: a token is configured but the peer does not require one")
+    if not hmac.compare_digest(mac_a, _mac(token, b"server", nonce_c, nonce_a)):
+        raise AuthenticationError(f"{what}: peer failed to prove the token")
+
+
+# --------------------------------------------------------------------- sockets
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _listener(host: str, port: int, backlog: int) -> socket.socket:
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def tune_data_socket(sock: socket.socket) -> None:
+    """Low latency for small frames; the kernel autotunes buffers for big ones."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def _connect_with_retry(host: str, port: int, until: float, what: str) -> socket.socket:
+    """Connect, retrying refused attempts (the peer may not listen yet)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        sock = socket.socket(_family(host), socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, (host, port))
+            tune_data_socket(sock)
+            return sock
+        except (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError) as exc:
+            sock.close()
+            if time.monotonic() + _CONNECT_RETRY >= until:
+                raise TransferTimeout(f"{what}: nobody accepted at {host}:{port} in time") from exc
+            await asyncio.sleep(_CONNECT_RETRY)
+        except OSError as exc:
+            sock.close()
+            raise PeerClosedError(f"{what}: cannot connect to {host}:{port}: {exc}") from exc
+        except BaseException:
+            sock.close()
+            raise
+
+
+@contextlib.asynccontextmanager
+async def _closing_on_error(sock: socket.socket) -> AsyncIterator[socket.socket]:
+    try:
+        yield sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def _within(until: float, what: str, aw: Awaitable[T]) -> T:
+    async with deadline(max(until - time.monotonic(), 1e-3), lambda: what):
+        return await aw
+
+
+# --------------------------------------------------------------------- rank 0's table
+
+
+class _RendezvousServer:
+    """Collects every rank's PeerInfo and answers each with the full table."""
+
+    def __init__(self, cfg: PipeConfig, sock: socket.socket) -> None:
+        self.cfg = cfg
+        self.sock = sock
+        self.table: dict[int, tuple[PeerInfo, socket.socket]] = {}
+        self.complete = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.complete.is_set():
+            conn, _ = await loop.sock_accept(self.sock)
+            conn.setblocking(False)
+            task = asyncio.ensure_future(self._register(conn))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _register(self, conn: socket.socket) -> None:
+        what = "rendezvous server"
+        try:
+            await authenticate_acceptor(conn, self.cfg.token_bytes, what)
+            msg = await recv_message(conn, what)
+            info = _peer_from_message(msg, self.cfg.world_size, what)
+        except (ProtocolError, AuthenticationError, PeerClosedError, ConfigError):
+            conn.close()  # a stranger or a broken peer: drop it, keep serving
+            return
+        if info.rank in self.table:
+            await _reject(conn, f"rank {info.rank} registered twice")
+            return
+        self.table[info.rank] = (info, conn)
+        if len(self.table) == self.cfg.world_size:
+            await self._answer_all()
+
+    async def _answer_all(self) -> None:
+        answer = {"peers": [asdict(info) for info, _ in sorted(self.table.values(), key=lambda x: x[0].rank)]}
+        for _, conn in self.table.values():
+            try:
+                await send_message(conn, answer, "rendezvous server")
+            except PeerClosedError:
+                pass
+        self.complete.set()
+
+    def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for _, conn in self.table.values():
+            conn.close()
+        self.sock.close()
+
+
+async def _reject(conn: socket.socket, reason: str) -> None:
+    with contextlib.suppress(PeerClosedError):
+        await send_message(conn, {"error": reason}, "rendezvous server")
+    conn.close()
+
+
+def _peer_from_message(msg: dict[str, Any], world_size: int, what: str) -> PeerInfo:
+    try:
+        info = PeerInfo(
+            rank=int(msg["rank"]),
+            address=str(msg["address"]),
+            port=int(msg["port"]),
+            host_id=str(msg["host_id"]),
+            pid=int(msg["pid"]),
+            device=str(msg["device"]),
+            transport=str(msg["transport"]),
+        )
+        peer_world = int(msg.get("world_size", world_size))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"{what}: malformed peer registration") from exc
+    if peer_world != world_size:
+        raise ConfigError("world_size", f"a rank registered with world_size={peer_world}, expected {world_size}")
+    if not 0 <= info.rank < world_size or not 0 < info.port < 65536:
+        raise ProtocolError(f"{what}: peer registration out of range: {info}")
+    return info
+
+
+# --------------------------------------------------------------------- the public step
+
+
+async def rendezvous(cfg: PipeConfig) -> tuple[Link, Link]:
+    """Meet every rank and return this rank's ``(send_link, recv_link)``.
+
+    Bounded by ``cfg.connect_timeout``; on failure nothing is left open.
+    """
+    until = time.monotonic() + cfg.connect_timeout
+    me = f"rank {cfg.rank}"
+    server: _RendezvousServer | None = None
+    server_task: asyncio.Task[None] | None = None
+    listener: socket.socket | None = None
+    send_sock: socket.socket | None = None
+    recv_sock: socket.socket | None = None
+    try:
+        if cfg.rank == 0:
+            server = _RendezvousServer(cfg, _listener(cfg.host, cfg.port, max(cfg.world_size * 2, 16)))
+            server_task = asyncio.ensure_future(server.serve())
+        what = f"{me}: rendezvous with {cfg.host}:{cfg.port}"
+        reg = await _within(until, what, _connect_with_retry(cfg.host, cfg.port, until, what))
+        async with _closing_on_error(reg):
+            await _within(until, what, authenticate_connector(reg, cfg.token_bytes, what))
+            bind = cfg.bind_host or (cfg.host if cfg.rank == 0 else reg.getsockname()[0])
+            listener = _listener(bind, 0, 4)
+            local = PeerInfo(
+                rank=cfg.rank,
+                address=bind,
+                port=int(listener.getsockname()[1]),
+                host_id=host_identity(),
+                pid=os.getpid(),
+                device=cfg.device,
+                transport=cfg.transport,
+            )
+            await send_message(reg, {**asdict(local), "world_size": cfg.world_size}, what)
+            answer = await _within(until, f"{what} (waiting for all {cfg.world_size} ranks)", recv_message(reg, what))
+        reg.close()
+        if "error" in answer:
+            raise ConfigError("rank", f"{what}: {answer['error']}")
+        peers = {p.rank: p for p in (_peer_from_message(m, cfg.world_size, what) for m in answer.get("peers", []))}
+        if sorted(peers) != list(range(cfg.world_size)):
+            raise ProtocolError(f"{what}: incomplete peer table {sorted(peers)}")
+        if server is not None and server_task is not None:
+            server_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await server_task
+            server.close()
+            server = None
+        nxt, prv = peers[cfg.next_rank], peers[cfg.prev_rank]
+        send_sock, recv_sock = await asyncio.gather(
+            _within(until, f"{me}: connecting to rank {nxt.rank}", _dial(cfg, local, nxt, until)),
+            _within(until, f"{me}: waiting for rank {prv.rank}", _accept_from(cfg, listener, prv)),
+        )
+        return (
+            Link(cfg, send_sock, "send", local, nxt),
+            Link(cfg, recv_sock, "recv", local, prv),
+        )
+    except BaseException:
+        for s in (send_sock, recv_sock):
+            if s is not None:
+                s.close()
+        raise
+    finally:
+        if listener is not None:
+            listener.close()
+        if server_task is not None and not server_task.done():
+            server_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await server_task
+        if server is not None:
+            server.close()
+
+
+async def _dial(cfg: PipeConfig, local: PeerInfo, peer: PeerInfo, until: float) -> socket.socket:
+    what = f"rank {cfg.rank} -> rank {peer.rank}"
+    sock = await _connect_with_retry(peer.address, peer.port, until, what)
+    async with _closing_on_error(sock):
+        await authenticate_connector(sock, cfg.token_bytes, what)
+        await send_message(sock, {"rank": cfg.rank, "pid": local.pid}, what)
+        reply = await recv_message(sock, what)
+        if reply.get("ok") is not True:
+            raise ConfigError("rank", f"{what}: refused: {reply.get('error', 'no reason')}")
+    return sock
+
+
+async def _accept_from(cfg: PipeConfig, listener: socket.socket, peer: PeerInfo) -> socket.socket:
+    """Accept until the expected predecessor proves itself; drop anyone else."""
+    loop = asyncio.get_running_loop()
+    what = f"rank {cfg.rank} <- rank {peer.rank}"
+    while True:
+        conn, _ = await loop.sock_accept(listener)
+        conn.setblocking(False)
+        tune_data_socket(conn)
+        try:
+            await authenticate_acceptor(conn, cfg.token_bytes, what)
+            hello = await recv_message(conn, what)
+            if hello.get("rank") != peer.rank or hello.get("pid") != peer.pid:
+                await send_message(conn, {"ok": False, "error": f"expected rank {peer.rank}"}, what)
+                conn.close()
+                continue
+            await send_message(conn, {"ok": True}, what)
+            return conn
+        except (ProtocolError, AuthenticationError, PeerClosedError):
+            conn.close()
+        except BaseException:
+            conn.close()
+            raise
