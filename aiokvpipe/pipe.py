@@ -152,7 +152,8 @@ class Pipe:
         self._raise_send_error()
         checked = check_sendable(tensor)
         data = dense(checked) if checked is not None else None
-        nbytes = header_for(0, data).nbytes
+        header = header_for(0, data)
+        nbytes = header.nbytes
         if nbytes > self.config.max_frame_bytes:
             raise FrameTooLargeError(nbytes, self.config.max_frame_bytes, f"rank {self.rank} send")
         wait = self.config.op_timeout if timeout is _DEFAULT else timeout
@@ -165,7 +166,7 @@ class Pipe:
             self._raise_send_error()
         # Nothing below awaits: once the window is granted the message is
         # queued, so cancellation can only happen before acceptance.
-        header = header_for(self._next_seq, data)
+        header = header._replace(seq=self._next_seq)
         self._next_seq += 1
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inflight.add(done)
@@ -194,7 +195,11 @@ class Pipe:
         if self._inflight:
             async with deadline(timeout, lambda: self._describe("flush") + f": {self.pending_bytes} bytes pending"):
                 await asyncio.wait(set(self._inflight))
-        self._raise_send_error()
+        # Only a transfer that failed is a flush error: a peer that closed
+        # after receiving everything is not.
+        if self._send_error is not None:
+            self._error_reported = True
+            raise self._send_error
 
     # -- receiving ------------------------------------------------------------
     async def recv(self, *, timeout: float | None = _DEFAULT) -> torch.Tensor | None:

@@ -17,6 +17,9 @@ from .errors import UnsupportedTensorError
 from .wire import MAX_DIMS, FrameHeader, FrameKind, dtype_code, tensor_header
 
 
+_SMALL = 64 << 10  # frames up to this size are allocated as bytearrays
+
+
 def check_sendable(obj: Any) -> torch.Tensor | None:
     """Validate a ``send`` argument before anything is accepted or written."""
     if obj is None:
@@ -37,6 +40,13 @@ def check_sendable(obj: Any) -> torch.Tensor | None:
 
 def dense(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor with materialised conj/neg bits and no autograd."""
+    if (
+        tensor.is_contiguous()
+        and not tensor.requires_grad
+        and not tensor.is_conj()
+        and not tensor.is_neg()
+    ):
+        return tensor  # the common case: nothing to do, no new tensor object
     t = tensor.detach()
     if t.is_conj():
         t = t.resolve_conj()
@@ -75,6 +85,13 @@ def empty_for(header: FrameHeader) -> tuple[torch.Tensor, memoryview]:
     assert header.dtype is not None
     if header.nbytes == 0:
         return torch.empty(header.shape, dtype=header.dtype), memoryview(b"")
+    if header.nbytes <= _SMALL:
+        # Small: a bytearray is the cheapest allocation torch can wrap.
+        block = bytearray(header.nbytes)
+        small = torch.frombuffer(block, dtype=header.dtype)
+        if len(header.shape) != 1:
+            small = small.view(header.shape)
+        return small, memoryview(block)
     array = numpy.empty(header.nbytes, dtype=numpy.uint8)
     raw = torch.from_numpy(array)
     tensor = raw if header.dtype is torch.uint8 else raw.view(header.dtype)

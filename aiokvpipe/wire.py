@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import math
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -103,9 +103,11 @@ def dtype_code(dtype: torch.dtype) -> int:
         ) from None
 
 
-@dataclass(frozen=True, slots=True)
-class FrameHeader:
-    """A decoded, validated header."""
+_ZERO_DIMS = (0,) * MAX_DIMS
+
+
+class FrameHeader(NamedTuple):
+    """A decoded, validated header (a NamedTuple: built per message, so cheap)."""
 
     kind: FrameKind
     seq: int
@@ -115,9 +117,9 @@ class FrameHeader:
 
     def encode(self) -> bytes:
         code = 0 if self.dtype is None else dtype_code(self.dtype)
-        dims = list(self.shape) + [0] * (MAX_DIMS - len(self.shape))
+        ndim = len(self.shape)
         return _HEADER.pack(
-            MAGIC, WIRE_VERSION, int(self.kind), code, len(self.shape), self.seq, self.nbytes, *dims
+            MAGIC, WIRE_VERSION, self.kind, code, ndim, self.seq, self.nbytes, *self.shape, *_ZERO_DIMS[ndim:]
         )
 
 

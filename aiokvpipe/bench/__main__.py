@@ -18,13 +18,14 @@ SUITES = ("pipe", "ring", "cuda", "kv")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aiokvpipe.bench", description=__doc__)
     sub = parser.add_subparsers(dest="suite", required=True)
+    wanted = next((a for a in (argv if argv is not None else sys.argv[1:]) if a in (*SUITES, "all")), None)
     for name in (*SUITES, "all"):
         p = sub.add_parser(name, help=f"run the {name} benchmarks")
         p.add_argument("--json", metavar="PATH", help="also write results as JSON (- for stdout)")
         p.add_argument("--plot", metavar="PNG", help="draw the figures (needs matplotlib)")
         p.add_argument("--quick", action="store_true", help="fewer iterations (smoke run)")
         p.add_argument("--loop", choices=("asyncio", "uvloop", "both"), default="both")
-        if name != "all":
+        if name == wanted and name != "all":  # import only the suite asked for
             import_module(f"aiokvpipe.bench.{name}").add_arguments(p)
     args = parser.parse_args(argv)
     chosen = SUITES if args.suite == "all" else (args.suite,)
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         from .plot import plot_results
 
         plot_results(results, args.plot)
-    return 1 if any(r.ok is False for r in results) and False else 0
+    return 0
 
 
 if __name__ == "__main__":

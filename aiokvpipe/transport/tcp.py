@@ -34,7 +34,8 @@ from ..wire import HEADER_SIZE, FrameHeader, FrameKind, decode_header
 from .base import Link, OutgoingMessage, RecvChannel, SendChannel, Transport
 
 _MAX_IOV = 64
-_PUMP_BYTES = 32 << 20  # bytes written per callback before yielding to the loop
+_PUMP_BYTES = 4 << 20  # bytes written per callback before yielding to the loop
+_READ_SLICE = 4 << 20  # most bytes one read callback may take, for loop latency
 _STAGING = 256 << 10  # reusable read buffer for headers and small payloads
 
 
@@ -264,7 +265,7 @@ class _FrameReader(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._direct is not None:
-            return self._direct[self._direct_got :]
+            return self._direct[self._direct_got : self._direct_got + _READ_SLICE]
         return self._staging_view[self._have :]
 
     def buffer_updated(self, nbytes: int) -> None:

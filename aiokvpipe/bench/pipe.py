@@ -1,0 +1,465 @@
+"""``python -m aiokvpipe.bench pipe``: the tensor pipe against same-run baselines.
+
+Every case runs two fresh processes (spawn): rank 0 sends, rank 1 receives
+(and echoes, for round trips). Baselines, measured in the same run:
+
+* raw blocking-socket loopback: ``sendall`` / ``recv_into`` a reused buffer;
+* raw asyncio ping-pong: a bare ``BufferedProtocol`` echo of the same bytes;
+* ``torch.distributed`` gloo ``send``/``recv``;
+* single-core ``memcpy`` (for the shared-memory transport).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import resource
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .report import Progress, Result
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--transport", default="tcp", help="pipe transport to measure (tcp, shm, auto)")
+    parser.add_argument("--no-gloo", action="store_true", help="skip the gloo baselines")
+    parser.add_argument("--no-big", action="store_true", help="skip the 1 GiB cases")
+
+
+# ----------------------------------------------------------------- process plumbing
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run_pair(target: Callable[..., None], *args: Any, timeout: float = 300.0) -> dict[str, Any]:
+    """Run ``target(rank, queue, *args)`` in two spawned processes; merge their dicts."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(rank, queue, *args), daemon=True) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    results: dict[str, Any] = {}
+    try:
+        for _ in procs:
+            results.update(queue.get(timeout=timeout))
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if "error" in results:
+        raise RuntimeError(results["error"])
+    return results
+
+
+def _loop_runner(loop_name: str) -> Callable[[Any], Any]:
+    if loop_name == "uvloop":
+        import uvloop
+
+        return uvloop.run  # type: ignore[no-any-return]
+    return asyncio.run
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _report(queue: Any, fn: Callable[[], dict[str, Any]]) -> None:
+    try:
+        queue.put(fn())
+    except BaseException as exc:  # the parent turns this into a failure
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+# ----------------------------------------------------------------- the pipe
+
+
+def _pipe_worker(rank: int, queue: Any, mode: str, port: int, size: int, count: int,
+                 loop_name: str, transport: str, window: int) -> None:
+    from ..config import PipeConfig
+    from ..pipe import Pipe
+
+    async def main() -> dict[str, Any]:
+        cfg = PipeConfig(rank=rank, port=port, transport=transport,  # type: ignore[arg-type]
+                         buffer_bytes=window, connect_timeout=60)
+        async with await Pipe.connect(cfg) as pipe:
+            out: dict[str, Any] = {f"transport{rank}": pipe.send_transport}
+            if mode == "throughput":
+                if rank == 0:
+                    payload = torch.ones(size // 4, dtype=torch.float32)
+                    for _ in range(count + 2):
+                        await pipe.send(payload)
+                    await pipe.flush()
+                    await pipe.recv()  # done marker
+                else:
+                    await pipe.recv()
+                    await pipe.recv()  # warm-up
+                    start = time.perf_counter()
+                    for _ in range(count):
+                        await pipe.recv()
+                    out["seconds"] = time.perf_counter() - start
+                    await pipe.send(None)
+            elif mode == "rtt":
+                payload = torch.ones(size // 4, dtype=torch.float32)
+                if rank == 0:
+                    samples = []
+                    for i in range(count + 50):
+                        t0 = time.perf_counter()
+                        await pipe.send(payload)
+                        await pipe.recv()
+                        if i >= 50:
+                            samples.append(time.perf_counter() - t0)
+                    out["samples"] = samples
+                else:
+                    for _ in range(count + 50):
+                        await pipe.send(await pipe.recv())
+            elif mode == "lag":
+                payload = torch.ones(size, dtype=torch.uint8) if rank == 0 else None
+                lags: list[float] = []
+                stop = asyncio.Event()
+
+                async def ticker() -> None:
+                    while not stop.is_set():
+                        t0 = time.perf_counter()
+                        await asyncio.sleep(0.001)
+                        lags.append(time.perf_counter() - t0 - 0.001)
+
+                tick = asyncio.ensure_future(ticker())
+                if rank == 0:
+                    await pipe.recv()  # receiver ready
+                    start = time.perf_counter()
+                    for _ in range(count):
+                        await pipe.send(payload)
+                    await pipe.flush()
+                    await pipe.recv()
+                    out["seconds"] = time.perf_counter() - start
+                else:
+                    await pipe.send(None)
+                    for _ in range(count):
+                        await pipe.recv()
+                    await pipe.send(None)
+                stop.set()
+                await tick
+                out[f"lags{rank}"] = lags
+            elif mode == "backpressure":
+                if rank == 0:
+                    payload = torch.ones(size, dtype=torch.uint8)
+                    peak = 0
+                    blocked_for = blocked_cpu = 0.0
+                    for _ in range(count):
+                        cpu0 = _cpu_seconds()
+                        t0 = time.perf_counter()
+                        await pipe.send(payload)
+                        waited = time.perf_counter() - t0
+                        if waited > 0.2:  # this send waited for the stalled receiver
+                            blocked_for += waited
+                            blocked_cpu += _cpu_seconds() - cpu0
+                        peak = max(peak, pipe.pending_bytes)
+                    out.update(peak=peak, blocked=blocked_for, cpu=blocked_cpu)
+                    await pipe.recv()
+                else:
+                    await asyncio.sleep(2.0)  # a receiver that stops reading
+                    for _ in range(count):
+                        await pipe.recv()
+                    await pipe.send(None)
+            return out
+
+    _report(queue, lambda: _loop_runner(loop_name)(main()))
+
+
+# ----------------------------------------------------------------- baselines
+
+
+def _raw_socket_worker(rank: int, queue: Any, port: int, size: int, count: int) -> None:
+    def main() -> dict[str, Any]:
+        if rank == 1:
+            srv = socket.create_server(("127.0.0.1", port))
+            conn, _ = srv.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            buf = bytearray(size)
+            view = memoryview(buf)
+
+            def recv_one() -> None:
+                got = 0
+                while got < size:
+                    n = conn.recv_into(view[got:])
+                    if not n:
+                        raise ConnectionError("eof")
+                    got += n
+
+            recv_one()
+            start = time.perf_counter()
+            for _ in range(count):
+                recv_one()
+            seconds = time.perf_counter() - start
+            conn.sendall(b"x")
+            conn.close()
+            srv.close()
+            return {"seconds": seconds}
+        sock = _connect_retry(port)
+        payload = bytes(size)
+        for _ in range(count + 1):
+            sock.sendall(payload)
+        sock.recv(1)
+        sock.close()
+        return {}
+
+    _report(queue, main)
+
+
+def _connect_retry(port: int) -> socket.socket:
+    for _ in range(500):
+        try:
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        except ConnectionRefusedError:
+            time.sleep(0.01)
+    raise ConnectionRefusedError(f"nobody listens on {port}")
+
+
+def _asyncio_pingpong_worker(rank: int, queue: Any, port: int, size: int, count: int, loop_name: str) -> None:
+    """Bare BufferedProtocol ping-pong: the floor for any asyncio design."""
+
+    class Echo(asyncio.BufferedProtocol):
+        def __init__(self, on_full: Callable[[], None]) -> None:
+            self.buf = bytearray(size)
+            self.got = 0
+            self.on_full = on_full
+            self.transport: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def get_buffer(self, sizehint: int) -> memoryview:
+            return memoryview(self.buf)[self.got :]
+
+        def buffer_updated(self, nbytes: int) -> None:
+            self.got += nbytes
+            if self.got == size:
+                self.got = 0
+                self.on_full()
+
+    async def main() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        payload = bytes(size)
+        if rank == 1:
+            done = loop.create_future()
+            replies = 0
+
+            def echo() -> None:
+                nonlocal replies
+                proto.transport.write(payload)
+                replies += 1
+                if replies == count + 50 and not done.done():
+                    done.set_result(None)
+
+            proto = Echo(echo)
+            server = await loop.create_server(lambda: proto, "127.0.0.1", port)
+            await done
+            await asyncio.sleep(0.05)
+            server.close()
+            return {}
+        waiter: asyncio.Future[None] | None = None
+
+        def arrived() -> None:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+        client = Echo(arrived)
+        for _ in range(500):
+            try:
+                transport, _ = await loop.create_connection(lambda: client, "127.0.0.1", port)
+                break
+            except ConnectionRefusedError:
+                await asyncio.sleep(0.01)
+        samples = []
+        for i in range(count + 50):
+            waiter = loop.create_future()
+            t0 = time.perf_counter()
+            transport.write(payload)
+            await waiter
+            if i >= 50:
+                samples.append(time.perf_counter() - t0)
+        transport.close()
+        return {"samples": samples}
+
+    _report(queue, lambda: _loop_runner(loop_name)(main()))
+
+
+def _gloo_worker(rank: int, queue: Any, mode: str, port: int, size: int, count: int) -> None:
+    def main() -> dict[str, Any]:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        try:
+            payload = torch.ones(size // 4, dtype=torch.float32)
+            buf = torch.empty_like(payload)
+            if mode == "throughput":
+                if rank == 0:
+                    for _ in range(count + 1):
+                        dist.send(payload, 1)
+                    dist.recv(buf[:1], 1)
+                    return {}
+                dist.recv(buf, 0)
+                start = time.perf_counter()
+                for _ in range(count):
+                    dist.recv(buf, 0)
+                seconds = time.perf_counter() - start
+                dist.send(payload[:1], 0)
+                return {"seconds": seconds}
+            samples = []
+            for i in range(count + 20):
+                if rank == 0:
+                    t0 = time.perf_counter()
+                    dist.send(payload, 1)
+                    dist.recv(buf, 1)
+                    if i >= 20:
+                        samples.append(time.perf_counter() - t0)
+                else:
+                    dist.recv(buf, 0)
+                    dist.send(buf, 0)
+            return {"samples": samples} if rank == 0 else {}
+        finally:
+            dist.destroy_process_group()
+
+    _report(queue, main)
+
+
+def memcpy_bandwidth(size: int, repeat: int = 10) -> float:
+    """Single-core memcpy of ``size`` bytes, bytes/second (best of ``repeat``)."""
+    src = torch.ones(size, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    torch.set_num_threads(1)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return size / best
+
+
+# ----------------------------------------------------------------- the suite
+
+
+def _p(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _loops(args: argparse.Namespace) -> list[str]:
+    return ["asyncio", "uvloop"] if args.loop == "both" else [args.loop]
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    quick = bool(args.quick)
+    transport = str(getattr(args, "transport", "tcp"))
+    loops = _loops(args)
+    results: list[Result] = []
+    sizes = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 64 * MiB] + ([] if args.no_big else [1 * GiB])
+    budget = 256 * MiB if quick else 1 * GiB  # bytes per throughput case
+    steps = len(sizes) * (1 + len(loops)) + 6 * len(loops) + 3
+    progress = Progress(steps, "pipe")
+    suite = f"pipe/{transport}"
+
+    def count_for(size: int) -> int:
+        return max(3, min(20000, budget // size))
+
+    # -- throughput vs size
+    for size in sizes:
+        n = count_for(size)
+        raw = _run_pair(_raw_socket_worker, _free_port(), size, n)
+        raw_bps = size * n / raw["seconds"]
+        progress.step(f"raw socket {size}")
+        for loop_name in loops:
+            got = _run_pair(_pipe_worker, "throughput", _free_port(), size, n, loop_name, transport, 1 * GiB)
+            bps = size * n / got["seconds"]
+            target, ok = "", None
+            if size == 4 * MiB and transport == "tcp":
+                target, ok = ">= 0.90x raw socket", bps >= 0.9 * raw_bps
+            results.append(Result(suite, f"throughput {_human(size)} ({loop_name})", bps / 1e9, "GB/s",
+                                  "raw blocking socket", raw_bps / 1e9, target, ok,
+                                  {"size": size, "count": n, "loop": loop_name, "transport": got.get("transport0")}))
+            progress.step(f"{loop_name} {size}")
+    if not args.no_gloo:
+        size = 4 * MiB
+        n = count_for(size)
+        gloo = _run_pair(_gloo_worker, "throughput", _free_port(), size, n)
+        gloo_bps = size * n / gloo["seconds"]
+        for r in results:
+            if r.extra.get("size") == size:
+                results.append(Result(suite, f"throughput 4 MiB vs gloo ({r.extra['loop']})", r.value, "GB/s",
+                                      "gloo send/recv", gloo_bps / 1e9, "> 1.0x gloo", r.value * 1e9 > gloo_bps))
+        progress.step("gloo 4 MiB")
+
+    # -- 4 KiB round trip
+    n_rtt = 500 if quick else 3000
+    gloo_rtt = None
+    if not args.no_gloo:
+        gloo_rtt = statistics.median(_run_pair(_gloo_worker, "rtt", _free_port(), 4 * KiB, n_rtt)["samples"])
+        progress.step("gloo rtt")
+    for loop_name in loops:
+        base = _run_pair(_asyncio_pingpong_worker, _free_port(), 4 * KiB, n_rtt, loop_name)["samples"]
+        got = _run_pair(_pipe_worker, "rtt", _free_port(), 4 * KiB, n_rtt, loop_name, transport, 1 * GiB)["samples"]
+        p50, base50 = statistics.median(got), statistics.median(base)
+        results.append(Result(suite, f"4 KiB round trip p50 ({loop_name})", p50 * 1e6, "us",
+                              f"raw asyncio ping-pong ({loop_name})", base50 * 1e6,
+                              "<= 1.5x raw asyncio" if loop_name == "uvloop" else "", (p50 <= 1.5 * base50) if loop_name == "uvloop" else None))
+        results.append(Result(suite, f"4 KiB round trip p99 ({loop_name})", _p(got, 0.99) * 1e6, "us",
+                              f"raw asyncio ping-pong ({loop_name})", _p(base, 0.99) * 1e6))
+        if gloo_rtt is not None:
+            results.append(Result(suite, f"4 KiB round trip p50 vs gloo ({loop_name})", p50 * 1e6, "us",
+                                  "gloo send/recv", gloo_rtt * 1e6, "<= 0.5x gloo", p50 <= 0.5 * gloo_rtt))
+        progress.step(f"rtt {loop_name}")
+
+    # -- event-loop responsiveness while 1 GiB moves
+    lag_size = 256 * MiB if (quick or args.no_big) else 1 * GiB
+    for loop_name in loops:
+        got = _run_pair(_pipe_worker, "lag", _free_port(), lag_size, 2, loop_name, transport, 2 * GiB)
+        for rank in (0, 1):
+            lags = got[f"lags{rank}"]
+            p99 = _p(lags, 0.99) if lags else 0.0
+            results.append(Result(suite, f"loop lag p99, {'sender' if rank == 0 else 'receiver'}, "
+                                  f"{_human(lag_size)} moving ({loop_name})", p99 * 1e3, "ms",
+                                  "1 ms ticker period", 1.0, "<= 2 ms", p99 * 1e3 <= 2.0,
+                                  {"ticks": len(lags)}))
+        progress.step(f"lag {loop_name}")
+
+    # -- backpressure: 64 MiB window, a receiver that stops reading for 2 s
+    window, chunk = 64 * MiB, 4 * MiB
+    for loop_name in loops[:1]:
+        got = _run_pair(_pipe_worker, "backpressure", _free_port(), chunk, 40, loop_name, transport, window)
+        results.append(Result(suite, "backpressure: peak accepted-unsent bytes", got["peak"] / MiB, "MiB",
+                              "window (buffer_bytes)", window / MiB, "<= window + one tensor",
+                              got["peak"] <= window + chunk))
+        cpu_pct = 100.0 * got["cpu"] / max(got["blocked"], 1e-9)
+        results.append(Result(suite, "backpressure: sender CPU while blocked", cpu_pct, "% of a core",
+                              "", None, "~0% (<= 5%)", cpu_pct <= 5.0, {"blocked_s": got["blocked"]}))
+        progress.step("backpressure")
+    results.append(Result(suite, "single-core memcpy 64 MiB", memcpy_bandwidth(64 * MiB) / 1e9, "GB/s"))
+    progress.step("memcpy")
+    return results
+
+
+def _human(size: int) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if size >= scale:
+            return f"{size // scale} {unit}"
+    return f"{size} B"
+
