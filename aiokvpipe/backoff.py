@@ -54,7 +54,9 @@ class Backoff:
         if now - self._started < self.spin_seconds:
             return 0.0
         self._sleep = (
-            self.initial_sleep if self._sleep == 0.0 else min(self._sleep * self.factor, self.max_sleep)
+            self.initial_sleep
+            if self._sleep == 0.0
+            else min(self._sleep * self.factor, self.max_sleep)
         )
         return self._sleep
 

@@ -54,8 +54,12 @@ class PipeConfig:
             raise ConfigError("port", f"{self.port} is not a TCP port")
         if not isinstance(self.host, str) or not self.host:
             raise ConfigError("host", f"must be a non-empty string, got {self.host!r}")
-        if self.bind_host is not None and (not isinstance(self.bind_host, str) or not self.bind_host):
-            raise ConfigError("bind_host", f"must be a non-empty string or None, got {self.bind_host!r}")
+        if self.bind_host is not None and (
+            not isinstance(self.bind_host, str) or not self.bind_host
+        ):
+            raise ConfigError(
+                "bind_host", f"must be a non-empty string or None, got {self.bind_host!r}"
+            )
         if self.transport not in TRANSPORTS:
             raise ConfigError("transport", f"{self.transport!r} is not one of {TRANSPORTS}")
         _check_device(self.device)
@@ -86,12 +90,15 @@ class PipeConfig:
         return replace(self, **changes)
 
     @classmethod
-    def from_kv_transfer_config(cls, source: Mapping[str, Any] | Any, **overrides: Any) -> PipeConfig:
+    def from_kv_transfer_config(
+        cls, source: Mapping[str, Any] | Any, **overrides: Any
+    ) -> PipeConfig:
         """Build from vLLM's ``KVTransferConfig`` (an object or a dict).
 
         Maps ``kv_rank``, ``kv_parallel_size``, ``kv_ip``, ``kv_port``,
         ``kv_buffer_size`` and ``kv_buffer_device``; ``overrides`` win.
         """
+
         def get(name: str) -> Any:
             if isinstance(source, Mapping):
                 return source.get(name)

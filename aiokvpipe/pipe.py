@@ -64,8 +64,14 @@ class Pipe:
     or call :meth:`aclose`.
     """
 
-    def __init__(self, config: PipeConfig, sender: SendChannel, receiver: RecvChannel,
-                 send_transport: str, recv_transport: str) -> None:
+    def __init__(
+        self,
+        config: PipeConfig,
+        sender: SendChannel,
+        receiver: RecvChannel,
+        send_transport: str,
+        recv_transport: str,
+    ) -> None:
         self.config = config
         self.send_transport = send_transport
         self.recv_transport = recv_transport
@@ -93,7 +99,9 @@ class Pipe:
         try:
             send_name = choose_transport(send_link.local, send_link.peer)
             recv_name = choose_transport(recv_link.peer, recv_link.local)
-            async with deadline(config.connect_timeout, lambda: f"rank {config.rank}: opening transports"):
+            async with deadline(
+                config.connect_timeout, lambda: f"rank {config.rank}: opening transports"
+            ):
                 sender = await load_transport(send_name).open_sender(send_link)
                 receiver = await load_transport(recv_name).open_receiver(recv_link)
         except BaseException:
@@ -141,7 +149,9 @@ class Pipe:
             raise error
 
     # -- sending ---------------------------------------------------------------
-    async def send(self, tensor: torch.Tensor | None, *, timeout: float | None = _DEFAULT) -> Transfer:
+    async def send(
+        self, tensor: torch.Tensor | None, *, timeout: float | None = _DEFAULT
+    ) -> Transfer:
         """Accept ``tensor`` (or None) for sending, in order, to the next rank.
 
         Returns once accepted into the window; the caller must not mutate the
@@ -158,7 +168,9 @@ class Pipe:
             raise FrameTooLargeError(nbytes, self.config.max_frame_bytes, f"rank {self.rank} send")
         wait = self.config.op_timeout if timeout is _DEFAULT else timeout
         if not self._window.try_acquire(nbytes):
-            async with deadline(wait, lambda: self._describe("send") + f": waiting for {nbytes} bytes of window"):
+            async with deadline(
+                wait, lambda: self._describe("send") + f": waiting for {nbytes} bytes of window"
+            ):
                 await self._window.acquire(nbytes)
         if self._closed or self._sender.error is not None:
             self._window.release(nbytes)
@@ -193,7 +205,9 @@ class Pipe:
 
     async def _drain(self, timeout: float | None) -> None:
         if self._inflight:
-            async with deadline(timeout, lambda: self._describe("flush") + f": {self.pending_bytes} bytes pending"):
+            async with deadline(
+                timeout, lambda: self._describe("flush") + f": {self.pending_bytes} bytes pending"
+            ):
                 await asyncio.wait(set(self._inflight))
         # Only a transfer that failed is a flush error: a peer that closed
         # after receiving everything is not.

@@ -129,7 +129,9 @@ async def send_message(sock: socket.socket, payload: dict[str, Any], what: str) 
 async def recv_message(sock: socket.socket, what: str) -> dict[str, Any]:
     (length,) = _LEN.unpack(await recv_exactly(sock, _LEN.size, what))
     if length > MAX_CONTROL_MESSAGE:
-        raise ProtocolError(f"{what}: control message of {length} bytes exceeds {MAX_CONTROL_MESSAGE}")
+        raise ProtocolError(
+            f"{what}: control message of {length} bytes exceeds {MAX_CONTROL_MESSAGE}"
+        )
     try:
         payload = json.loads(await recv_exactly(sock, length, what))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -178,19 +180,25 @@ async def authenticate_connector(sock: socket.socket, token: bytes | None, what:
     nonce_c = secrets.token_bytes(32)
     await send_all(
         sock,
-        _RESPONSE.pack(b"AKVC", HANDSHAKE_VERSION, 0, nonce_c, _mac(token, b"client", nonce_a, nonce_c)),
+        _RESPONSE.pack(
+            b"AKVC", HANDSHAKE_VERSION, 0, nonce_c, _mac(token, b"client", nonce_a, nonce_c)
+        ),
         what,
     )
     try:
         verdict, mac_a = _VERDICT.unpack(await recv_exactly(sock, _VERDICT.size, what))
     except PeerClosedError as exc:
-        raise AuthenticationError(f"{what}: peer dropped the connection during the handshake") from exc
+        raise AuthenticationError(
+            f"{what}: peer dropped the connection during the handshake"
+        ) from exc
     if not verdict:
         if token is None and peer_wants_token:
             raise AuthenticationError(f"{what}: peer requires a token and none is configured")
         raise AuthenticationError(f"{what}: peer rejected our token")
     if token is not None and not peer_wants_token:
-        raise AuthenticationError(f"{what}: a token is configured but the peer does not require one")
+        raise AuthenticationError(
+            f"{what}: a token is configured but the peer does not require one"
+        )
     if not hmac.compare_digest(mac_a, _mac(token, b"server", nonce_c, nonce_a)):
         raise AuthenticationError(f"{what}: peer failed to prove the token")
 
@@ -297,7 +305,11 @@ class _RendezvousServer:
             await self._answer_all()
 
     async def _answer_all(self) -> None:
-        answer = {"peers": [asdict(info) for info, _ in sorted(self.table.values(), key=lambda x: x[0].rank)]}
+        answer = {
+            "peers": [
+                asdict(info) for info, _ in sorted(self.table.values(), key=lambda x: x[0].rank)
+            ]
+        }
         for _, conn in self.table.values():
             try:
                 await send_message(conn, answer, "rendezvous server")
@@ -334,7 +346,9 @@ def _peer_from_message(msg: dict[str, Any], world_size: int, what: str) -> PeerI
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"{what}: malformed peer registration") from exc
     if peer_world != world_size:
-        raise ConfigError("world_size", f"a rank registered with world_size={peer_world}, expected {world_size}")
+        raise ConfigError(
+            "world_size", f"a rank registered with world_size={peer_world}, expected {world_size}"
+        )
     if not 0 <= info.rank < world_size or not 0 < info.port < 65536:
         raise ProtocolError(f"{what}: peer registration out of range: {info}")
     return info
@@ -357,7 +371,9 @@ async def rendezvous(cfg: PipeConfig) -> tuple[Link, Link]:
     recv_sock: socket.socket | None = None
     try:
         if cfg.rank == 0:
-            server = _RendezvousServer(cfg, _listener(cfg.host, cfg.port, max(cfg.world_size * 2, 16)))
+            server = _RendezvousServer(
+                cfg, _listener(cfg.host, cfg.port, max(cfg.world_size * 2, 16))
+            )
             server_task = asyncio.ensure_future(server.serve())
         what = f"{me}: rendezvous with {cfg.host}:{cfg.port}"
         reg = await _within(until, what, _connect_with_retry(cfg.host, cfg.port, until, what))
@@ -375,11 +391,16 @@ async def rendezvous(cfg: PipeConfig) -> tuple[Link, Link]:
                 transport=cfg.transport,
             )
             await send_message(reg, {**asdict(local), "world_size": cfg.world_size}, what)
-            answer = await _within(until, f"{what} (waiting for all {cfg.world_size} ranks)", recv_message(reg, what))
+            answer = await _within(
+                until, f"{what} (waiting for all {cfg.world_size} ranks)", recv_message(reg, what)
+            )
         reg.close()
         if "error" in answer:
             raise ConfigError("rank", f"{what}: {answer['error']}")
-        peers = {p.rank: p for p in (_peer_from_message(m, cfg.world_size, what) for m in answer.get("peers", []))}
+        peers = {
+            p.rank: p
+            for p in (_peer_from_message(m, cfg.world_size, what) for m in answer.get("peers", []))
+        }
         if sorted(peers) != list(range(cfg.world_size)):
             raise ProtocolError(f"{what}: incomplete peer table {sorted(peers)}")
         if server is not None and server_task is not None:
@@ -389,7 +410,7 @@ async def rendezvous(cfg: PipeConfig) -> tuple[Link, Link]:
             server.close()
             server = None
         nxt, prv = peers[cfg.next_rank], peers[cfg.prev_rank]
-        send_sock, recv_sock = await asyncio.gather(
+        send_sock, recv_sock = await _both_sockets(
             _within(until, f"{me}: connecting to rank {nxt.rank}", _dial(cfg, local, nxt, until)),
             _within(until, f"{me}: waiting for rank {prv.rank}", _accept_from(cfg, listener, prv)),
         )
@@ -411,6 +432,28 @@ async def rendezvous(cfg: PipeConfig) -> tuple[Link, Link]:
                 await server_task
         if server is not None:
             server.close()
+
+
+async def _both_sockets(
+    first: Awaitable[socket.socket], second: Awaitable[socket.socket]
+) -> tuple[socket.socket, socket.socket]:
+    """Run both steps concurrently; if either fails, cancel the other and close
+    whatever socket it already produced (gather would leave it running)."""
+    tasks = [asyncio.ensure_future(first), asyncio.ensure_future(second)]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        return tasks[0].result(), tasks[1].result()
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled() and task.exception() is None:
+                task.result().close()
+        raise
 
 
 async def _dial(cfg: PipeConfig, local: PeerInfo, peer: PeerInfo, until: float) -> socket.socket:

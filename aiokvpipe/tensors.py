@@ -16,7 +16,6 @@ import torch
 from .errors import UnsupportedTensorError
 from .wire import MAX_DIMS, FrameHeader, FrameKind, dtype_code, tensor_header
 
-
 _SMALL = 64 << 10  # frames up to this size are allocated as bytearrays
 
 
@@ -33,7 +32,9 @@ def check_sendable(obj: Any) -> torch.Tensor | None:
     if obj.device.type == "meta":
         raise UnsupportedTensorError("meta tensors have no data to send")
     if obj.dim() > MAX_DIMS:
-        raise UnsupportedTensorError(f"tensor has {obj.dim()} dims; at most {MAX_DIMS} are supported")
+        raise UnsupportedTensorError(
+            f"tensor has {obj.dim()} dims; at most {MAX_DIMS} are supported"
+        )
     dtype_code(obj.dtype)
     return obj
 
@@ -97,4 +98,4 @@ def empty_for(header: FrameHeader) -> tuple[torch.Tensor, memoryview]:
     tensor = raw if header.dtype is torch.uint8 else raw.view(header.dtype)
     if tensor.dim() != len(header.shape) or tuple(tensor.shape) != header.shape:
         tensor = tensor.view(header.shape)
-    return tensor, memoryview(array)
+    return tensor, memoryview(array)  # type: ignore[arg-type]  # numpy stubs lack Buffer

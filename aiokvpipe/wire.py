@@ -119,7 +119,15 @@ class FrameHeader(NamedTuple):
         code = 0 if self.dtype is None else dtype_code(self.dtype)
         ndim = len(self.shape)
         return _HEADER.pack(
-            MAGIC, WIRE_VERSION, self.kind, code, ndim, self.seq, self.nbytes, *self.shape, *_ZERO_DIMS[ndim:]
+            MAGIC,
+            WIRE_VERSION,
+            self.kind,
+            code,
+            ndim,
+            self.seq,
+            self.nbytes,
+            *self.shape,
+            *_ZERO_DIMS[ndim:],
         )
 
 

@@ -18,7 +18,9 @@ SUITES = ("pipe", "ring", "cuda", "kv")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aiokvpipe.bench", description=__doc__)
     sub = parser.add_subparsers(dest="suite", required=True)
-    wanted = next((a for a in (argv if argv is not None else sys.argv[1:]) if a in (*SUITES, "all")), None)
+    wanted = next(
+        (a for a in (argv if argv is not None else sys.argv[1:]) if a in (*SUITES, "all")), None
+    )
     for name in (*SUITES, "all"):
         p = sub.add_parser(name, help=f"run the {name} benchmarks")
         p.add_argument("--json", metavar="PATH", help="also write results as JSON (- for stdout)")

@@ -29,7 +29,9 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--transport", default="tcp", help="pipe transport to measure (tcp, shm, auto)")
+    parser.add_argument(
+        "--transport", default="tcp", help="pipe transport to measure (tcp, shm, auto)"
+    )
     parser.add_argument("--no-gloo", action="store_true", help="skip the gloo baselines")
     parser.add_argument("--no-big", action="store_true", help="skip the 1 GiB cases")
 
@@ -69,7 +71,7 @@ def _loop_runner(loop_name: str) -> Callable[[Any], Any]:
     if loop_name == "uvloop":
         import uvloop
 
-        return uvloop.run  # type: ignore[no-any-return]
+        return uvloop.run  # type: ignore[no-any-return,unused-ignore]
     return asyncio.run
 
 
@@ -88,14 +90,28 @@ def _report(queue: Any, fn: Callable[[], dict[str, Any]]) -> None:
 # ----------------------------------------------------------------- the pipe
 
 
-def _pipe_worker(rank: int, queue: Any, mode: str, port: int, size: int, count: int,
-                 loop_name: str, transport: str, window: int) -> None:
+def _pipe_worker(
+    rank: int,
+    queue: Any,
+    mode: str,
+    port: int,
+    size: int,
+    count: int,
+    loop_name: str,
+    transport: str,
+    window: int,
+) -> None:
     from ..config import PipeConfig
     from ..pipe import Pipe
 
     async def main() -> dict[str, Any]:
-        cfg = PipeConfig(rank=rank, port=port, transport=transport,  # type: ignore[arg-type]
-                         buffer_bytes=window, connect_timeout=60)
+        cfg = PipeConfig(
+            rank=rank,
+            port=port,
+            transport=transport,  # type: ignore[arg-type]
+            buffer_bytes=window,
+            connect_timeout=60,
+        )
         async with await Pipe.connect(cfg) as pipe:
             out: dict[str, Any] = {f"transport{rank}": pipe.send_transport}
             if mode == "throughput":
@@ -128,7 +144,9 @@ def _pipe_worker(rank: int, queue: Any, mode: str, port: int, size: int, count: 
                     for _ in range(count + 50):
                         await pipe.send(await pipe.recv())
             elif mode == "lag":
-                payload = torch.ones(size, dtype=torch.uint8) if rank == 0 else None
+                big: torch.Tensor | None = (
+                    torch.ones(size, dtype=torch.uint8) if rank == 0 else None
+                )
                 lags: list[float] = []
                 stop = asyncio.Event()
 
@@ -143,7 +161,7 @@ def _pipe_worker(rank: int, queue: Any, mode: str, port: int, size: int, count: 
                     await pipe.recv()  # receiver ready
                     start = time.perf_counter()
                     for _ in range(count):
-                        await pipe.send(payload)
+                        await pipe.send(big)
                     await pipe.flush()
                     await pipe.recv()
                     out["seconds"] = time.perf_counter() - start
@@ -232,7 +250,9 @@ def _connect_retry(port: int) -> socket.socket:
     raise ConnectionRefusedError(f"nobody listens on {port}")
 
 
-def _asyncio_pingpong_worker(rank: int, queue: Any, port: int, size: int, count: int, loop_name: str) -> None:
+def _asyncio_pingpong_worker(
+    rank: int, queue: Any, port: int, size: int, count: int, loop_name: str
+) -> None:
     """Bare BufferedProtocol ping-pong: the floor for any asyncio design."""
 
     class Echo(asyncio.BufferedProtocol):
@@ -306,7 +326,9 @@ def _gloo_worker(rank: int, queue: Any, mode: str, port: int, size: int, count: 
     def main() -> dict[str, Any]:
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+        )
         try:
             payload = torch.ones(size // 4, dtype=torch.float32)
             buf = torch.empty_like(payload)
@@ -388,14 +410,31 @@ def run(args: argparse.Namespace) -> list[Result]:
         raw_bps = size * n / raw["seconds"]
         progress.step(f"raw socket {size}")
         for loop_name in loops:
-            got = _run_pair(_pipe_worker, "throughput", _free_port(), size, n, loop_name, transport, 1 * GiB)
+            got = _run_pair(
+                _pipe_worker, "throughput", _free_port(), size, n, loop_name, transport, 1 * GiB
+            )
             bps = size * n / got["seconds"]
             target, ok = "", None
             if size == 4 * MiB and transport == "tcp":
                 target, ok = ">= 0.90x raw socket", bps >= 0.9 * raw_bps
-            results.append(Result(suite, f"throughput {_human(size)} ({loop_name})", bps / 1e9, "GB/s",
-                                  "raw blocking socket", raw_bps / 1e9, target, ok,
-                                  {"size": size, "count": n, "loop": loop_name, "transport": got.get("transport0")}))
+            results.append(
+                Result(
+                    suite,
+                    f"throughput {_human(size)} ({loop_name})",
+                    bps / 1e9,
+                    "GB/s",
+                    "raw blocking socket",
+                    raw_bps / 1e9,
+                    target,
+                    ok,
+                    {
+                        "size": size,
+                        "count": n,
+                        "loop": loop_name,
+                        "transport": got.get("transport0"),
+                    },
+                )
+            )
             progress.step(f"{loop_name} {size}")
     if not args.no_gloo:
         size = 4 * MiB
@@ -404,55 +443,134 @@ def run(args: argparse.Namespace) -> list[Result]:
         gloo_bps = size * n / gloo["seconds"]
         for r in results:
             if r.extra.get("size") == size:
-                results.append(Result(suite, f"throughput 4 MiB vs gloo ({r.extra['loop']})", r.value, "GB/s",
-                                      "gloo send/recv", gloo_bps / 1e9, "> 1.0x gloo", r.value * 1e9 > gloo_bps))
+                results.append(
+                    Result(
+                        suite,
+                        f"throughput 4 MiB vs gloo ({r.extra['loop']})",
+                        r.value,
+                        "GB/s",
+                        "gloo send/recv",
+                        gloo_bps / 1e9,
+                        "> 1.0x gloo",
+                        r.value * 1e9 > gloo_bps,
+                    )
+                )
         progress.step("gloo 4 MiB")
 
     # -- 4 KiB round trip
     n_rtt = 500 if quick else 3000
     gloo_rtt = None
     if not args.no_gloo:
-        gloo_rtt = statistics.median(_run_pair(_gloo_worker, "rtt", _free_port(), 4 * KiB, n_rtt)["samples"])
+        gloo_rtt = statistics.median(
+            _run_pair(_gloo_worker, "rtt", _free_port(), 4 * KiB, n_rtt)["samples"]
+        )
         progress.step("gloo rtt")
     for loop_name in loops:
-        base = _run_pair(_asyncio_pingpong_worker, _free_port(), 4 * KiB, n_rtt, loop_name)["samples"]
-        got = _run_pair(_pipe_worker, "rtt", _free_port(), 4 * KiB, n_rtt, loop_name, transport, 1 * GiB)["samples"]
+        base = _run_pair(_asyncio_pingpong_worker, _free_port(), 4 * KiB, n_rtt, loop_name)[
+            "samples"
+        ]
+        got = _run_pair(
+            _pipe_worker, "rtt", _free_port(), 4 * KiB, n_rtt, loop_name, transport, 1 * GiB
+        )["samples"]
         p50, base50 = statistics.median(got), statistics.median(base)
-        results.append(Result(suite, f"4 KiB round trip p50 ({loop_name})", p50 * 1e6, "us",
-                              f"raw asyncio ping-pong ({loop_name})", base50 * 1e6,
-                              "<= 1.5x raw asyncio" if loop_name == "uvloop" else "", (p50 <= 1.5 * base50) if loop_name == "uvloop" else None))
-        results.append(Result(suite, f"4 KiB round trip p99 ({loop_name})", _p(got, 0.99) * 1e6, "us",
-                              f"raw asyncio ping-pong ({loop_name})", _p(base, 0.99) * 1e6))
+        results.append(
+            Result(
+                suite,
+                f"4 KiB round trip p50 ({loop_name})",
+                p50 * 1e6,
+                "us",
+                f"raw asyncio ping-pong ({loop_name})",
+                base50 * 1e6,
+                "<= 1.5x raw asyncio" if loop_name == "uvloop" else "",
+                (p50 <= 1.5 * base50) if loop_name == "uvloop" else None,
+            )
+        )
+        results.append(
+            Result(
+                suite,
+                f"4 KiB round trip p99 ({loop_name})",
+                _p(got, 0.99) * 1e6,
+                "us",
+                f"raw asyncio ping-pong ({loop_name})",
+                _p(base, 0.99) * 1e6,
+            )
+        )
         if gloo_rtt is not None:
-            results.append(Result(suite, f"4 KiB round trip p50 vs gloo ({loop_name})", p50 * 1e6, "us",
-                                  "gloo send/recv", gloo_rtt * 1e6, "<= 0.5x gloo", p50 <= 0.5 * gloo_rtt))
+            results.append(
+                Result(
+                    suite,
+                    f"4 KiB round trip p50 vs gloo ({loop_name})",
+                    p50 * 1e6,
+                    "us",
+                    "gloo send/recv",
+                    gloo_rtt * 1e6,
+                    "<= 0.5x gloo",
+                    p50 <= 0.5 * gloo_rtt,
+                )
+            )
         progress.step(f"rtt {loop_name}")
 
     # -- event-loop responsiveness while 1 GiB moves
     lag_size = 256 * MiB if (quick or args.no_big) else 1 * GiB
     for loop_name in loops:
-        got = _run_pair(_pipe_worker, "lag", _free_port(), lag_size, 2, loop_name, transport, 2 * GiB)
+        got = _run_pair(
+            _pipe_worker, "lag", _free_port(), lag_size, 2, loop_name, transport, 2 * GiB
+        )
         for rank in (0, 1):
             lags = got[f"lags{rank}"]
             p99 = _p(lags, 0.99) if lags else 0.0
-            results.append(Result(suite, f"loop lag p99, {'sender' if rank == 0 else 'receiver'}, "
-                                  f"{_human(lag_size)} moving ({loop_name})", p99 * 1e3, "ms",
-                                  "1 ms ticker period", 1.0, "<= 2 ms", p99 * 1e3 <= 2.0,
-                                  {"ticks": len(lags)}))
+            results.append(
+                Result(
+                    suite,
+                    f"loop lag p99, {'sender' if rank == 0 else 'receiver'}, "
+                    f"{_human(lag_size)} moving ({loop_name})",
+                    p99 * 1e3,
+                    "ms",
+                    "1 ms ticker period",
+                    1.0,
+                    "<= 2 ms",
+                    p99 * 1e3 <= 2.0,
+                    {"ticks": len(lags)},
+                )
+            )
         progress.step(f"lag {loop_name}")
 
     # -- backpressure: 64 MiB window, a receiver that stops reading for 2 s
     window, chunk = 64 * MiB, 4 * MiB
     for loop_name in loops[:1]:
-        got = _run_pair(_pipe_worker, "backpressure", _free_port(), chunk, 40, loop_name, transport, window)
-        results.append(Result(suite, "backpressure: peak accepted-unsent bytes", got["peak"] / MiB, "MiB",
-                              "window (buffer_bytes)", window / MiB, "<= window + one tensor",
-                              got["peak"] <= window + chunk))
+        got = _run_pair(
+            _pipe_worker, "backpressure", _free_port(), chunk, 40, loop_name, transport, window
+        )
+        results.append(
+            Result(
+                suite,
+                "backpressure: peak accepted-unsent bytes",
+                got["peak"] / MiB,
+                "MiB",
+                "window (buffer_bytes)",
+                window / MiB,
+                "<= window + one tensor",
+                got["peak"] <= window + chunk,
+            )
+        )
         cpu_pct = 100.0 * got["cpu"] / max(got["blocked"], 1e-9)
-        results.append(Result(suite, "backpressure: sender CPU while blocked", cpu_pct, "% of a core",
-                              "", None, "~0% (<= 5%)", cpu_pct <= 5.0, {"blocked_s": got["blocked"]}))
+        results.append(
+            Result(
+                suite,
+                "backpressure: sender CPU while blocked",
+                cpu_pct,
+                "% of a core",
+                "",
+                None,
+                "~0% (<= 5%)",
+                cpu_pct <= 5.0,
+                {"blocked_s": got["blocked"]},
+            )
+        )
         progress.step("backpressure")
-    results.append(Result(suite, "single-core memcpy 64 MiB", memcpy_bandwidth(64 * MiB) / 1e9, "GB/s"))
+    results.append(
+        Result(suite, "single-core memcpy 64 MiB", memcpy_bandwidth(64 * MiB) / 1e9, "GB/s")
+    )
     progress.step("memcpy")
     return results
 
@@ -462,4 +580,3 @@ def _human(size: int) -> str:
         if size >= scale:
             return f"{size // scale} {unit}"
     return f"{size} B"
-

@@ -29,9 +29,9 @@ class Result:
 
     @property
     def ratio(self) -> float | None:
-        if self.baseline_value in (None, 0):
+        if not self.baseline_value:
             return None
-        return self.value / self.baseline_value  # type: ignore[operator]
+        return self.value / self.baseline_value
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -52,7 +52,17 @@ def _fmt(value: float | None) -> str:
 
 
 def print_table(results: Sequence[Result], out: TextIO = sys.stdout) -> None:
-    headers = ("suite", "figure", "value", "unit", "baseline", "baseline value", "ratio", "target", "ok")
+    headers = (
+        "suite",
+        "figure",
+        "value",
+        "unit",
+        "baseline",
+        "baseline value",
+        "ratio",
+        "target",
+        "ok",
+    )
     rows = [
         (
             r.suite,
@@ -67,12 +77,15 @@ def print_table(results: Sequence[Result], out: TextIO = sys.stdout) -> None:
         )
         for r in results
     ]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    widths = [
+        max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
+        for i, h in enumerate(headers)
+    ]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
     print(line, file=out)
     print("  ".join("-" * w for w in widths), file=out)
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)), file=out)
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)), file=out)
 
 
 def write_json(results: Iterable[Result], path: str) -> None:

@@ -130,7 +130,11 @@ class TcpSendChannel(SendChannel):
                     return False
                 del self._staging[id(message)]
                 if fut.cancelled() or fut.exception() is not None:
-                    exc = fut.exception() if not fut.cancelled() else PipeClosedError("staging cancelled")
+                    exc = (
+                        fut.exception()
+                        if not fut.cancelled()
+                        else PipeClosedError("staging cancelled")
+                    )
                     self._fail(exc if exc is not None else PipeClosedError("staging failed"))
                     return False
                 tensor = fut.result()
@@ -154,9 +158,15 @@ class TcpSendChannel(SendChannel):
             self._expand_pending()
             if not self._segments:
                 break
-            buffers = [seg for seg, _ in list(self._segments)[:_MAX_IOV]] if len(self._segments) > 1 else [self._segments[0][0]]
+            buffers = (
+                [seg for seg, _ in list(self._segments)[:_MAX_IOV]]
+                if len(self._segments) > 1
+                else [self._segments[0][0]]
+            )
             try:
-                sent = self._sock.sendmsg(buffers) if len(buffers) > 1 else self._sock.send(buffers[0])
+                sent = (
+                    self._sock.sendmsg(buffers) if len(buffers) > 1 else self._sock.send(buffers[0])
+                )
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
@@ -278,8 +288,10 @@ class _FrameReader(asyncio.BufferedProtocol):
             self._have += nbytes
             self._parse_staging()
         except Exception as exc:  # a callback must not raise into the loop
-            error = exc if isinstance(exc, AiokvpipeError) else ProtocolError(
-                f"{self._channel._link.describe}: cannot receive frame: {exc!r}"
+            error = (
+                exc
+                if isinstance(exc, AiokvpipeError)
+                else ProtocolError(f"{self._channel._link.describe}: cannot receive frame: {exc!r}")
             )
             if error is not exc:
                 error.__cause__ = exc
@@ -369,7 +381,9 @@ class TcpRecvChannel(RecvChannel):
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.connect_accepted_socket(lambda: self._protocol, sock=self._link.sock)
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: self._protocol, sock=self._link.sock
+        )
         self._transport = transport
 
     @property
@@ -402,9 +416,13 @@ class TcpRecvChannel(RecvChannel):
         if self._stopped:
             return
         if mid_frame is not None:
-            error = PeerClosedError(f"{self._link.describe}: connection lost mid-frame after {mid_frame}")
+            error = PeerClosedError(
+                f"{self._link.describe}: connection lost mid-frame after {mid_frame}"
+            )
         else:
-            error = PeerClosedError(f"{self._link.describe}: peer disconnected without closing the pipe")
+            error = PeerClosedError(
+                f"{self._link.describe}: peer disconnected without closing the pipe"
+            )
         if exc is not None:
             error.__cause__ = exc
         self._stop(error)
@@ -482,4 +500,3 @@ class TcpTransport(Transport):
         channel = TcpRecvChannel(link)
         await channel._start()
         return channel
-
