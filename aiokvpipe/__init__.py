@@ -14,6 +14,7 @@ from .errors import (
     TransferTimeout,
     UnsupportedTensorError,
 )
+from .pipe import Pipe, Transfer
 from .semaphore import ByteSemaphore
 
 __version__ = "0.1.0"
@@ -26,10 +27,12 @@ __all__ = [
     "CudaUnavailableError",
     "FrameTooLargeError",
     "PeerClosedError",
+    "Pipe",
     "PipeClosedError",
     "PipeConfig",
     "ProtocolError",
     "SlowReaderError",
+    "Transfer",
     "TransferTimeout",
     "UnsupportedTensorError",
 ]

@@ -1,0 +1,116 @@
+"""Developer and CI tasks: ``python -m pip install nox && python -m nox -s <session>``.
+
+``python -m nox`` runs ``tests``; ``python -m nox -l`` lists the rest.
+Arguments after ``--`` go to the tool (pytest, the demo, the bench), e.g.
+``python -m nox -s tests -- tests/test_semaphore.py -x``.
+
+Every install is constrained by ``constraints.txt``, which pins torch to one
+exact release: an unpinned torch can pull a multi-GB CUDA build onto a CPU
+machine. GPU extras (cupy) are installed only by the ``gpu`` session.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+CONSTRAINTS = str(ROOT / "constraints.txt")
+# One version for every session: the one CI runs. Use `--force-python 3.12`
+# to try another (the torch pin then needs a wheel for that version).
+PYTHON = "3.11"
+LINT_PATHS = ("aiokvpipe", "tests", "examples", "noxfile.py")
+# `ruff format --check` covers these for now; add "aiokvpipe" and "tests"
+# once the tree has been run through `ruff format`.
+FORMAT_CHECKED_PATHS = ("examples", "noxfile.py")
+
+nox.options.sessions = ["tests"]
+nox.options.default_venv_backend = "venv"  # always available; virtualenv and uv may not be
+nox.options.reuse_existing_virtualenvs = True
+# A missing interpreter must fail the run, not skip the session and exit 0.
+nox.options.error_on_missing_interpreters = True
+
+
+def install(session: nox.Session, *extras: str) -> None:
+    """Install this package (not editable: test what users get) with ``extras``."""
+    target = f".[{','.join(extras)}]" if extras else "."
+    session.install("-c", CONSTRAINTS, target)
+
+
+def run_pytest(session: nox.Session, *, marker: str, extras: tuple[str, ...] = ()) -> None:
+    """Install the package with its test extra and run pytest on ``marker``.
+
+    Exit codes other than 0 fail the session, so "no tests collected"
+    (pytest's 5) is a failure too.
+    """
+    install(session, "test", *extras)
+    session.run(
+        "pytest",
+        "-m",
+        marker,
+        *(session.posargs or ("--durations=10",)),
+    )
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The CPU test suite, on the default loop and on uvloop (what CI runs)."""
+    run_pytest(session, marker="not cuda")
+
+
+@nox.session(python=PYTHON)
+def gpu(session: nox.Session) -> None:
+    """Tests that need an NVIDIA GPU (installs the cuda12 extra: cupy)."""
+    run_pytest(session, marker="cuda", extras=("cuda12",))
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff: lint rules and formatting (settings in pyproject.toml)."""
+    session.install("-c", CONSTRAINTS, "ruff")
+    session.run("ruff", "check", *LINT_PATHS)
+    session.run("ruff", "format", "--check", *FORMAT_CHECKED_PATHS)
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package (settings in pyproject.toml)."""
+    install(session)
+    session.install("-c", CONSTRAINTS, "mypy")
+    session.run("mypy", "--strict", "aiokvpipe")
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into site/; warnings are errors."""
+    if not (ROOT / "mkdocs.yml").is_file():
+        session.error("mkdocs.yml is missing: there are no docs to build yet")
+    install(session, "docs")
+    session.run("mkdocs", "build", "--strict")
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """Two processes, one Pipe: a verified tensor stream and a latency check."""
+    install(session, "uvloop")
+    session.run("python", "examples/demo.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def examples(session: nox.Session) -> None:
+    """Run every examples/*.py; any non-zero exit fails the session."""
+    install(session, "uvloop")
+    scripts = sorted(ROOT.glob("examples/*.py"))
+    if not scripts:
+        session.error("no examples/*.py found")
+    for script in scripts:
+        session.run("python", str(script.relative_to(ROOT)))
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """``python -m aiokvpipe.bench``; default suite ``pipe`` (try ``-- all --quick``)."""
+    args = session.posargs or ["pipe"]
+    install(session, "uvloop", *(("plot",) if any(a.startswith("--plot") for a in args) else ()))
+    session.run("python", "-m", "aiokvpipe.bench", *args)

@@ -1,0 +1,58 @@
+"""The examples run as users run them: a fresh interpreter, real processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            [sys.executable, str(EXAMPLES / name), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:  # pragma: no cover - the failure report
+        pytest.fail(f"{name} did not finish in {timeout} s; output so far:\n{exc.stdout!r}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])
+def test_demo_transfers_and_verifies_every_tensor(loop: str) -> None:
+    result = run_example("demo.py", "--loop", loop, "--pings", "300", timeout=180)
+    report = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, report
+    out = result.stdout
+
+    expected_loop = "asyncio" if loop == "asyncio" else ("uvloop" if _has_uvloop() else "asyncio")
+    assert re.search(rf"event loop: {expected_loop}", out), report
+    for size in ("4 KiB", "1 MiB", "16 MiB", "64 MiB"):
+        row = re.search(rf"^\s*{size}\s+(\d+)\s+\S+\s+([\d.]+)\s+(\S+)\s*$", out, re.MULTILINE)
+        assert row is not None, f"no table row for {size}\n{report}"
+        count, mb_per_s, verdict = int(row[1]), float(row[2]), row[3]
+        assert count > 0 and mb_per_s > 0 and verdict == "ok", report
+    latency = re.search(r"round trip over (\d+) pings: p50 (\d+) us, p99 (\d+) us", out)
+    assert latency is not None, report
+    assert int(latency[1]) == 300 and 0 < int(latency[2]) <= int(latency[3]), report
+    assert "OK: every tensor verified by rank 1" in out, report
+    assert "FAILED" not in out + result.stderr, report
+
+
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
