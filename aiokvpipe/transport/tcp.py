@@ -23,11 +23,13 @@ from typing import Any, cast
 
 import torch
 
+from .._timeouts import deadline
 from ..errors import (
     AiokvpipeError,
     PeerClosedError,
     PipeClosedError,
     ProtocolError,
+    TransferTimeout,
 )
 from ..tensors import byte_view, empty_for
 from ..wire import HEADER_SIZE, FrameHeader, FrameKind, decode_header
@@ -91,8 +93,10 @@ class TcpSendChannel(SendChannel):
         self._closed = True
         try:
             if graceful and self._error is None:
-                with contextlib.suppress(PeerClosedError, OSError):
-                    await asyncio.shield(self._write_close_frame())
+                # Bounded: a peer that stopped reading must not hang close().
+                with contextlib.suppress(PeerClosedError, OSError, TransferTimeout):
+                    async with deadline(self._link.config.close_timeout, lambda: "close frame"):
+                        await self._write_close_frame()
         finally:
             self._teardown(PipeClosedError(f"{self._link.describe}: pipe closed"))
 
