@@ -6,11 +6,12 @@ with the header and a view of the tensor's memory as a gather list, and only
 if the kernel buffer is full does it register a writer callback to go on.
 Nothing awaits per message, so small messages cost one syscall.
 
-Receiving is a :class:`asyncio.BufferedProtocol`: headers (and small
-payloads that arrive with them) are read into one reusable staging buffer,
-while large payloads are read straight into the destination tensor's memory
-by ``recv_into``. Reading pauses when ``buffer_bytes`` of received tensors
-wait for ``recv``, so a slow consumer pushes back on the sender through TCP.
+Receiving works like a :class:`asyncio.BufferedProtocol`, driven by a
+reader callback: headers (and small payloads that arrive with them) are read
+into one reusable staging buffer, while large payloads are read straight into
+the destination tensor's memory by ``recv_into``. Reading pauses when
+``buffer_bytes`` of received tensors wait for ``recv``, so a slow consumer
+pushes back on the sender through TCP.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import asyncio
 import contextlib
 import socket
 from collections import deque
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -37,7 +38,8 @@ from .base import Link, OutgoingMessage, RecvChannel, SendChannel, Transport
 
 _MAX_IOV = 64
 _PUMP_BYTES = 4 << 20  # bytes written per callback before yielding to the loop
-_READ_SLICE = 4 << 20  # most bytes one read callback may take, for loop latency
+_READ_SLICE = 4 << 20  # most bytes one recv_into may take
+_READ_BUDGET = 8 << 20  # most bytes one wakeup may read, for loop latency
 _STAGING = 256 << 10  # reusable read buffer for headers and small payloads
 
 
@@ -258,8 +260,13 @@ class TcpSendChannel(SendChannel):
         self._idle.set()
 
 
-class _FrameReader(asyncio.BufferedProtocol):
-    """Parses frames from the byte stream into tensors, in place."""
+class _FrameParser:
+    """Turns the byte stream into frames, reading payloads in place.
+
+    Plays the role of a ``BufferedProtocol`` (:meth:`buffer` /
+    :meth:`consumed`), but the channel drives the socket itself so the same
+    code runs on asyncio and uvloop and can drain several reads per wakeup.
+    """
 
     def __init__(self, channel: TcpRecvChannel) -> None:
         self._channel = channel
@@ -270,47 +277,24 @@ class _FrameReader(asyncio.BufferedProtocol):
         self._direct_got = 0
         self._direct_tensor: torch.Tensor | None = None
         self._expected_seq = 0
-        self.transport: asyncio.Transport | None = None
 
-    # -- protocol callbacks --------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport.
-        self.transport = cast(asyncio.Transport, transport)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
+    def buffer(self) -> memoryview:
+        """Where the next read should land."""
         if self._direct is not None:
             return self._direct[self._direct_got : self._direct_got + _READ_SLICE]
         return self._staging_view[self._have :]
 
-    def buffer_updated(self, nbytes: int) -> None:
-        try:
-            if self._direct is not None:
-                self._direct_got += nbytes
-                if self._direct_got == len(self._direct):
-                    self._finish_direct()
-                return
-            self._have += nbytes
-            self._parse_staging()
-        except Exception as exc:  # a callback must not raise into the loop
-            error = (
-                exc
-                if isinstance(exc, AiokvpipeError)
-                else ProtocolError(f"{self._channel._link.describe}: cannot receive frame: {exc!r}")
-            )
-            if error is not exc:
-                error.__cause__ = exc
-            self._channel._break(error)
-            if self.transport is not None:
-                self.transport.abort()
+    def consumed(self, nbytes: int) -> None:
+        """``nbytes`` were read into :meth:`buffer`; may raise ProtocolError."""
+        if self._direct is not None:
+            self._direct_got += nbytes
+            if self._direct_got == len(self._direct):
+                self._finish_direct()
+            return
+        self._have += nbytes
+        self._parse_staging()
 
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._channel._connection_lost(self._mid_frame(), exc)
-
-    # -- parsing ---------------------------------------------------------
-    def _mid_frame(self) -> str | None:
+    def mid_frame(self) -> str | None:
         if self._direct is not None:
             return f"{self._direct_got} of {len(self._direct)} payload bytes"
         if self._have:
@@ -344,15 +328,13 @@ class _FrameReader(asyncio.BufferedProtocol):
                 pos += header.nbytes
                 channel._deliver(tensor, header.nbytes)
                 continue
-            # Payload continues past what we have: copy the part we hold, read
-            # the rest in place (large) or keep staging (small).
-            # Payload continues past what we hold: copy that part, then read
-            # the rest straight into the tensor.
+            # The payload continues past what we hold: copy that part, then
+            # read the rest straight into the tensor.
             dest[:available] = view[pos : self._have]
             self._have = 0
             self._direct, self._direct_got, self._direct_tensor = dest, available, tensor
             return
-        # keep the partial header at the start of the staging buffer
+        # keep a partial header at the start of the staging buffer
         rest = self._have - pos
         if rest and pos:
             view[:rest] = view[pos : self._have]
@@ -365,10 +347,19 @@ class _FrameReader(asyncio.BufferedProtocol):
 
 
 class TcpRecvChannel(RecvChannel):
-    """Receives frames in order into a bounded queue of ready tensors."""
+    """Receives frames in order into a bounded queue of ready tensors.
+
+    Reading is a reader callback on the socket that drains up to
+    ``_READ_BUDGET`` bytes per wakeup; it is removed (paused) while
+    ``buffer_bytes`` of received tensors wait for ``recv``, so a slow
+    consumer pushes back on the sender through TCP flow control.
+    """
 
     def __init__(self, link: Link) -> None:
         self._link = link
+        self._sock = link.sock
+        self._fd = link.sock.fileno()
+        self._loop = asyncio.get_running_loop()
         self.max_frame_bytes = link.config.max_frame_bytes
         self._limit = link.config.buffer_bytes
         self._device = link.config.device
@@ -378,23 +369,59 @@ class TcpRecvChannel(RecvChannel):
         self._error: BaseException | None = None
         self._closed = False
         self._stopped = False  # no more frames will be delivered
-        self._paused = False
-        self._protocol = _FrameReader(self)
-        self._transport: asyncio.Transport | None = None
-        self._lost = asyncio.get_running_loop().create_future()
-
-    async def _start(self) -> None:
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.connect_accepted_socket(
-            lambda: self._protocol, sock=self._link.sock
-        )
-        self._transport = transport
+        self._reading = False
+        self._parser = _FrameParser(self)
+        self._resume_reading()
 
     @property
     def error(self) -> BaseException | None:
         return self._error
 
-    # -- called by the protocol ----------------------------------------------
+    # -- socket ----------------------------------------------------------------
+    def _resume_reading(self) -> None:
+        if not self._reading and not self._stopped:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._reading = True
+
+    def _pause_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+
+    def _on_readable(self) -> None:
+        budget = _READ_BUDGET
+        sock, parser = self._sock, self._parser
+        while budget > 0 and self._reading:
+            buf = parser.buffer()
+            try:
+                n = sock.recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._connection_lost(exc)
+                return
+            if n == 0:
+                self._connection_lost(None)
+                return
+            try:
+                parser.consumed(n)
+            except Exception as exc:  # a callback must not raise into the loop
+                self._protocol_failed(exc)
+                return
+            if n < len(buf):
+                return  # the socket is drained: don't pay for an EAGAIN
+            budget -= n
+
+    def _protocol_failed(self, exc: Exception) -> None:
+        if isinstance(exc, AiokvpipeError):
+            error: BaseException = exc
+        else:
+            error = ProtocolError(f"{self._link.describe}: cannot receive frame: {exc!r}")
+            error.__cause__ = exc
+        self._stop(error)
+        self._pause_reading()
+
+    # -- called by the parser ----------------------------------------------------
     def _deliver(self, tensor: torch.Tensor | None, nbytes: int) -> None:
         item: Any = tensor
         if tensor is not None and self._device != "cpu":
@@ -403,22 +430,19 @@ class TcpRecvChannel(RecvChannel):
             item = asyncio.ensure_future(to_device(tensor, self._device))
         self._ready.append((item, nbytes))
         self._queued_bytes += nbytes
-        if self._queued_bytes >= self._limit and not self._paused and self._transport is not None:
-            self._transport.pause_reading()
-            self._paused = True
+        if self._queued_bytes >= self._limit:
+            self._pause_reading()
         self._wake()
 
     def _peer_closed(self) -> None:
         self._stop(PeerClosedError(f"{self._link.describe}: peer closed the pipe"))
+        self._pause_reading()
 
-    def _break(self, error: BaseException) -> None:
-        self._stop(error)
-
-    def _connection_lost(self, mid_frame: str | None, exc: Exception | None) -> None:
-        if not self._lost.done():
-            self._lost.set_result(None)
+    def _connection_lost(self, exc: Exception | None) -> None:
+        self._pause_reading()
         if self._stopped:
             return
+        mid_frame = self._parser.mid_frame()
         if mid_frame is not None:
             error = PeerClosedError(
                 f"{self._link.describe}: connection lost mid-frame after {mid_frame}"
@@ -456,11 +480,13 @@ class TcpRecvChannel(RecvChannel):
                     await asyncio.shield(item)
                     continue
                 self._ready.popleft()
-                self._consumed(nbytes)
+                self._queued_bytes -= nbytes
+                if self._queued_bytes < self._limit:
+                    self._resume_reading()
                 return item  # type: ignore[no-any-return]
             if self._error is not None:
                 raise self._error
-            fut = asyncio.get_running_loop().create_future()
+            fut = self._loop.create_future()
             self._waiters.append(fut)
             try:
                 await fut
@@ -468,28 +494,18 @@ class TcpRecvChannel(RecvChannel):
                 if fut in self._waiters:
                     self._waiters.remove(fut)
 
-    def _consumed(self, nbytes: int) -> None:
-        self._queued_bytes -= nbytes
-        if self._paused and self._queued_bytes < self._limit and self._transport is not None:
-            self._paused = False
-            self._transport.resume_reading()
-
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._stopped = True
+        self._pause_reading()
         for item, _ in self._ready:
             if isinstance(item, asyncio.Future):
                 item.cancel()
         self._ready.clear()
         self._wake()
-        if self._transport is not None:
-            self._transport.abort()
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._lost)
-        else:
-            self._link.sock.close()
+        self._sock.close()
 
 
 class TcpTransport(Transport):
@@ -501,6 +517,4 @@ class TcpTransport(Transport):
 
     @classmethod
     async def open_receiver(cls, link: Link) -> RecvChannel:
-        channel = TcpRecvChannel(link)
-        await channel._start()
-        return channel
+        return TcpRecvChannel(link)
