@@ -1,0 +1,387 @@
+"""In-order send/receive machinery shared by the GPU transports.
+
+A GPU transfer has two halves that must not be serialised: *starting* it
+(write the header, queue device work) and *finishing* it (the device work
+completed, or the peer acknowledged). Each channel runs two background tasks
+joined by a FIFO: one starts transfers in submission order, the other
+finishes them in the same order, so the GPU always has the next transfer
+queued while the loop awaits the current one. Callers never touch the socket
+or the device; they wait on futures and queues, so cancelling a caller
+cannot leave half a frame behind.
+
+Setting a transport up needs the peer (hellos, a communicator both ranks
+join), but every rank opens its send end before its receive end, so an
+``open`` that waited for the peer would deadlock the ring. Opening therefore
+returns at once and the set-up runs first thing in the background; messages
+submitted meanwhile queue behind it, and a failed set-up fails them.
+
+Subclasses supply the transport-specific steps; this module owns ordering,
+the first-error-wins failure path, the graceful close and its CLOSE frame.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+import torch
+
+from .._timeouts import deadline
+from ..errors import PeerClosedError, PipeClosedError
+from ..semaphore import ByteSemaphore
+from ..wire import FrameHeader, FrameKind
+from .control import ControlSocket
+
+S = TypeVar("S")
+
+
+class Message(Protocol):
+    """What a send channel is handed (``transport.base.OutgoingMessage``)."""
+
+    header: FrameHeader
+    tensor: torch.Tensor | None
+    done: asyncio.Future[None]
+
+
+def empty_frame(header: FrameHeader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tensor, raw)``: the destination of a tensor frame and its flat uint8 bytes.
+
+    Allocated on ``device``'s current stream, i.e. the consumer's, so the
+    caching allocator recycles it there once the consumer drops it.
+    """
+    assert header.dtype is not None
+    raw = torch.empty(header.nbytes, dtype=torch.uint8, device=device)
+    if header.nbytes == 0:
+        return torch.empty(header.shape, dtype=header.dtype, device=device), raw
+    return raw.view(header.dtype).view(header.shape), raw
+
+
+def _fail_future(future: asyncio.Future[None], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        try:
+            await task
+        except BaseException:  # cancelled on purpose; errors were recorded by _fail
+            pass
+
+
+class OrderedSender(abc.ABC, Generic[S]):
+    """Set up, then start each message in order and finish each in order."""
+
+    def __init__(self, control: ControlSocket, *, close_timeout: float) -> None:
+        self._control = control
+        self._close_timeout = close_timeout
+        self._to_start: asyncio.Queue[tuple[Message, Any]] = asyncio.Queue()
+        self._to_finish: asyncio.Queue[tuple[Message, S]] = asyncio.Queue()
+        self._unresolved: deque[Message] = deque()
+        self._set_up = False
+        # Set when set-up is over and every submitted message is finished.
+        self._idle = asyncio.Event()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._next_seq = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._teardown: asyncio.Future[None] | None = None
+
+    # -- transport-specific steps -------------------------------------------
+    @abc.abstractmethod
+    async def _setup(self) -> None:
+        """Meet the peer and get the device side ready (runs before any message)."""
+
+    @abc.abstractmethod
+    def _on_submit(self, message: Message) -> Any:
+        """Synchronous work in the submitter's context (a producer fence); a token."""
+
+    @abc.abstractmethod
+    async def _start(self, message: Message, token: Any) -> S:
+        """Put the message on its way (header written, device work queued)."""
+
+    @abc.abstractmethod
+    async def _finish(self, message: Message, state: S) -> None:
+        """Return once the message's tensor memory is no longer needed."""
+
+    @abc.abstractmethod
+    async def _after_close_frame(self) -> None:
+        """The CLOSE frame is written; wait for whatever the transport still needs."""
+
+    @abc.abstractmethod
+    async def _release(self) -> None:
+        """Free device resources, stopping any device work still running."""
+
+    # -- SendChannel ----------------------------------------------------------
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.ensure_future(self._run_starter()),
+            asyncio.ensure_future(self._run_finisher()),
+        ]
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def submit(self, message: Any) -> None:
+        if self._closed:
+            _fail_future(message.done, PipeClosedError(f"{self._control.describe}: closed"))
+            return
+        if self._error is not None:
+            _fail_future(message.done, self._error)
+            return
+        try:
+            token = self._on_submit(message)
+        except Exception as exc:
+            _fail_future(message.done, exc)
+            return
+        self._next_seq = message.header.seq + 1
+        self._unresolved.append(message)
+        self._idle.clear()
+        self._to_start.put_nowait((message, token))
+
+    async def aclose(self, graceful: bool = True) -> None:
+        closed = PipeClosedError(f"{self._control.describe}: channel closed")
+        if self._closed:
+            await self._torn_down(closed)
+            return
+        self._closed = True
+        try:
+            if graceful and self._error is None:
+                what = f"{self._control.describe}: draining on close"
+                async with deadline(self._close_timeout, lambda: what):
+                    await self._idle.wait()
+                    if self._error is None:
+                        await self._control.send(self.close_frame().encode())
+                        await self._after_close_frame()
+        except Exception:  # a failed goodbye must not stop the teardown
+            pass
+        finally:
+            await self._torn_down(closed)
+
+    def close_frame(self) -> FrameHeader:
+        """The CLOSE frame that follows every submitted message."""
+        return FrameHeader(FrameKind.CLOSE, self._next_seq)
+
+    # -- machinery -------------------------------------------------------------
+    async def _run_starter(self) -> None:
+        try:
+            await self._setup()
+            self._set_up = True
+            if not self._unresolved:
+                self._idle.set()
+            while True:
+                message, token = await self._to_start.get()
+                state = await self._start(message, token)
+                self._to_finish.put_nowait((message, state))
+        except Exception as exc:
+            await self._fail(exc)
+
+    async def _run_finisher(self) -> None:
+        try:
+            while True:
+                message, state = await self._to_finish.get()
+                await self._finish(message, state)
+                finished = self._unresolved.popleft()
+                assert finished is message, "transfers finished out of order"
+                if not message.done.done():
+                    message.done.set_result(None)
+                if not self._unresolved and self._set_up:
+                    self._idle.set()
+        except Exception as exc:
+            await self._fail(exc)
+
+    async def _fail(self, error: BaseException) -> None:
+        """First error wins: every unfinished message fails with it, the link closes."""
+        if self._error is None:
+            self._error = error
+        await self._torn_down(self._error)
+
+    async def _torn_down(self, error: BaseException) -> None:
+        """Run the teardown once, in a task of its own, and wait for it.
+
+        A task of its own because the teardown cancels the channel's workers,
+        one of which may be the caller, and must run to the end even if the
+        caller is cancelled (only the caller's wait is interrupted).
+        """
+        if self._teardown is None:
+            self._teardown = asyncio.ensure_future(self._run_teardown(error))
+        await asyncio.shield(self._teardown)
+
+    async def _run_teardown(self, error: BaseException) -> None:
+        await _cancel_all(self._tasks)
+        try:
+            # Device work stops *before* any message fails: failing a message
+            # hands its tensor back to the caller, so nothing may still read it.
+            await self._release()
+        except Exception:  # best effort; the channel's outcome is already decided
+            pass
+        finally:
+            self._control.close()
+            while self._unresolved:
+                _fail_future(self._unresolved.popleft().done, error)
+            self._idle.set()
+
+
+@dataclass
+class Received:
+    """A message on its way to the consumer; ``state`` is transport-specific."""
+
+    tensor: torch.Tensor | None
+    nbytes: int = 0
+    state: Any = None
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class _Eof:
+    header: FrameHeader
+
+
+class OrderedReceiver(abc.ABC):
+    """Set up, read headers, begin each transfer, finish in order, hand over on ``recv``.
+
+    Bytes received but not yet taken by ``recv`` are bounded by a
+    :class:`ByteSemaphore` of ``window_bytes`` (one message larger than the
+    window still passes alone), so a slow consumer holds the sender back
+    instead of filling the GPU.
+    """
+
+    def __init__(
+        self,
+        control: ControlSocket,
+        *,
+        device: torch.device,
+        window_bytes: int,
+        max_frame_bytes: int,
+    ) -> None:
+        self._control = control
+        self._device = device
+        self._window = ByteSemaphore(window_bytes)
+        self._max_frame_bytes = max_frame_bytes
+        self._expected_seq = 0
+        self._to_finish: asyncio.Queue[Received | _Eof] = asyncio.Queue()
+        self._pending: deque[Received] = deque()
+        self._ready: asyncio.Queue[Received | _Eof | BaseException] = asyncio.Queue()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._teardown: asyncio.Future[None] | None = None
+
+    @abc.abstractmethod
+    async def _setup(self) -> None:
+        """Meet the peer and get the device side ready (runs before any header)."""
+
+    @abc.abstractmethod
+    async def _begin(self, header: FrameHeader) -> Received:
+        """Queue the device work that brings this tensor frame's payload in."""
+
+    @abc.abstractmethod
+    async def _finish_item(self, item: Received) -> None:
+        """Return once ``item``'s payload has fully arrived (and tell the peer if needed)."""
+
+    @abc.abstractmethod
+    async def _on_close_frame(self, close: FrameHeader) -> None:
+        """The peer's CLOSE arrived and every earlier message has finished."""
+
+    @abc.abstractmethod
+    async def _release(self, pending: list[Received]) -> None:
+        """Free device resources; ``pending`` transfers were begun but not finished."""
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.ensure_future(self._run_reader()),
+            asyncio.ensure_future(self._run_finisher()),
+        ]
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    async def recv(self) -> torch.Tensor | None:
+        if self._closed:
+            raise PipeClosedError(f"{self._control.describe}: channel is closed")
+        item = await self._ready.get()  # Queue.get is cancellation-safe
+        if isinstance(item, (_Eof, BaseException)):
+            self._ready.put_nowait(item)  # every later recv sees it too
+            if isinstance(item, _Eof):
+                raise PeerClosedError(f"{self._control.describe}: the peer closed the pipe")
+            raise item
+        self._window.release(item.nbytes)
+        return item.tensor
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._torn_down(PipeClosedError(f"{self._control.describe}: channel closed"))
+
+    async def _run_reader(self) -> None:
+        try:
+            await self._setup()
+            while True:
+                header = await self._control.recv_header(
+                    expected_seq=self._expected_seq, max_frame_bytes=self._max_frame_bytes
+                )
+                self._expected_seq += 1
+                if header.kind is FrameKind.CLOSE:
+                    self._to_finish.put_nowait(_Eof(header))
+                    return
+                if header.kind is FrameKind.NONE:
+                    item = Received(None, seq=header.seq)
+                elif header.nbytes == 0:
+                    item = Received(empty_frame(header, self._device)[0], seq=header.seq)
+                else:
+                    await self._window.acquire(header.nbytes)
+                    try:
+                        item = await self._begin(header)
+                    except BaseException:
+                        self._window.release(header.nbytes)
+                        raise
+                    self._pending.append(item)
+                self._to_finish.put_nowait(item)
+        except Exception as exc:
+            await self._fail(exc)
+
+    async def _run_finisher(self) -> None:
+        try:
+            while True:
+                item = await self._to_finish.get()
+                if isinstance(item, _Eof):
+                    await self._on_close_frame(item.header)
+                    self._ready.put_nowait(item)
+                    return
+                if item.nbytes:
+                    await self._finish_item(item)
+                    self._pending.popleft()
+                self._ready.put_nowait(item)
+        except Exception as exc:
+            await self._fail(exc)
+
+    async def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        await self._torn_down(self._error)
+
+    async def _torn_down(self, error: BaseException) -> None:
+        """Once, in its own task (see OrderedSender._torn_down)."""
+        if self._teardown is None:
+            self._teardown = asyncio.ensure_future(self._run_teardown(error))
+        await asyncio.shield(self._teardown)
+
+    async def _run_teardown(self, error: BaseException) -> None:
+        await _cancel_all(self._tasks)
+        self._window.close(error)
+        pending = list(self._pending)
+        self._pending.clear()
+        # Messages that completed stay deliverable; after them, the error.
+        self._ready.put_nowait(error)
+        try:
+            await self._release(pending)
+        except Exception:  # best effort; the channel's outcome is already decided
+            pass
+        finally:
+            self._control.close()

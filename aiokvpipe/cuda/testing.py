@@ -1,0 +1,394 @@
+"""Stand-ins for a GPU, so the GPU transports' logic runs (and is tested) on CPU.
+
+Like ``trio.testing``: shipped with the package, used by its tests, never by
+the library itself. The fakes model exactly what the transports rely on and
+nothing more:
+
+* :class:`FakeDevice` runs the work queued on its streams *in stream order*,
+  lazily, whenever someone asks an event or stream whether it is done — much
+  like a GPU that has finished by the time you look. ``paused`` freezes it, to
+  observe code that must wait. Every enqueue is logged, so tests can assert
+  ordering decisions ("the NCCL stream waited for the producer's fence before
+  the send").
+* :class:`FakeEvent` / :class:`FakeStream` expose torch's surface
+  (``query``, ``record_event``, ``wait_event``, ``cuda_stream``) and refuse
+  ``synchronize()`` on a thread that runs an event loop.
+* :class:`FakeOps` is a :class:`~aiokvpipe.cuda.streams.DeviceOps` over CPU
+  tensors; :class:`FakeNccl` stands in for ``cupy.cuda.nccl``: communicators
+  that really move bytes between CPU tensors by pointer, in NCCL's order,
+  with knobs to hang them, fail them asynchronously, or reject the id type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import itertools
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import PipeConfig
+from ..transport.base import Link, PeerInfo
+
+_ids = itertools.count(1)
+
+
+def _on_loop_thread() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+@dataclass
+class _Op:
+    label: str
+    run: Callable[[], None] = lambda: None
+    runnable: Callable[[], bool] = lambda: True
+
+
+class FakeDevice:
+    """A pretend GPU: queued work runs in stream order when progress is polled."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.streams: dict[int, FakeStream] = {}
+        self.log: list[tuple[str, str, str]] = []
+        self.paused = False
+        self.polls = 0
+
+    def stream(self, name: str) -> FakeStream:
+        return FakeStream(self, name)
+
+    def record(self, stream: str, action: str, what: str = "") -> None:
+        with self.lock:
+            self.log.append((stream, action, what))
+
+    def actions(self, stream: str | None = None) -> list[str]:
+        """Logged actions (``"wait producer-1"``...), of one stream or all."""
+        with self.lock:
+            return [
+                f"{action} {what}".strip()
+                for name, action, what in self.log
+                if stream is None or name == stream
+            ]
+
+    def advance(self) -> None:
+        """Run every op whose turn has come (in each stream's order)."""
+        with self.lock:
+            self.polls += 1
+            if self.paused:
+                return
+            progress = True
+            while progress:
+                progress = False
+                for stream in list(self.streams.values()):
+                    while stream.ops and stream.ops[0].runnable():
+                        stream.ops.popleft().run()
+                        progress = True
+
+    def drain(self, idle: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Blocking wait (worker threads only) until ``idle()``; what synchronize() does."""
+        if _on_loop_thread():
+            raise AssertionError("synchronize() called on the event loop thread")
+        limit = time.monotonic() + timeout
+        while True:
+            self.advance()
+            with self.lock:
+                if idle():
+                    return
+            if time.monotonic() > limit:
+                raise RuntimeError("fake device: work never completed")
+            time.sleep(0.0005)
+
+
+class FakeEvent:
+    """torch.cuda.Event's polling surface."""
+
+    def __init__(self, device: FakeDevice, name: str) -> None:
+        self.device = device
+        self.name = name
+        self.complete = False
+        self.queries = 0
+
+    def query(self) -> bool:
+        self.queries += 1
+        self.device.advance()
+        return self.complete
+
+    def synchronize(self) -> None:
+        self.device.drain(lambda: self.complete)
+
+    def __repr__(self) -> str:
+        return f"FakeEvent({self.name}, complete={self.complete})"
+
+
+class FakeStream:
+    """torch.cuda.Stream's surface; ``cuda_stream`` is the handle NCCL calls get."""
+
+    def __init__(self, device: FakeDevice, name: str) -> None:
+        self.device = device
+        self.name = name
+        self.ops: deque[_Op] = deque()
+        self.cuda_stream = next(_ids)
+        self._events = itertools.count(1)
+        with device.lock:
+            device.streams[self.cuda_stream] = self
+
+    def enqueue(self, op: _Op, what: str = "") -> None:
+        with self.device.lock:
+            self.ops.append(op)
+            self.device.record(self.name, op.label, what)
+
+    def record_event(self, event: Any = None) -> FakeEvent:
+        recorded = FakeEvent(self.device, f"{self.name}-{next(self._events)}")
+
+        def mark() -> None:
+            recorded.complete = True
+
+        self.enqueue(_Op("record", mark), recorded.name)
+        return recorded
+
+    def wait_event(self, event: FakeEvent) -> None:
+        self.enqueue(_Op("wait", runnable=lambda: event.complete), event.name)
+
+    def wait_stream(self, other: FakeStream) -> None:
+        self.wait_event(other.record_event())
+
+    def query(self) -> bool:
+        self.device.advance()
+        with self.device.lock:
+            return not self.ops
+
+    def synchronize(self) -> None:
+        self.device.drain(lambda: not self.ops)
+
+
+class FakeOps:
+    """:class:`~aiokvpipe.cuda.streams.DeviceOps` over CPU tensors and fake streams."""
+
+    def __init__(self, device: FakeDevice | None = None, name: str = "") -> None:
+        self.fake = device if device is not None else FakeDevice()
+        prefix = f"{name}." if name else ""
+        self._prefix = prefix
+        self.current = self.fake.stream(f"{prefix}current")
+        self._streams = itertools.count(1)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def current_stream(self) -> FakeStream:
+        return self.current
+
+    def new_stream(self) -> FakeStream:
+        return self.fake.stream(f"{self._prefix}side{next(self._streams)}")
+
+    def copy(self, stream: Any, dst: torch.Tensor, src: torch.Tensor) -> None:
+        def run() -> None:
+            dst.copy_(src)
+
+        stream.enqueue(_Op("copy", run), f"{src.numel()}x{src.dtype}")
+
+    def record_stream(self, tensor: torch.Tensor, stream: Any) -> None:
+        self.fake.record(stream.name, "record_stream")
+
+    def empty_pinned(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+
+class FakeNcclError(RuntimeError):
+    """What cupy's ``NcclError`` is to the real bindings."""
+
+
+@dataclass
+class _Group:
+    ops: list[tuple[FakeComm, str, int, int, int, int]] = field(default_factory=list)
+
+
+class FakeComm:
+    """A communicator that moves bytes between CPU tensors by address."""
+
+    def __init__(self, nccl: FakeNccl, key: bytes, world_size: int, rank: int) -> None:
+        self.nccl = nccl
+        self.key = key
+        self.world_size = world_size
+        self.rank = rank
+        self.aborted = False
+        self.destroyed = False
+
+    def send(self, ptr: int, count: int, dtype: int, peer: int, stream: int) -> None:
+        self._call("send", ptr, count, dtype, peer, stream)
+
+    def recv(self, ptr: int, count: int, dtype: int, peer: int, stream: int) -> None:
+        self._call("recv", ptr, count, dtype, peer, stream)
+
+    def _call(self, kind: str, ptr: int, count: int, dtype: int, peer: int, stream: int) -> None:
+        if self.aborted or self.destroyed:
+            raise FakeNcclError("communicator was aborted")
+        if dtype != self.nccl.NCCL_UINT8:
+            raise FakeNcclError(f"unexpected NCCL datatype {dtype}")
+        if not 0 <= peer < self.world_size:
+            raise FakeNcclError(f"peer {peer} out of range")
+        if self.nccl.group is not None:
+            self.nccl.group.ops.append((self, kind, ptr, count, peer, stream))
+        else:
+            self._enqueue(kind, ptr, count, peer, stream)
+
+    def _enqueue(self, kind: str, ptr: int, count: int, peer: int, stream: int) -> None:
+        nccl = self.nccl
+        target = nccl.device.streams[stream]
+        if kind == "send":
+            box = nccl.mailbox(self.key, self.rank, peer)
+
+            def send() -> None:
+                if not self.aborted:
+                    box.append(ctypes.string_at(ptr, count) if count else b"")
+
+            target.enqueue(
+                _Op("nccl_send", send, lambda: self.aborted or not nccl.hang), f"{count}B"
+            )
+        else:
+            box = nccl.mailbox(self.key, peer, self.rank)
+
+            def recv() -> None:
+                if self.aborted:
+                    return
+                data = box.popleft()
+                if len(data) != count:
+                    raise FakeNcclError(f"recv of {count} bytes matched a send of {len(data)}")
+                if count:
+                    ctypes.memmove(ptr, data, count)
+
+            target.enqueue(
+                _Op("nccl_recv", recv, lambda: self.aborted or (bool(box) and not nccl.hang)),
+                f"{count}B",
+            )
+
+    def check_async_error(self) -> None:
+        self.nccl.checks += 1
+        if self.nccl.async_error is not None:
+            raise self.nccl.async_error
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.nccl.device.advance()  # stuck kernels exit
+
+    def destroy(self) -> None:
+        self.destroyed = True
+
+
+class FakeNccl:
+    """Stands in for the ``cupy.cuda.nccl`` module.
+
+    ``legacy_ids``: ids are tuples of signed chars and communicators reject
+    bytes (cupy < 14). ``hang``: NCCL kernels make no progress until aborted.
+    ``async_error``: raised by ``check_async_error``. ``fail_init``: raised by
+    the communicator constructor (of ``fail_rank`` only, if set).
+    ``hold_rank``: that rank's constructor blocks until ``release_init`` is
+    set, like ``ncclCommInitRank`` waiting for a peer that never comes.
+    """
+
+    NCCL_UINT8 = 1
+    NcclError = FakeNcclError
+    available = True
+
+    def __init__(self, device: FakeDevice, *, legacy_ids: bool = False) -> None:
+        self.device = device
+        self.legacy_ids = legacy_ids
+        self.hang = False
+        self.async_error: BaseException | None = None
+        self.fail_init: BaseException | None = None
+        self.fail_rank: int | None = None
+        self.hold_rank: int | None = None
+        self.release_init = threading.Event()
+        self.group: _Group | None = None
+        self.comms: list[FakeComm] = []
+        self.checks = 0
+        self._boxes: dict[tuple[bytes, int, int], deque[bytes]] = {}
+
+    def mailbox(self, key: bytes, src: int, dst: int) -> deque[bytes]:
+        with self.device.lock:
+            return self._boxes.setdefault((key, src, dst), deque())
+
+    def get_unique_id(self) -> Any:
+        raw = os.urandom(128)
+        if self.legacy_ids:
+            return tuple(b - 256 if b > 127 else b for b in raw)
+        return raw
+
+    def NcclCommunicator(self, world_size: int, uid: Any, rank: int) -> FakeComm:
+        if self.legacy_ids:
+            if not isinstance(uid, tuple):
+                raise TypeError("commId must be a tuple (cupy < 14)")
+            key = bytes(c & 0xFF for c in uid)
+        else:
+            if not isinstance(uid, bytes):
+                raise TypeError("commId must be bytes (cupy >= 14)")
+            key = uid
+        if len(key) != 128:
+            raise FakeNcclError("invalid unique id")
+        if rank == self.hold_rank:
+            self.release_init.wait(10)
+        if self.fail_init is not None and self.fail_rank in (None, rank):
+            raise self.fail_init
+        comm = FakeComm(self, key, world_size, rank)
+        with self.device.lock:
+            self.comms.append(comm)
+        return comm
+
+    def groupStart(self) -> None:
+        self.group = _Group()
+
+    def groupEnd(self) -> None:
+        group, self.group = self.group, None
+        assert group is not None, "groupEnd without groupStart"
+        # Within a group NCCL runs sends and receives concurrently; queuing
+        # the sends first is the in-order equivalent.
+        ordered = sorted(group.ops, key=lambda op: op[1] != "send")
+        for comm, kind, ptr, count, peer, stream in ordered:
+            comm._enqueue(kind, ptr, count, peer, stream)
+
+
+# ----------------------------------------------------------------- links for tests
+
+
+def peer_info(rank: int, *, pid: int | None = None, host_id: str = "test-host",
+              device: str = "cpu", transport: str = "auto") -> PeerInfo:
+    return PeerInfo(
+        rank=rank,
+        address="127.0.0.1",
+        port=1,
+        host_id=host_id,
+        pid=os.getpid() if pid is None else pid,
+        device=device,
+        transport=transport,
+    )
+
+
+def link_pair(
+    config: PipeConfig | None = None,
+    *,
+    sender_pid: int | None = None,
+    receiver_pid: int | None = None,
+) -> tuple[Link, Link]:
+    """``(send_link, recv_link)`` joined by a non-blocking socketpair (rank 0 -> rank 1)."""
+    cfg = config if config is not None else PipeConfig(rank=0, connect_timeout=10.0)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    sender = peer_info(0, pid=sender_pid, device=cfg.device)
+    receiver = peer_info(1, pid=receiver_pid, device=cfg.device)
+    return (
+        Link(cfg, a, "send", sender, receiver),
+        Link(cfg.with_changes(rank=1), b, "recv", receiver, sender),
+    )

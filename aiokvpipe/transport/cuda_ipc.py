@@ -1,0 +1,444 @@
+"""GPU tensors between processes on one host, through CUDA IPC memory handles.
+
+Nothing is copied on the sender's side. For each tensor the sender waits
+(polling, on the host) until the producer's queued kernels have written it,
+exports the CUDA allocation that holds it (``cudaIpcGetMemHandle`` on the
+allocation's base, plus the tensor's offset in it) and writes the frame
+header and that 88-byte descriptor on the link's socket. The receiver maps
+the allocation (``cudaIpcOpenMemHandle``), copies the bytes into a tensor of
+its own on its own stream, awaits the copy's event, unmaps, and only then
+acknowledges; the sender holds the tensor until that acknowledgement, and
+resolves the message's ``done`` (releasing the pipe's byte window) then.
+
+Why these choices:
+
+* The host waits for the producer instead of passing an IPC *event* for the
+  receiver's stream to wait on: the copy could not start earlier anyway, and
+  there are no event handles to pool, open, cache and leak.
+* Copy rather than hand out a view of the sender's memory: the received
+  tensor's lifetime is then the consumer's business alone, and the sender's
+  memory is free again as soon as the copy lands.
+* A mapping is open only while copies from it are in flight (reference
+  counted per sender allocation, since one allocation may hold several
+  tensors in flight, and CUDA allows one mapping per allocation and
+  process). Unmapping before the acknowledgement means the sender can never
+  free memory the receiver still has mapped, which CUDA leaves undefined.
+* torch's own ``_share_cuda_`` machinery is not used: its receiving side
+  synchronizes the current stream when a shared storage is freed, on
+  whichever thread frees it — here, the event loop.
+
+Both ends in one process (two ranks of a test, say) cannot open their own
+handles; they exchange raw device pointers instead (:class:`InProcessMemory`).
+Not supported: allocations that legacy CUDA IPC cannot export (torch's
+``expandable_segments`` and the ``cudaMallocAsync`` allocator backend);
+exporting them fails with a CudaTransferError that says so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from .._timeouts import deadline
+from ..cuda.channel import Message, OrderedReceiver, OrderedSender, Received, empty_frame
+from ..cuda.control import ControlSocket, HelloKind
+from ..cuda.events import wait_event
+from ..cuda.runtime import cuda_errors, cupy_or_raise, require_cuda
+from ..cuda.staging import to_device
+from ..cuda.streams import DeviceOps, TorchCudaOps, after, fence
+from ..errors import CudaTransferError, CudaUnavailableError, MalformedFrameError, ProtocolError
+from ..tensors import dense
+from ..wire import FrameHeader
+from .base import Link, RecvChannel, SendChannel, Transport
+
+HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t)
+# sender allocation base, allocation size, tensor offset in it, handle
+DESCRIPTOR = struct.Struct(f"<QQQ{HANDLE_BYTES}s")
+# acknowledgement: magic, sequence number of the frame whose copy landed
+ACK = struct.Struct("<4sQ")
+ACK_MAGIC = b"AKVA"
+_IN_PROCESS = b"\x01"
+_CROSS_PROCESS = b"\x00"
+
+
+class IpcMemory(Protocol):
+    """Exporting device allocations and mapping the peer's (CUDA IPC or a stand-in)."""
+
+    def export(self, tensor: torch.Tensor) -> tuple[int, int, bytes]:
+        """``(allocation base, allocation size, handle)`` of the memory holding ``tensor``."""
+
+    def open(self, handle: bytes) -> tuple[int, int]:
+        """Map the peer's allocation: ``(local base address, size)``."""
+
+    def close(self, base: int) -> None:
+        """Unmap an allocation returned by :meth:`open`."""
+
+
+def _address_range(ptr: int) -> tuple[int, int]:
+    """``(base, size)`` of the CUDA allocation containing ``ptr`` (driver API).
+
+    IPC handles name whole ``cudaMalloc`` allocations; torch's caching
+    allocator carves tensors out of larger ones, so the offset is needed.
+    cupy does not wrap ``cuMemGetAddressRange``; libcuda is present wherever
+    a driver is.
+    """
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError as exc:
+        raise CudaUnavailableError(f"CUDA IPC needs the CUDA driver library: {exc}") from exc
+    fn = libcuda.cuMemGetAddressRange_v2
+    fn.argtypes = [
+        ctypes.POINTER(ctypes.c_uint64),
+        ctypes.POINTER(ctypes.c_size_t),
+        ctypes.c_uint64,
+    ]
+    fn.restype = ctypes.c_int
+    base = ctypes.c_uint64()
+    size = ctypes.c_size_t()
+    status = fn(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr))
+    if status != 0:
+        raise CudaTransferError(
+            f"cuMemGetAddressRange({ptr:#x}) failed with CUresult {status}"
+        )
+    return int(base.value), int(size.value)
+
+
+class CudaIpcMemory:
+    """Real CUDA IPC through cupy's runtime bindings, on one device."""
+
+    def __init__(self, device: torch.device, cupy: Any) -> None:
+        self._device = device
+        self._cupy = cupy
+
+    def _on_device(self) -> Any:
+        return self._cupy.cuda.Device(self._device.index)
+
+    def export(self, tensor: torch.Tensor) -> tuple[int, int, bytes]:
+        with cuda_errors("exporting a CUDA IPC handle"), self._on_device():
+            base, size = _address_range(tensor.data_ptr())
+            try:
+                handle = bytes(self._cupy.cuda.runtime.ipcGetMemHandle(base))
+            except RuntimeError as exc:
+                raise CudaTransferError(
+                    f"cannot export {tensor.device} memory by CUDA IPC ({exc}); allocations from "
+                    "expandable_segments or the cudaMallocAsync backend cannot be shared this way"
+                ) from exc
+        return base, size, handle
+
+    def open(self, handle: bytes) -> tuple[int, int]:
+        with cuda_errors("opening a CUDA IPC handle"), self._on_device():
+            base = int(self._cupy.cuda.runtime.ipcOpenMemHandle(handle))
+            return base, _address_range(base)[1]
+
+    def close(self, base: int) -> None:
+        with cuda_errors("closing a CUDA IPC mapping"), self._on_device():
+            self._cupy.cuda.runtime.ipcCloseMemHandle(base)
+
+
+class InProcessMemory:
+    """Both ends in one process: the "handle" is the pointer itself.
+
+    CUDA refuses to open a handle in the process that exported it; within a
+    process the address is already valid. Also what the CPU test suite uses
+    (with host memory), since the protocol around it is the same.
+    """
+
+    _HANDLE = struct.Struct("<QQ")
+
+    def export(self, tensor: torch.Tensor) -> tuple[int, int, bytes]:
+        ptr, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        return ptr, size, self._HANDLE.pack(ptr, size).ljust(HANDLE_BYTES, b"\0")
+
+    def open(self, handle: bytes) -> tuple[int, int]:
+        ptr, size = self._HANDLE.unpack_from(handle)
+        return int(ptr), int(size)
+
+    def close(self, base: int) -> None:
+        pass
+
+
+class _CudaArray:
+    """The minimum ``__cuda_array_interface__`` for torch to wrap a raw device pointer."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        # Version 2: no "stream" key, so torch does not synchronize anything.
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (ptr, False),
+            "version": 2,
+        }
+
+
+def view_of(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """A uint8 tensor over memory this process does not own (valid while mapped)."""
+    if device.type == "cuda":
+        return torch.as_tensor(_CudaArray(ptr, nbytes))
+    buffer = (ctypes.c_uint8 * nbytes).from_address(ptr)
+    return torch.frombuffer(buffer, dtype=torch.uint8)
+
+
+class Mappings:
+    """Open peer allocations, reference-counted by the sender's base address."""
+
+    def __init__(self, memory: IpcMemory) -> None:
+        self._memory = memory
+        self._open: dict[int, tuple[bytes, int, int, int]] = {}  # key -> handle, base, size, refs
+
+    def acquire(self, key: int, handle: bytes, offset: int, nbytes: int) -> int:
+        """Local address of ``nbytes`` at ``offset`` in the peer allocation ``key``."""
+        entry = self._open.get(key)
+        if entry is None:
+            base, size = self._memory.open(handle)
+            entry = (handle, base, size, 0)
+        elif entry[0] != handle:
+            raise ProtocolError(f"two live allocations at sender address {key:#x}")
+        _, base, size, refs = entry
+        if offset + nbytes > size:
+            if refs == 0:
+                self._memory.close(base)
+            raise MalformedFrameError(
+                f"descriptor points {offset}+{nbytes} bytes into an allocation of {size}"
+            )
+        self._open[key] = (handle, base, size, refs + 1)
+        return base + offset
+
+    def release(self, key: int) -> None:
+        handle, base, size, refs = self._open[key]
+        if refs == 1:
+            del self._open[key]
+            self._memory.close(base)
+        else:
+            self._open[key] = (handle, base, size, refs - 1)
+
+    @property
+    def open_count(self) -> int:
+        return len(self._open)
+
+    def close_all(self) -> None:
+        for _, base, _, _ in self._open.values():
+            self._memory.close(base)
+        self._open.clear()
+
+
+def _in_process(link: Link) -> bool:
+    return link.peer.host_id == link.local.host_id and link.peer.pid == link.local.pid
+
+
+def _control(link: Link) -> ControlSocket:
+    return ControlSocket(link.sock, describe=link.describe, op_timeout=link.config.op_timeout)
+
+
+@dataclass
+class _Shared:
+    tensor: torch.Tensor  # held until the receiver acknowledges its copy
+
+
+class CudaIpcSendChannel(OrderedSender["_Shared | None"], SendChannel):
+    """Exports each tensor's memory and holds it until the receiver's copy landed."""
+
+    def __init__(self, link: Link, *, memory: IpcMemory, ops: DeviceOps) -> None:
+        super().__init__(_control(link), close_timeout=link.config.close_timeout)
+        self._link = link
+        self._memory = memory
+        self._ops = ops
+        self._op_timeout = link.config.op_timeout
+        self._mode = _IN_PROCESS if _in_process(link) else _CROSS_PROCESS
+
+    @classmethod
+    def open(cls, link: Link, *, memory: IpcMemory, ops: DeviceOps) -> CudaIpcSendChannel:
+        """The channel, at once; the hello exchange runs in the background."""
+        channel = cls(link, memory=memory, ops=ops)
+        channel.start()
+        return channel
+
+    async def _setup(self) -> None:
+        what = f"{self._link.describe}: CUDA IPC set-up"
+        async with deadline(self._link.config.connect_timeout, lambda: what):
+            await self._control.send_hello(HelloKind.CUDA_IPC, self._mode)
+            await self._control.recv_hello(HelloKind.CUDA_IPC)
+
+    def _on_submit(self, message: Message) -> Any:
+        tensor = message.tensor
+        if tensor is None or message.header.nbytes == 0:
+            return None
+        tensor = dense(tensor)
+        if tensor.device != self._ops.device:
+            return tensor, None  # staged later; staging orders itself after the producer
+        return tensor, fence(self._ops)
+
+    async def _start(self, message: Message, token: Any) -> _Shared | None:
+        header = message.header.encode()
+        if token is None:
+            await self._control.send(header)
+            return None
+        tensor, ready = token
+        if tensor.device != self._ops.device:
+            tensor = await to_device(tensor, self._ops.device, timeout=self._op_timeout)
+        elif ready is not None:
+            what = f"{self._link.describe}: producer of seq {message.header.seq}"
+            await wait_event(ready, timeout=self._op_timeout, what=what)
+        base, size, handle = self._memory.export(tensor)
+        descriptor = DESCRIPTOR.pack(base, size, tensor.data_ptr() - base, handle)
+        await self._control.send(header + descriptor)
+        return _Shared(tensor)
+
+    async def _finish(self, message: Message, state: _Shared | None) -> None:
+        if state is None:
+            return
+        data = await self._control.recv_exact(ACK.size)
+        magic, seq = ACK.unpack(data)
+        if magic != ACK_MAGIC or seq != message.header.seq:
+            raise ProtocolError(
+                f"{self._link.describe}: expected the acknowledgement of seq "
+                f"{message.header.seq}, got {magic!r} seq {seq}"
+            )
+
+    async def _after_close_frame(self) -> None:
+        return None  # every copy was acknowledged before the CLOSE went out
+
+    async def _release(self) -> None:
+        return None  # nothing on the device; held tensors go with the failed messages
+
+
+@dataclass
+class _Copying:
+    key: int  # the sender's allocation base (the mapping's reference)
+    source: torch.Tensor | None  # view of the mapped memory, dropped before unmapping
+    event: Any
+
+
+class CudaIpcRecvChannel(OrderedReceiver, RecvChannel):
+    """Maps each descriptor, copies on its own stream, unmaps, acknowledges."""
+
+    def __init__(self, link: Link, *, memory: IpcMemory, ops: DeviceOps) -> None:
+        super().__init__(
+            _control(link),
+            device=ops.device,
+            window_bytes=link.config.buffer_bytes,
+            max_frame_bytes=link.config.max_frame_bytes,
+        )
+        self._link = link
+        self._ops = ops
+        self._mappings = Mappings(memory)
+        self._stream = ops.new_stream()
+        self._op_timeout = link.config.op_timeout
+        self._close_timeout = link.config.close_timeout
+        self._mode = _IN_PROCESS if _in_process(link) else _CROSS_PROCESS
+
+    @classmethod
+    def open(cls, link: Link, *, memory: IpcMemory, ops: DeviceOps) -> CudaIpcRecvChannel:
+        """The channel, at once; the hello exchange runs in the background."""
+        channel = cls(link, memory=memory, ops=ops)
+        channel.start()
+        return channel
+
+    @property
+    def mappings(self) -> Mappings:
+        return self._mappings
+
+    async def _setup(self) -> None:
+        what = f"{self._link.describe}: CUDA IPC set-up"
+        async with deadline(self._link.config.connect_timeout, lambda: what):
+            mode = await self._control.recv_hello(HelloKind.CUDA_IPC)
+            if mode != self._mode:
+                raise ProtocolError(
+                    f"{self._link.describe}: the peer thinks it is "
+                    f"{'in' if mode == _IN_PROCESS else 'out of'} this process, and it is not"
+                )
+            await self._control.send_hello(HelloKind.CUDA_IPC)
+
+    async def _begin(self, header: FrameHeader) -> Received:
+        # The sender's idea of the allocation size is not trusted: Mappings
+        # checks the offset against the size of what was actually mapped.
+        base, _size, offset, handle = DESCRIPTOR.unpack(
+            await self._control.recv_exact(DESCRIPTOR.size)
+        )
+        address = self._mappings.acquire(base, handle, offset, header.nbytes)
+        try:
+            source = view_of(address, header.nbytes, self._ops.device)
+            tensor, raw = empty_frame(header, self._ops.device)  # on the consumer's stream
+            after(self._stream, fence(self._ops))
+            self._ops.copy(self._stream, raw, source)
+            self._ops.record_stream(raw, self._stream)
+            event = self._stream.record_event()
+        except BaseException:
+            self._mappings.release(base)
+            raise
+        return Received(tensor, header.nbytes, _Copying(base, source, event), header.seq)
+
+    async def _finish_item(self, item: Received) -> None:
+        copying: _Copying = item.state
+        what = f"{self._link.describe}: IPC copy of {item.nbytes} bytes (seq {item.seq})"
+        await wait_event(copying.event, timeout=self._op_timeout, what=what)
+        copying.source = None  # no view outlives the mapping
+        self._mappings.release(copying.key)
+        await self._control.send(ACK.pack(ACK_MAGIC, item.seq))
+
+    async def _on_close_frame(self, close: FrameHeader) -> None:
+        return None  # every copy was acknowledged as it landed
+
+    async def _release(self, pending: list[Received]) -> None:
+        """Unmap, but never under a copy still reading: wait for those first."""
+        try:
+            async with deadline(self._close_timeout, lambda: "copies in flight at close"):
+                for item in pending:
+                    await wait_event(item.state.event, what="an IPC copy in flight at close")
+        except Exception:
+            return  # a stuck copy: leaving the mappings open beats unmapping under it
+        self._mappings.close_all()
+
+
+def _runtime(link: Link) -> tuple[IpcMemory, DeviceOps]:
+    what = f"{link.describe}: transport 'cuda_ipc'"
+    device = require_cuda(what, link.config.device)
+    if _in_process(link):
+        return InProcessMemory(), TorchCudaOps(device)
+    return CudaIpcMemory(device, cupy_or_raise(what)), TorchCudaOps(device)
+
+
+async def _refuse_and_close(link: Link, reason: CudaUnavailableError) -> None:
+    control = _control(link)
+    try:
+        await control.refuse(HelloKind.CUDA_IPC, str(reason), timeout=link.config.connect_timeout)
+    finally:
+        control.close()
+
+
+class CudaIpcTransport(Transport):
+    """GPU tensors between processes (or ranks) on one host, without NCCL."""
+
+    name = "cuda_ipc"
+
+    @classmethod
+    async def open_sender(cls, link: Link) -> SendChannel:
+        try:
+            memory, ops = _runtime(link)
+        except CudaUnavailableError as exc:
+            await _refuse_and_close(link, exc)
+            raise
+        return CudaIpcSendChannel.open(link, memory=memory, ops=ops)
+
+    @classmethod
+    async def open_receiver(cls, link: Link) -> RecvChannel:
+        try:
+            memory, ops = _runtime(link)
+        except CudaUnavailableError as exc:
+            await _refuse_and_close(link, exc)
+            raise
+        return CudaIpcRecvChannel.open(link, memory=memory, ops=ops)
+
+
+__all__ = [
+    "CudaIpcMemory",
+    "CudaIpcRecvChannel",
+    "CudaIpcSendChannel",
+    "CudaIpcTransport",
+    "InProcessMemory",
+    "IpcMemory",
+    "Mappings",
+]
