@@ -61,6 +61,7 @@ class Backoff:
         return self._sleep
 
     async def wait(self) -> None:
+        """Yield or sleep for the next step of the policy (cancellable)."""
         await asyncio.sleep(self.next_delay())
 
 

@@ -29,7 +29,15 @@ from .semaphore import ByteSemaphore
 from .tensors import check_sendable, dense, header_for
 from .transport import OutgoingMessage, RecvChannel, SendChannel, choose_transport, load_transport
 
-_DEFAULT: Any = object()
+
+class _FromConfig:
+    """Default for ``timeout=``: use the config's ``op_timeout``."""
+
+    def __repr__(self) -> str:
+        return "config.op_timeout"
+
+
+_DEFAULT: Any = _FromConfig()
 
 
 class Transfer:
@@ -47,6 +55,7 @@ class Transfer:
         self.nbytes = nbytes
 
     def done(self) -> bool:
+        """True once the bytes left (or the transfer failed)."""
         return self._future.done()
 
     def __await__(self) -> Generator[Any, None, None]:
@@ -115,10 +124,12 @@ class Pipe:
     # -- properties ------------------------------------------------------------
     @property
     def rank(self) -> int:
+        """This end's rank (``config.rank``)."""
         return self.config.rank
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`aclose` started; every later call raises PipeClosedError."""
         return self._closed
 
     @property

@@ -34,20 +34,28 @@ class ByteSemaphore:
 
     @property
     def capacity(self) -> int:
+        """The window size in bytes."""
         return self._capacity
 
     @property
     def held(self) -> int:
+        """Bytes currently acquired (may exceed capacity by one oversize grant)."""
         return self._held
 
     @property
     def available(self) -> int:
+        """Bytes that could be acquired right now without waiting (if nobody queues)."""
         return max(self._capacity - self._held, 0)
 
     def _fits(self, n: int) -> bool:
         return self._held == 0 or self._held + n <= self._capacity
 
     async def acquire(self, n: int) -> None:
+        """Wait (FIFO, without polling) until ``n`` bytes fit, then take them.
+
+        Cancellation leaves nothing taken. Raises the error given to
+        :meth:`close` once the semaphore is closed.
+        """
         if n < 0:
             raise ValueError(f"cannot acquire a negative byte count ({n})")
         if self._error is not None:
@@ -73,12 +81,14 @@ class ByteSemaphore:
             raise
 
     def try_acquire(self, n: int) -> bool:
+        """Take ``n`` bytes if that needs no waiting (and nobody queues); else False."""
         if self._error is None and not self._waiters and self._fits(n):
             self._held += n
             return True
         return False
 
     def release(self, n: int) -> None:
+        """Give back ``n`` bytes and wake the waiters at the head that now fit."""
         if n < 0 or n > self._held:
             raise ValueError(f"release({n}) with only {self._held} bytes held")
         self._held -= n
@@ -106,6 +116,7 @@ class ByteSemaphore:
 
     @asynccontextmanager
     async def hold(self, n: int) -> AsyncIterator[None]:
+        """``async with sem.hold(n):`` acquire for the body, release after."""
         await self.acquire(n)
         try:
             yield

@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == wanted and name != "all":  # import only the suite asked for
             import_module(f"aiokvpipe.bench.{name}").add_arguments(p)
     args = parser.parse_args(argv)
+    if args.plot:
+        from .plot import check_available
+
+        check_available()  # fail now, not after a long run
     chosen = SUITES if args.suite == "all" else (args.suite,)
     results: list[Result] = []
     for name in chosen:
