@@ -139,7 +139,19 @@ def tensor_header(seq: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Frame
             f"tensor has {len(shape)} dims; at most {MAX_DIMS} are supported"
         )
     nbytes = math.prod(shape) * _ITEMSIZE[code]
+    if nbytes == 0 and _extent_overflows(shape):
+        raise UnsupportedTensorError(f"empty tensor of shape {tuple(shape)} has absurd dimensions")
     return FrameHeader(FrameKind.TENSOR, seq, dtype, tuple(shape), nbytes)
+
+
+def _extent_overflows(shape: tuple[int, ...]) -> bool:
+    """True if strides/storage for ``shape`` cannot be computed in int64.
+
+    Only empty tensors can get here with huge dims (a zero dim makes the
+    byte count 0), e.g. ``(0, 2**62, 2)``: torch cannot create them, so such
+    a header is refused rather than failing the receiver's allocation.
+    """
+    return math.prod(max(d, 1) for d in shape) >= 1 << 63
 
 
 def decode_header(
@@ -178,6 +190,8 @@ def decode_header(
     if nbytes > max_frame_bytes:
         raise FrameTooLargeError(nbytes, max_frame_bytes, "received")
     expected = math.prod(shape) * _ITEMSIZE[code]
+    if expected == 0 and _extent_overflows(shape):
+        raise MalformedFrameError(f"shape {shape} has no valid strides")
     if nbytes != expected:
         raise MalformedFrameError(
             f"nbytes {nbytes} does not match shape {shape} of {dtype} ({expected} bytes)"
