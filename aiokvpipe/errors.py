@@ -23,10 +23,12 @@ __all__ = [
     "CudaUnavailableError",
     "FrameTooLargeError",
     "HandleError",
+    "KVBufferError",
     "MalformedFrameError",
     "PeerClosedError",
     "PipeClosedError",
     "ProtocolError",
+    "RingUsageError",
     "SequenceError",
     "SlowReaderError",
     "TransferTimeout",
@@ -79,9 +81,7 @@ class FrameTooLargeError(ProtocolError):
         self.nbytes = nbytes
         self.limit = limit
         prefix = f"{where}: " if where else ""
-        super().__init__(
-            f"{prefix}frame of {nbytes} payload bytes exceeds max_frame_bytes={limit}"
-        )
+        super().__init__(f"{prefix}frame of {nbytes} payload bytes exceeds max_frame_bytes={limit}")
 
 
 class UnsupportedTensorError(ProtocolError, TypeError):
@@ -122,3 +122,18 @@ class CudaUnavailableError(AiokvpipeError, RuntimeError):
 
 class CudaTransferError(AiokvpipeError, RuntimeError):
     """CUDA or NCCL reported an error while moving a tensor."""
+
+
+class RingUsageError(AiokvpipeError, RuntimeError):
+    """A ring endpoint was used against its role (a reader writing, a writer
+    reading) or by two tasks at once; both are programming errors."""
+
+
+class KVBufferError(AiokvpipeError, ValueError):
+    """A KVLookupBuffer call got an argument it cannot use (wrong type, shape,
+    dtype or device); ``argument`` names the offending parameter so a caller
+    can tell ``roi`` from ``value`` without parsing the message."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        self.argument = argument
+        super().__init__(f"{argument}: {message}")

@@ -1,0 +1,177 @@
+"""Doorbell: a wake-up fd, so a parked ring peer costs no CPU.
+
+Each peer of a ring (the writer, each reader) owns one unix datagram socket
+bound to an address derived from the ring name and its role. A parked peer
+waits until the socket is readable (``loop.add_reader``, or ``poll`` on the
+blocking path); the other side rings it by sending one byte.
+
+* Linux: abstract-namespace addresses, so nothing appears in the filesystem
+  and the kernel frees the name when the owner dies. Abstract sockets carry
+  no permissions: another local process could send spurious rings (harmless:
+  a woken peer always rechecks the shared flags) or squat a name before it is
+  bound (the bind then fails with a clear error, never silently).
+* Elsewhere: a socket file in a 0700 directory of the temp dir, unlinked on
+  close.
+
+A ring that fails (peer not bound yet or gone: ECONNREFUSED/ENOENT; queue
+full: EAGAIN, meaning a ring is already pending) is ignored. The receiver
+drains every queued byte on wake, so bursts never fill the socket buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import socket
+import sys
+import tempfile
+
+from ..errors import HandleError
+
+__all__ = ["Doorbell", "doorbell_address"]
+
+_ABSTRACT = sys.platform == "linux"
+_DRAIN_BYTES = 4096
+
+
+def _socket_dir() -> str:
+    path = os.path.join(tempfile.gettempdir(), f"aiokvpipe-{os.getuid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def doorbell_address(ring_name: str, role: str, abstract: bool = _ABSTRACT) -> str | bytes:
+    """The address of ``role``'s doorbell ("w", or "r<rank>") on ring ``ring_name``."""
+    bare = ring_name.lstrip("/")
+    if abstract:
+        return f"\0{bare}.{role}".encode()
+    return os.path.join(_socket_dir(), f"{bare}.{role}")
+
+
+def _done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class Doorbell:
+    """One peer's doorbell: bound on creation, rings others, waits on itself."""
+
+    def __init__(self, address: str | bytes) -> None:
+        self.address = address
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self._sock.setblocking(False)
+            self._sock.bind(address)
+        except OSError as exc:
+            self._sock.close()
+            shown = address[1:].decode() if isinstance(address, bytes) else address
+            raise HandleError(
+                f"cannot bind doorbell {shown!r}: {exc.strerror or exc} "
+                "(is this role already attached to the ring?)"
+            ) from exc
+        self._fd = self._sock.fileno()
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watched: list[int] = []
+        self._fut: asyncio.Future[None] | None = None
+
+    @property
+    def fileno(self) -> int:
+        return self._fd
+
+    def ring(self, address: str | bytes) -> None:
+        """Wake the peer at ``address`` (never blocks, never raises for a gone peer)."""
+        try:
+            self._sock.sendto(b"\1", address)
+        except (BlockingIOError, ConnectionRefusedError, FileNotFoundError):
+            pass  # already rung, or nobody parked there any more
+        except OSError:
+            if not self._closed:
+                raise
+
+    def drain(self) -> None:
+        """Discard queued rings: before announcing "parked", or once woken."""
+        recv = self._sock.recv
+        try:
+            while recv(_DRAIN_BYTES):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            if not self._closed:
+                raise
+
+    def _wake(self) -> None:
+        fut = self._fut
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _on_ring(self) -> None:
+        self.drain()
+        self._wake()
+
+    def _on_extra(self, fd: int) -> None:
+        # A pidfd stays readable once its process exited: stop watching it.
+        if self._loop is not None and fd in self._watched:
+            self._loop.remove_reader(fd)
+            self._watched.remove(fd)
+        self._wake()
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, extra_fd: int | None) -> None:
+        # Registrations persist between waits: a park then costs no epoll_ctl.
+        if self._loop is not loop:
+            self._unwatch()
+            loop.add_reader(self._fd, self._on_ring)
+            self._loop, self._watched = loop, [self._fd]
+        if extra_fd is not None and extra_fd not in self._watched:
+            loop.add_reader(extra_fd, self._on_extra, extra_fd)
+            self._watched.append(extra_fd)
+
+    def _unwatch(self) -> None:
+        loop, watched = self._loop, self._watched
+        self._loop, self._watched = None, []
+        if loop is not None and not loop.is_closed():
+            for fd in watched:
+                loop.remove_reader(fd)
+
+    async def wait(self, timeout: float, extra_fd: int | None = None) -> None:
+        """Return when rung, when ``extra_fd`` is readable, at ``timeout``, or on close."""
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        self._watch(loop, extra_fd)
+        fut: asyncio.Future[None] = loop.create_future()
+        self._fut = fut
+        timer = loop.call_later(timeout, _done, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._fut = None
+
+    def wait_blocking(self, timeout: float, extra_fd: int | None = None) -> None:
+        """The same wait for non-async callers (blocks the calling thread)."""
+        if self._closed:
+            return
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        if extra_fd is not None:
+            poller.register(extra_fd, select.POLLIN)
+        with contextlib.suppress(InterruptedError):
+            events = poller.poll(max(0, int(timeout * 1000 + 0.999)))
+            if any(fd == self._fd for fd, _ in events):
+                self.drain()
+
+    def close(self) -> None:
+        """Wake a current waiter, stop watching, close the socket. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._unwatch()
+        self._wake()
+        self._sock.close()
+        if isinstance(self.address, str):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.address)

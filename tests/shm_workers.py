@@ -1,0 +1,171 @@
+"""Entry points for the ring tests' child processes (spawn start method).
+
+Kept in a plain module (not a test file) so spawned children import it
+cheaply and without collecting tests. Children report over a Connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing as mp
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from multiprocessing.connection import Connection
+from typing import Any
+
+from aiokvpipe.shm import ShmRingBuffer, ShmRingBufferIO, ShmRingHandle
+
+
+def start_resource_tracker() -> None:
+    """Spawning starts multiprocessing's resource tracker once per session, and
+    it keeps a pipe open; start it before a test's fd snapshot, not during it."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+
+
+def run_loop(loop_name: str, coro: Coroutine[Any, Any, Any]) -> Any:
+    loop: asyncio.AbstractEventLoop
+    if loop_name == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+def writer_send(
+    handle: ShmRingHandle, loop_name: str, messages: list[Any], conn: Connection
+) -> None:
+    """Attach as the writer, wait for "go", send ``messages``, close cleanly."""
+    io = ShmRingBufferIO.attach(handle, -1)
+    try:
+        conn.send("attached")
+        conn.recv()
+
+        async def body() -> None:
+            for m in messages:
+                await io.enqueue(m, timeout=20)
+
+        run_loop(loop_name, body())
+        conn.send("sent")
+    finally:
+        io.close()
+        conn.close()
+
+
+def writer_send_then_hang(handle: ShmRingHandle, messages: list[Any], conn: Connection) -> None:
+    """Send ``messages`` and then wait to be killed (a writer that crashes)."""
+    io = ShmRingBufferIO.attach(handle, -1)
+    for m in messages:
+        io.enqueue_sync(m, timeout=20)
+    conn.send("sent")
+    time.sleep(60)
+
+
+def create_and_hang(conn: Connection) -> None:
+    """Create a ring plus its writer, publish one message, wait to be killed."""
+    ring = ShmRingBuffer(1, 256, 4)
+    io = ShmRingBufferIO(ring, -1)
+    io.enqueue_sync(b"before the crash")
+    conn.send(io.export_handle())
+    time.sleep(60)
+
+
+def create_and_exit(conn: Connection) -> None:
+    """Create a ring, hand out its name, exit without closing anything."""
+    ring = ShmRingBuffer(1, 256, 4)
+    conn.send(ring.name)
+    conn.recv()  # parent saw the segment; now exit normally
+    conn.close()
+
+
+def attach_and_exit(handle: ShmRingHandle, rank: int, conn: Connection) -> None:
+    """Attach a reader and exit without closing: must not unlink the segment."""
+    io = ShmRingBufferIO.attach(handle, rank)
+    conn.send(io.dequeue_sync(timeout=20))
+    conn.close()
+
+
+def reader_collect(
+    handle: ShmRingHandle, rank: int, loop_name: str, count: int, conn: Connection
+) -> None:
+    """Attach reader ``rank``, dequeue ``count`` messages, send them back."""
+    io = ShmRingBufferIO.attach(handle, rank)
+    try:
+        conn.send("attached")
+
+        async def body() -> list[Any]:
+            return [await io.dequeue(timeout=20) for _ in range(count)]
+
+        conn.send(run_loop(loop_name, body()))
+    finally:
+        io.close()
+        conn.close()
+
+
+def reader_stall(handle: ShmRingHandle, rank: int, conn: Connection) -> None:
+    """Attach reader ``rank`` and never read (until told to exit)."""
+    io = ShmRingBufferIO.attach(handle, rank)
+    try:
+        conn.send("attached")
+        conn.recv()
+    finally:
+        io.close()
+        conn.close()
+
+
+def process_group_rank(
+    rank: int, world: int, init_file: str, loop_name: str, conn: Connection
+) -> None:
+    """One rank of a gloo group: build a ring with create_from_process_group."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+
+        async def body() -> list[Any]:
+            io = await ShmRingBufferIO.create_from_process_group(
+                dist.group.WORLD, 1024, 4, writer_rank=1
+            )
+            got = []
+            async with io:
+                for obj in ({"step": 1}, torch.arange(600, dtype=torch.float32), b"end"):
+                    got.append(await io.broadcast_object(obj if io.is_writer else None, timeout=20))
+                # Everyone finishes reading before the writer unlinks the segment.
+                if io.is_writer:
+                    got.append(io.buffer.name)
+            return got
+
+        got = run_loop(loop_name, body())
+        dist.barrier()
+        conn.send([g.tolist() if isinstance(g, torch.Tensor) else g for g in got])
+    finally:
+        dist.destroy_process_group()
+        conn.close()
+
+
+@contextlib.contextmanager
+def child(target: Callable[..., None], *args: Any) -> Iterator[tuple[Any, Connection]]:
+    """Run ``target(*args, conn)`` in a spawned process; always reap it and its fds."""
+    ctx = mp.get_context("spawn")
+    mine, theirs = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(*args, theirs), daemon=True)
+    try:
+        proc.start()
+        theirs.close()
+        yield proc, mine
+    finally:
+        theirs.close()
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+        mine.close()
+        proc.close()

@@ -1,0 +1,429 @@
+"""ShmRingBufferIO in one process: protocol, big objects, errors, cancellation.
+
+Writer and readers run as tasks on the test's loop (asyncio and uvloop);
+cross-process behaviour is in test_shm_processes.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from aiokvpipe.backoff import Backoff
+from aiokvpipe.errors import (
+    HandleError,
+    PipeClosedError,
+    RingUsageError,
+    SlowReaderError,
+    TransferTimeout,
+    WriterGoneError,
+)
+from aiokvpipe.shm import ShmRingBuffer, ShmRingBufferIO
+from aiokvpipe.shm.ring import READER_SLOTS_OFF, SLOT_BYTES, SLOT_PARKED, WRITER_PARKED_OFF
+
+# Only the doorbell may wake a parked call: a lost wake-up then shows as a hang.
+NO_SAFETY_NET = Backoff(spin_seconds=20e-6, initial_sleep=30.0, max_sleep=30.0)
+
+
+@contextlib.asynccontextmanager
+async def ring_of(
+    n_reader: int = 1, chunk: int = 256, chunks: int = 4, backoff: Backoff | None = None
+) -> AsyncIterator[tuple[ShmRingBufferIO, list[ShmRingBufferIO]]]:
+    ring = ShmRingBuffer(n_reader, chunk, chunks)
+    writer = ShmRingBufferIO(ring, -1, backoff=backoff, owns_buffer=True)
+    readers: list[ShmRingBufferIO] = []
+    try:
+        for r in range(n_reader):
+            rb = (
+                None
+                if backoff is None
+                else Backoff(backoff.spin_seconds, backoff.initial_sleep, backoff.max_sleep)
+            )
+            readers.append(ShmRingBufferIO.attach(writer.export_handle(), r, backoff=rb))
+        yield writer, readers
+    finally:
+        for endpoint in readers:
+            await endpoint.aclose()
+        await writer.aclose()
+
+
+def parked(io: ShmRingBufferIO) -> int:
+    if io.is_writer:
+        return io.buffer.header[WRITER_PARKED_OFF]
+    return io.buffer.header[READER_SLOTS_OFF + SLOT_BYTES * io.reader_rank + SLOT_PARKED]
+
+
+async def test_messages_arrive_in_order_at_every_reader() -> None:
+    async with ring_of(n_reader=3, chunks=4) as (writer, readers):
+        msgs: list[Any] = [b"x" * i for i in range(40)] + [None, {"k": [1, 2]}, np.arange(5)]
+
+        async def read_all(r: ShmRingBufferIO) -> list[Any]:
+            return [await r.dequeue(timeout=10) for _ in msgs]
+
+        tasks = [asyncio.create_task(read_all(r)) for r in readers]
+        for m in msgs:
+            await writer.enqueue(m, timeout=10)
+        for got in await asyncio.gather(*tasks):
+            assert got[:41] == msgs[:41] and got[41] == msgs[41]
+            np.testing.assert_array_equal(got[42], msgs[42])
+
+
+@pytest.mark.parametrize("size", [257, 256 * 3, 256 * 10 + 17])
+async def test_objects_larger_than_a_chunk_span_chunks(size: int) -> None:
+    # The ring is smaller than the message: writer and reader must interleave.
+    async with ring_of(n_reader=2, chunk=256, chunks=2) as (writer, readers):
+        payload = bytes(random.getrandbits(8) for _ in range(size))
+        arr = np.arange(size, dtype=np.float64)
+        reads = [asyncio.create_task(r.dequeue(timeout=10)) for r in readers]
+        await writer.enqueue(payload, timeout=10)
+        assert [await t for t in reads] == [payload, payload]
+        reads = [asyncio.create_task(r.dequeue(timeout=10)) for r in readers]
+        await writer.enqueue({"arr": arr, "tag": "big"}, timeout=10)
+        for t in reads:
+            out = await t
+            assert out["tag"] == "big" and out["arr"].ctypes.data % 64 == 0
+            np.testing.assert_array_equal(out["arr"], arr)
+
+
+async def test_large_tensor_spans_chunks() -> None:
+    import torch
+
+    async with ring_of(n_reader=1, chunk=1024, chunks=3) as (writer, (reader,)):
+        t = torch.randn(64, 33)
+        read = asyncio.create_task(reader.dequeue(timeout=10))
+        await writer.broadcast_object(t, timeout=10)
+        out = await read
+        assert isinstance(out, torch.Tensor) and torch.equal(out, t)
+
+
+async def test_raw_chunks_and_broadcast_object() -> None:
+    async with ring_of(n_reader=2) as (writer, readers):
+        async with writer.acquire_write(timeout=1) as buf:
+            assert len(buf) == 256
+            buf[:5] = b"hello"
+        for r in readers:
+            async with r.acquire_read(timeout=1) as buf:
+                assert len(buf) == 256 and bytes(buf[:5]) == b"hello"
+        assert await writer.broadcast_object({"a": 1}) == {"a": 1}
+        for r in readers:
+            assert await r.broadcast_object() == {"a": 1}
+
+
+async def test_buffers_are_released_after_the_block() -> None:
+    async with ring_of() as (writer, (reader,)):
+        async with writer.acquire_write() as wbuf:
+            wbuf[:1] = b"z"
+        with pytest.raises(ValueError, match="released"):
+            wbuf[0]
+        async with reader.acquire_read() as rbuf:
+            pass
+        with pytest.raises(ValueError, match="released"):
+            rbuf[0]
+
+
+async def test_failed_blocks_do_not_publish_or_consume() -> None:
+    async with ring_of(n_reader=1) as (writer, (reader,)):
+        with pytest.raises(RuntimeError, match="boom"):
+            async with writer.acquire_write() as buf:
+                buf[:3] = b"bad"
+                raise RuntimeError("boom")
+        with pytest.raises(TransferTimeout):
+            await reader.dequeue(timeout=0.02)  # nothing was published
+        await writer.enqueue(b"good")
+        with pytest.raises(RuntimeError, match="again"):
+            async with reader.acquire_read() as buf:
+                raise RuntimeError("again")
+        assert await reader.dequeue(timeout=1) == b"good", "a failed read hands the chunk out again"
+
+
+async def test_roles_and_concurrent_use_are_checked() -> None:
+    async with ring_of(n_reader=1) as (writer, (reader,)):
+        with pytest.raises(RingUsageError, match="cannot write"):
+            await reader.enqueue(b"x")
+        with pytest.raises(RingUsageError, match="cannot read"):
+            await writer.dequeue()
+        first = asyncio.create_task(reader.dequeue(timeout=5))
+        await asyncio.sleep(0.01)
+        with pytest.raises(RingUsageError, match="another task"):
+            await reader.dequeue(timeout=1)
+        await writer.enqueue(b"one")
+        assert await first == b"one"
+
+
+async def test_wrong_reader_ranks_are_refused() -> None:
+    async with ring_of(n_reader=2) as (writer, _readers):
+        handle = writer.export_handle()
+        for rank in (2, -2, 7):
+            with pytest.raises(HandleError, match=f"reader_rank {rank}"):
+                ShmRingBufferIO.attach(handle, rank)
+        with pytest.raises(HandleError, match="already attached"):
+            ShmRingBufferIO.attach(handle, 0)
+        with pytest.raises(HandleError, match="already has a writer"):
+            ShmRingBufferIO.attach(handle, -1)
+
+
+async def test_slow_reader_is_named_and_nothing_is_lost() -> None:
+    async with ring_of(n_reader=3, chunks=4) as (writer, readers):
+        fast = readers[0]
+        for i in range(4):
+            await writer.enqueue(b"%d" % i)
+            assert await fast.dequeue(timeout=1) == b"%d" % i
+        started = time.monotonic()
+        with pytest.raises(SlowReaderError) as info:
+            async with writer.acquire_write(timeout=0.1):
+                pass
+        assert 0.09 <= time.monotonic() - started < 2
+        assert info.value.lagging_readers == (1, 2)
+        assert "readers [1, 2]" in str(info.value) and "pid" in str(info.value)
+        assert parked(writer) == 0
+        # Everything written is still there, in order, for the slow readers.
+        assert [await readers[1].dequeue(timeout=1) for _ in range(4)] == [b"0", b"1", b"2", b"3"]
+        assert [await readers[2].dequeue(timeout=1) for _ in range(4)] == [b"0", b"1", b"2", b"3"]
+        await writer.enqueue(b"4", timeout=1)
+        assert [await r.dequeue(timeout=1) for r in readers] == [b"4"] * 3
+
+
+async def test_reader_timeout_is_a_transfer_timeout() -> None:
+    async with ring_of() as (_writer, (reader,)):
+        with pytest.raises(TransferTimeout) as info:
+            await reader.dequeue(timeout=0.05)
+        assert not isinstance(info.value, WriterGoneError)
+        assert parked(reader) == 0
+
+
+async def test_no_lost_wakeups_without_the_safety_recheck() -> None:
+    # Parked calls wait 30 s unless rung; every message must still arrive at once.
+    async with ring_of(n_reader=2, chunks=2, backoff=NO_SAFETY_NET) as (writer, readers):
+        rng = random.Random(7)
+        count = 150
+
+        async def consume(r: ShmRingBufferIO) -> list[bytes]:
+            out = []
+            for _ in range(count):
+                out.append(await r.dequeue(timeout=5))
+                if rng.random() < 0.3:
+                    await asyncio.sleep(rng.random() * 2e-4)
+            return out
+
+        tasks = [asyncio.create_task(consume(r)) for r in readers]
+        for i in range(count):
+            await writer.enqueue(i.to_bytes(2, "little"), timeout=5)
+            if rng.random() < 0.3:
+                await asyncio.sleep(rng.random() * 2e-4)
+        expected = [i.to_bytes(2, "little") for i in range(count)]
+        assert await asyncio.gather(*tasks) == [expected, expected]
+
+
+async def test_cancel_parked_read_then_read_again() -> None:
+    async with ring_of(backoff=NO_SAFETY_NET) as (writer, (reader,)):
+        task = asyncio.create_task(reader.dequeue())
+        await asyncio.sleep(0.02)
+        assert parked(reader) == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert parked(reader) == 0
+        await writer.enqueue(b"after")
+        assert await reader.dequeue(timeout=1) == b"after"
+        # Same for the context-manager form.
+        task = asyncio.create_task(reader.acquire_read().__aenter__())
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await writer.enqueue(b"again")
+        async with reader.acquire_read(timeout=1) as buf:
+            assert bytes(buf) == b"again"
+
+
+async def test_cancel_parked_write_then_write_again() -> None:
+    async with ring_of(chunks=2, backoff=NO_SAFETY_NET) as (writer, (reader,)):
+        await writer.enqueue(b"a")
+        await writer.enqueue(b"b")
+        task = asyncio.create_task(writer.enqueue(b"c"))
+        await asyncio.sleep(0.02)
+        assert parked(writer) == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert parked(writer) == 0
+        assert await reader.dequeue(timeout=1) == b"a"
+        await writer.enqueue(b"d", timeout=1)
+        assert [await reader.dequeue(timeout=1) for _ in range(2)] == [b"b", b"d"]
+
+
+async def test_cancelled_dequeue_mid_message_resumes() -> None:
+    async with ring_of(chunk=64, chunks=1) as (writer, (reader,)):
+        payload = bytes(range(200))  # 4 chunks through a 1-chunk ring
+        send = asyncio.create_task(writer.enqueue(payload, timeout=5))
+        got = None
+        for _ in range(50):  # cancel at many different points; the message survives
+            try:
+                got = await asyncio.wait_for(reader.dequeue(), 0.0005)
+                break
+            except asyncio.TimeoutError:
+                pass
+        if got is None:
+            got = await reader.dequeue(timeout=5)
+        await send
+        assert got == payload
+
+
+async def test_tiny_deadlines_never_lose_or_reorder() -> None:
+    async with ring_of(chunk=64, chunks=2) as (writer, (reader,)):
+        msgs = [bytes([i]) * (i % 150 + 1) for i in range(60)]
+
+        async def produce() -> None:
+            for m in msgs:
+                await writer.enqueue(m, timeout=5)
+
+        producer = asyncio.create_task(produce())
+        got: list[bytes] = []
+        while len(got) < len(msgs):
+            with contextlib.suppress(asyncio.TimeoutError):
+                got.append(await asyncio.wait_for(reader.dequeue(), 0.0002))
+        await producer
+        assert got == msgs
+
+
+async def test_abandoned_multi_chunk_message_is_skipped() -> None:
+    async with ring_of(chunk=64, chunks=2) as (writer, (reader,)):
+        send = asyncio.create_task(writer.enqueue(bytes(500), timeout=5))  # needs 8 chunks
+        await asyncio.sleep(0.01)
+        send.cancel()  # the writer gives up after 2 fragments
+        with pytest.raises(asyncio.CancelledError):
+            await send
+        following = asyncio.create_task(writer.enqueue(b"next", timeout=5))
+        assert await reader.dequeue(timeout=5) == b"next"
+        await following
+
+
+async def test_writer_close_wakes_readers_after_the_backlog() -> None:
+    async with ring_of(n_reader=2, backoff=NO_SAFETY_NET) as (writer, readers):
+        await writer.enqueue(b"last words")
+        waiting = asyncio.create_task(readers[1].dequeue(timeout=10))
+        assert await waiting == b"last words"
+        parked_read = asyncio.create_task(readers[1].dequeue(timeout=10))
+        await asyncio.sleep(0.02)
+        started = time.monotonic()
+        writer.close()
+        with pytest.raises(WriterGoneError, match="closed"):
+            await parked_read
+        assert time.monotonic() - started < 1.0
+        assert await readers[0].dequeue(timeout=1) == b"last words"
+        with pytest.raises(WriterGoneError):
+            await readers[0].dequeue(timeout=1)
+
+
+async def test_close_fails_a_parked_call_and_later_calls() -> None:
+    async with ring_of(backoff=NO_SAFETY_NET) as (writer, (reader,)):
+        task = asyncio.create_task(reader.dequeue())
+        await asyncio.sleep(0.02)
+        await reader.aclose()
+        with pytest.raises(PipeClosedError):
+            await asyncio.wait_for(task, 2)
+        with pytest.raises(PipeClosedError):
+            await reader.dequeue()
+        await reader.aclose()  # idempotent
+        await writer.enqueue(b"readers may come and go")
+
+
+async def test_closing_the_ring_under_an_endpoint() -> None:
+    ring = ShmRingBuffer(1, 64, 2)
+    writer = ShmRingBufferIO(ring, -1)
+    ring.close()
+    with pytest.raises(PipeClosedError):
+        await writer.enqueue(b"x")
+    writer.close()
+
+
+def _exited_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+async def test_dead_writer_is_detected_without_pidfd(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiokvpipe.shm import io as io_module
+    from aiokvpipe.shm.liveness import ProcessIdentity
+    from aiokvpipe.shm.ring import IDENTITY, WRITER_ID_OFF
+
+    monkeypatch.setattr(io_module, "open_pidfd", lambda identity: None)
+    async with ring_of(backoff=Backoff(20e-6, 0.01, 0.02)) as (writer, (reader,)):
+        # Pretend the writer is a process that has since exited.
+        pid = _exited_pid()
+        ghost = ProcessIdentity(pid, 1, ProcessIdentity.current().namespace)
+        IDENTITY.pack_into(writer.buffer.header, WRITER_ID_OFF, *vars(ghost).values())
+        started = time.monotonic()
+        with pytest.raises(WriterGoneError, match=f"pid {pid}"):
+            await reader.dequeue(timeout=10)
+        assert time.monotonic() - started < 1.0
+
+
+def test_zombies_count_as_exited() -> None:
+    from aiokvpipe.shm.liveness import ProcessIdentity
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    ident = ProcessIdentity(proc.pid, 0, ProcessIdentity.current().namespace)
+    deadline = time.monotonic() + 10
+    while ident.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)  # exits, but stays a zombie: kill(pid, 0) still succeeds
+    assert not ident.is_alive()
+    proc.wait()
+    assert ProcessIdentity.current().is_alive()
+
+
+def test_blocking_api() -> None:
+    import threading
+
+    ring = ShmRingBuffer(1, 128, 2)
+    with (
+        ShmRingBufferIO(ring, -1, owns_buffer=True) as writer,
+        ShmRingBufferIO.attach(writer.export_handle(), 0) as reader,
+    ):
+        writer.enqueue_sync({"sync": True})
+        assert reader.dequeue_sync(timeout=1) == {"sync": True}
+        with pytest.raises(TransferTimeout):
+            reader.dequeue_sync(timeout=0.02)
+        # A blocked reader is woken by the doorbell from another thread.
+
+        def send_late() -> None:
+            time.sleep(0.05)
+            writer.enqueue_sync(b"late" * 100)
+
+        sender = threading.Thread(target=send_late)
+        sender.start()
+        assert reader.dequeue_sync(timeout=5) == b"late" * 100
+        sender.join()
+        assert writer.broadcast_object_sync(7) == 7 and reader.broadcast_object_sync() == 7
+
+
+def test_filesystem_doorbells(tmp_path: Any) -> None:
+    import os
+
+    from aiokvpipe.shm.doorbell import Doorbell, doorbell_address
+
+    addr = doorbell_address("aiokv_fs_test", "w", abstract=False)
+    assert isinstance(addr, str)
+    bell, other = Doorbell(addr), Doorbell(doorbell_address("aiokv_fs_test", "r0", abstract=False))
+    try:
+        with pytest.raises(HandleError, match="already attached"):
+            Doorbell(addr)
+        other.ring(addr)
+        started = time.monotonic()
+        bell.wait_blocking(5.0)
+        assert time.monotonic() - started < 1.0
+        other.ring(doorbell_address("aiokv_nobody", "w", abstract=False))  # ignored
+    finally:
+        bell.close()
+        other.close()
+    assert not os.path.exists(addr)
