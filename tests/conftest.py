@@ -92,7 +92,9 @@ async def loop_checks() -> Any:
     before = asyncio.all_tasks() - {current}
     yield
     for _ in range(20):
-        leftover = {t for t in asyncio.all_tasks() - before if not t.done()} - {asyncio.current_task()}
+        leftover = {t for t in asyncio.all_tasks() - before if not t.done()} - {
+            asyncio.current_task()
+        }
         if not leftover:
             break
         await asyncio.sleep(0.01)
