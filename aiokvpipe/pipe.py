@@ -255,10 +255,15 @@ class Pipe:
             await asyncio.shield(self._closing)
             return
         self._closing = asyncio.get_running_loop().create_future()
-        graceful = True
+        # Cancelled while draining: close at once, don't spend close_timeout
+        # again on a goodbye the caller no longer waits for.
+        graceful = False
+        reported = self._error_reported
         try:
             with contextlib.suppress(Exception):
                 await self._drain(self.config.close_timeout)
+            # _drain's error was swallowed here, so no caller has seen it yet.
+            self._error_reported = reported
             graceful = not self._inflight and self._send_error is None
         finally:
             self._closed = True
