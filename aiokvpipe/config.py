@@ -151,6 +151,7 @@ def _check_seconds(value: Any, name: str, *, optional: bool) -> None:
 def _check_device(device: Any) -> None:
     if not isinstance(device, str):
         raise ConfigError("device", f"must be a string such as 'cpu' or 'cuda:0', got {device!r}")
-    kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+    kind, sep, index = device.partition(":")
+    digits = index.isascii() and index.isdigit()
+    if kind not in ("cpu", "cuda") or (sep and not digits) or (kind == "cpu" and sep):
         raise ConfigError("device", f"{device!r} is not 'cpu', 'cuda' or 'cuda:N'")
