@@ -294,9 +294,16 @@ class _RendezvousServer:
             await authenticate_acceptor(conn, self.cfg.token_bytes, what)
             msg = await recv_message(conn, what)
             info = _peer_from_message(msg, self.cfg.world_size, what)
-        except (ProtocolError, AuthenticationError, PeerClosedError, ConfigError):
+        except ConfigError as exc:
+            # An authenticated rank configured differently: tell it why.
+            await _reject(conn, str(exc).removeprefix(f"{exc.field}: "), exc.field)
+            return
+        except (ProtocolError, AuthenticationError, PeerClosedError):
             conn.close()  # a stranger or a broken peer: drop it, keep serving
             return
+        except BaseException:
+            conn.close()  # cancelled because the server closes: don't leak it
+            raise
         if info.rank in self.table:
             await _reject(conn, f"rank {info.rank} registered twice")
             return
@@ -325,10 +332,12 @@ class _RendezvousServer:
         self.sock.close()
 
 
-async def _reject(conn: socket.socket, reason: str) -> None:
-    with contextlib.suppress(PeerClosedError):
-        await send_message(conn, {"error": reason}, "rendezvous server")
-    conn.close()
+async def _reject(conn: socket.socket, reason: str, field: str = "rank") -> None:
+    try:
+        with contextlib.suppress(PeerClosedError):
+            await send_message(conn, {"error": reason, "field": field}, "rendezvous server")
+    finally:
+        conn.close()
 
 
 def _peer_from_message(msg: dict[str, Any], world_size: int, what: str) -> PeerInfo:
@@ -396,7 +405,7 @@ async def rendezvous(cfg: PipeConfig) -> tuple[Link, Link]:
             )
         reg.close()
         if "error" in answer:
-            raise ConfigError("rank", f"{what}: {answer['error']}")
+            raise ConfigError(str(answer.get("field", "rank")), f"{what}: {answer['error']}")
         peers = {
             p.rank: p
             for p in (_peer_from_message(m, cfg.world_size, what) for m in answer.get("peers", []))
