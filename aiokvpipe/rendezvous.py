@@ -478,24 +478,56 @@ async def _dial(cfg: PipeConfig, local: PeerInfo, peer: PeerInfo, until: float) 
 
 
 async def _accept_from(cfg: PipeConfig, listener: socket.socket, peer: PeerInfo) -> socket.socket:
-    """Accept until the expected predecessor proves itself; drop anyone else."""
+    """Accept until the expected predecessor proves itself; drop anyone else.
+
+    Each caller is vetted in its own task, so a stranger that connects and
+    then says nothing cannot keep the real predecessor waiting in the backlog.
+    """
     loop = asyncio.get_running_loop()
     what = f"rank {cfg.rank} <- rank {peer.rank}"
-    while True:
-        conn, _ = await loop.sock_accept(listener)
-        conn.setblocking(False)
-        tune_data_socket(conn)
+    won: asyncio.Future[socket.socket] = loop.create_future()
+    vetting: set[asyncio.Task[None]] = set()
+
+    async def vet(conn: socket.socket) -> None:
         try:
             await authenticate_acceptor(conn, cfg.token_bytes, what)
             hello = await recv_message(conn, what)
-            if hello.get("rank") != peer.rank or hello.get("pid") != peer.pid:
+            if hello.get("rank") != peer.rank or hello.get("pid") != peer.pid or won.done():
                 await send_message(conn, {"ok": False, "error": f"expected rank {peer.rank}"}, what)
                 conn.close()
-                continue
-            await send_message(conn, {"ok": True}, what)
-            return conn
+                return
+            won.set_result(conn)  # claimed synchronously: there is one winner
         except (ProtocolError, AuthenticationError, PeerClosedError):
             conn.close()
         except BaseException:
             conn.close()
             raise
+
+    async def accept_all() -> None:
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            conn.setblocking(False)
+            tune_data_socket(conn)
+            task = asyncio.ensure_future(vet(conn))
+            vetting.add(task)
+            task.add_done_callback(vetting.discard)
+
+    acceptor = asyncio.ensure_future(accept_all())
+    try:
+        try:
+            waits: set[asyncio.Future[Any]] = {won, acceptor}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if not won.done():
+                acceptor.result()  # accepting failed: raise why
+        finally:
+            acceptor.cancel()
+            for task in list(vetting):
+                task.cancel()
+            await asyncio.gather(acceptor, *vetting, return_exceptions=True)
+        conn = won.result()
+        await send_message(conn, {"ok": True}, what)
+        return conn
+    except BaseException:
+        if won.done() and not won.cancelled():
+            won.result().close()
+        raise
