@@ -32,8 +32,11 @@ import torch
 from .._timeouts import deadline
 from ..errors import PeerClosedError, PipeClosedError
 from ..semaphore import ByteSemaphore
+from ..tensors import dense
 from ..wire import FrameHeader, FrameKind
 from .control import ControlSocket
+from .staging import to_device
+from .streams import DeviceOps, fence
 
 S = TypeVar("S")
 
@@ -77,8 +80,17 @@ async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
 class OrderedSender(abc.ABC, Generic[S]):
     """Set up, then start each message in order and finish each in order."""
 
-    def __init__(self, control: ControlSocket, *, close_timeout: float) -> None:
+    def __init__(
+        self,
+        control: ControlSocket,
+        ops: DeviceOps,
+        *,
+        op_timeout: float | None,
+        close_timeout: float,
+    ) -> None:
         self._control = control
+        self._ops = ops
+        self._op_timeout = op_timeout
         self._close_timeout = close_timeout
         self._to_start: asyncio.Queue[tuple[Message, Any]] = asyncio.Queue()
         self._to_finish: asyncio.Queue[tuple[Message, S]] = asyncio.Queue()
@@ -98,12 +110,12 @@ class OrderedSender(abc.ABC, Generic[S]):
         """Meet the peer and get the device side ready (runs before any message)."""
 
     @abc.abstractmethod
-    def _on_submit(self, message: Message) -> Any:
-        """Synchronous work in the submitter's context (a producer fence); a token."""
-
-    @abc.abstractmethod
     async def _start(self, message: Message, token: Any) -> S:
-        """Put the message on its way (header written, device work queued)."""
+        """Put the message on its way (header written, device work queued).
+
+        ``token`` is None for frames without payload, else what
+        :meth:`on_device` turns into the tensor to send and its producer fence.
+        """
 
     @abc.abstractmethod
     async def _finish(self, message: Message, state: S) -> None:
@@ -167,6 +179,28 @@ class OrderedSender(abc.ABC, Generic[S]):
     def close_frame(self) -> FrameHeader:
         """The CLOSE frame that follows every submitted message."""
         return FrameHeader(FrameKind.CLOSE, self._next_seq)
+
+    def _on_submit(self, message: Message) -> Any:
+        """Runs in the submitter's context: capture the producer fence *now*.
+
+        The fence is recorded after :func:`dense`, so a copy that made the
+        tensor contiguous is covered too. A tensor on another device is
+        staged later, and staging orders itself after that device's producer.
+        """
+        tensor = message.tensor
+        if tensor is None or message.header.nbytes == 0:
+            return None
+        tensor = dense(tensor)
+        if tensor.device != self._ops.device:
+            return tensor, None
+        return tensor, fence(self._ops)
+
+    async def on_device(self, token: Any) -> tuple[torch.Tensor, Any]:
+        """``(tensor on this channel's device, producer fence or None)`` for a token."""
+        tensor, ready = token
+        if tensor.device != self._ops.device:
+            return await to_device(tensor, self._ops.device, timeout=self._op_timeout), None
+        return tensor, ready
 
     # -- machinery -------------------------------------------------------------
     async def _run_starter(self) -> None:

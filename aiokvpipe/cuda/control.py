@@ -127,6 +127,13 @@ class ControlSocket:
         except (PeerClosedError, TimeoutError):
             pass
 
+    async def refuse_and_close(self, kind: HelloKind, reason: str, *, timeout: float) -> None:
+        """A rank that cannot run the transport says why, then hangs up."""
+        try:
+            await self.refuse(kind, reason, timeout=timeout)
+        finally:
+            self.close()
+
     async def recv_hello(self, kind: HelloKind, *, timeout: float | None = None) -> bytes:
         """The peer's hello payload; CudaUnavailableError if the peer refused."""
         head = await self.recv_exact(_HELLO.size, timeout=timeout)

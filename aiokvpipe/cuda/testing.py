@@ -17,6 +17,10 @@ nothing more:
   tensors; :class:`FakeNccl` stands in for ``cupy.cuda.nccl``: communicators
   that really move bytes between CPU tensors by pointer, in NCCL's order,
   with knobs to hang them, fail them asynchronously, or reject the id type.
+
+Being test support, it also builds :class:`~aiokvpipe.transport.base.Link`
+pairs over a socketpair (:func:`link_pair`), so unlike the rest of
+``aiokvpipe.cuda`` it imports from the transport layer above it.
 """
 
 from __future__ import annotations

@@ -48,10 +48,8 @@ from ..cuda.channel import Message, OrderedReceiver, OrderedSender, Received, em
 from ..cuda.control import ControlSocket, HelloKind
 from ..cuda.events import wait_event
 from ..cuda.runtime import cuda_errors, cupy_or_raise, require_cuda
-from ..cuda.staging import to_device
 from ..cuda.streams import DeviceOps, TorchCudaOps, after, fence
 from ..errors import CudaTransferError, CudaUnavailableError, MalformedFrameError, ProtocolError
-from ..tensors import dense
 from ..wire import FrameHeader
 from .base import Link, RecvChannel, SendChannel, Transport
 
@@ -238,15 +236,18 @@ class _Shared:
     tensor: torch.Tensor  # held until the receiver acknowledges its copy
 
 
-class CudaIpcSendChannel(OrderedSender["_Shared | None"], SendChannel):
+class CudaIpcSendChannel(OrderedSender[_Shared | None], SendChannel):
     """Exports each tensor's memory and holds it until the receiver's copy landed."""
 
     def __init__(self, link: Link, *, memory: IpcMemory, ops: DeviceOps) -> None:
-        super().__init__(_control(link), close_timeout=link.config.close_timeout)
+        super().__init__(
+            _control(link),
+            ops,
+            op_timeout=link.config.op_timeout,
+            close_timeout=link.config.close_timeout,
+        )
         self._link = link
         self._memory = memory
-        self._ops = ops
-        self._op_timeout = link.config.op_timeout
         self._mode = _IN_PROCESS if _in_process(link) else _CROSS_PROCESS
 
     @classmethod
@@ -262,24 +263,13 @@ class CudaIpcSendChannel(OrderedSender["_Shared | None"], SendChannel):
             await self._control.send_hello(HelloKind.CUDA_IPC, self._mode)
             await self._control.recv_hello(HelloKind.CUDA_IPC)
 
-    def _on_submit(self, message: Message) -> Any:
-        tensor = message.tensor
-        if tensor is None or message.header.nbytes == 0:
-            return None
-        tensor = dense(tensor)
-        if tensor.device != self._ops.device:
-            return tensor, None  # staged later; staging orders itself after the producer
-        return tensor, fence(self._ops)
-
     async def _start(self, message: Message, token: Any) -> _Shared | None:
         header = message.header.encode()
         if token is None:
             await self._control.send(header)
             return None
-        tensor, ready = token
-        if tensor.device != self._ops.device:
-            tensor = await to_device(tensor, self._ops.device, timeout=self._op_timeout)
-        elif ready is not None:
+        tensor, ready = await self.on_device(token)
+        if ready is not None:
             what = f"{self._link.describe}: producer of seq {message.header.seq}"
             await wait_event(ready, timeout=self._op_timeout, what=what)
         base, size, handle = self._memory.export(tensor)
@@ -393,20 +383,18 @@ class CudaIpcRecvChannel(OrderedReceiver, RecvChannel):
         self._mappings.close_all()
 
 
-def _runtime(link: Link) -> tuple[IpcMemory, DeviceOps]:
+async def _runtime(link: Link) -> tuple[IpcMemory, DeviceOps]:
+    """IPC memory and the link's device, or tell the peer why not and raise."""
     what = f"{link.describe}: transport 'cuda_ipc'"
-    device = require_cuda(what, link.config.device)
-    if _in_process(link):
-        return InProcessMemory(), TorchCudaOps(device)
-    return CudaIpcMemory(device, cupy_or_raise(what)), TorchCudaOps(device)
-
-
-async def _refuse_and_close(link: Link, reason: CudaUnavailableError) -> None:
-    control = _control(link)
     try:
-        await control.refuse(HelloKind.CUDA_IPC, str(reason), timeout=link.config.connect_timeout)
-    finally:
-        control.close()
+        ops = TorchCudaOps(require_cuda(what, link.config.device))
+        if _in_process(link):
+            return InProcessMemory(), ops
+        return CudaIpcMemory(ops.device, cupy_or_raise(what)), ops
+    except CudaUnavailableError as exc:
+        timeout = link.config.connect_timeout
+        await _control(link).refuse_and_close(HelloKind.CUDA_IPC, str(exc), timeout=timeout)
+        raise
 
 
 class CudaIpcTransport(Transport):
@@ -416,20 +404,12 @@ class CudaIpcTransport(Transport):
 
     @classmethod
     async def open_sender(cls, link: Link) -> SendChannel:
-        try:
-            memory, ops = _runtime(link)
-        except CudaUnavailableError as exc:
-            await _refuse_and_close(link, exc)
-            raise
+        memory, ops = await _runtime(link)
         return CudaIpcSendChannel.open(link, memory=memory, ops=ops)
 
     @classmethod
     async def open_receiver(cls, link: Link) -> RecvChannel:
-        try:
-            memory, ops = _runtime(link)
-        except CudaUnavailableError as exc:
-            await _refuse_and_close(link, exc)
-            raise
+        memory, ops = await _runtime(link)
         return CudaIpcRecvChannel.open(link, memory=memory, ops=ops)
 
 

@@ -41,10 +41,8 @@ from ..cuda.channel import Message, OrderedReceiver, OrderedSender, Received, em
 from ..cuda.control import ControlSocket, HelloKind
 from ..cuda.events import wait_event
 from ..cuda.runtime import cuda_errors, nccl_or_raise, require_cuda
-from ..cuda.staging import to_device
 from ..cuda.streams import DeviceOps, TorchCudaOps, after, fence
 from ..errors import CudaTransferError, CudaUnavailableError, MalformedFrameError, ProtocolError
-from ..tensors import dense
 from ..wire import HEADER_SIZE, FrameHeader, FrameKind, decode_header
 from .base import Link, RecvChannel, SendChannel, Transport
 
@@ -261,16 +259,19 @@ class _Sending:
     event: Any
 
 
-class NcclSendChannel(OrderedSender["_Sending | None"], SendChannel):
+class NcclSendChannel(OrderedSender[_Sending | None], SendChannel):
     """Sender end: rank 0 of the link's communicator."""
 
     def __init__(self, link: Link, *, nccl: Any, ops: DeviceOps) -> None:
-        super().__init__(_control(link), close_timeout=link.config.close_timeout)
+        super().__init__(
+            _control(link),
+            ops,
+            op_timeout=link.config.op_timeout,
+            close_timeout=link.config.close_timeout,
+        )
         self._link = link
         self._nccl = nccl
-        self._ops = ops
         self._endpoint: NcclEndpoint | None = None
-        self._op_timeout = link.config.op_timeout
         self._close_echo: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @classmethod
@@ -293,23 +294,12 @@ class NcclSendChannel(OrderedSender["_Sending | None"], SendChannel):
             )
         self._tasks.append(asyncio.ensure_future(self._watch_peer()))
 
-    def _on_submit(self, message: Message) -> Any:
-        tensor = message.tensor
-        if tensor is None or message.header.nbytes == 0:
-            return None
-        tensor = dense(tensor)
-        if tensor.device != self._ops.device:
-            return tensor, None  # staged later; staging orders itself after the producer
-        return tensor, fence(self._ops)  # after dense(): a copy it made must be covered too
-
     async def _start(self, message: Message, token: Any) -> _Sending | None:
         if token is None:
             await self._control.send(message.header.encode())
             return None
         assert self._endpoint is not None
-        tensor, ready = token
-        if tensor.device != self._ops.device:
-            tensor = await to_device(tensor, self._ops.device, timeout=self._op_timeout)
+        tensor, ready = await self.on_device(token)
         await self._control.send(message.header.encode())
         stream = self._endpoint.stream
         after(stream, ready)
@@ -413,18 +403,16 @@ def _control(link: Link) -> ControlSocket:
     return ControlSocket(link.sock, describe=link.describe, op_timeout=link.config.op_timeout)
 
 
-async def _refuse_and_close(link: Link, reason: CudaUnavailableError) -> None:
-    control = _control(link)
-    try:
-        await control.refuse(HelloKind.NCCL, str(reason), timeout=link.config.connect_timeout)
-    finally:
-        control.close()
-
-
-def _runtime(link: Link) -> tuple[Any, DeviceOps]:
+async def _runtime(link: Link) -> tuple[Any, DeviceOps]:
+    """cupy's NCCL and the link's device, or tell the peer why not and raise."""
     what = f"{link.describe}: transport 'nccl'"
-    device = require_cuda(what, link.config.device)
-    return nccl_or_raise(what), TorchCudaOps(device)
+    try:
+        ops = TorchCudaOps(require_cuda(what, link.config.device))
+        return nccl_or_raise(what), ops
+    except CudaUnavailableError as exc:
+        timeout = link.config.connect_timeout
+        await _control(link).refuse_and_close(HelloKind.NCCL, str(exc), timeout=timeout)
+        raise
 
 
 class NcclTransport(Transport):
@@ -434,18 +422,10 @@ class NcclTransport(Transport):
 
     @classmethod
     async def open_sender(cls, link: Link) -> SendChannel:
-        try:
-            nccl, ops = _runtime(link)
-        except CudaUnavailableError as exc:
-            await _refuse_and_close(link, exc)
-            raise
+        nccl, ops = await _runtime(link)
         return NcclSendChannel.open(link, nccl=nccl, ops=ops)
 
     @classmethod
     async def open_receiver(cls, link: Link) -> RecvChannel:
-        try:
-            nccl, ops = _runtime(link)
-        except CudaUnavailableError as exc:
-            await _refuse_and_close(link, exc)
-            raise
+        nccl, ops = await _runtime(link)
         return NcclRecvChannel.open(link, nccl=nccl, ops=ops)

@@ -1,0 +1,75 @@
+"""The Pipe conformance suite through the GPU transports' protocols, on CPU.
+
+Real Pipes, rendezvous, sockets, handshakes, framing, ordering and close
+handshakes; only the device is faked: each transport's runtime seam returns
+fake streams (and a fake NCCL that moves real bytes), so "GPU" tensors are
+CPU tensors and the suite's CPU-result checks apply unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from transport_conformance import CHECKS, MakePipes, assert_all_same, opened, pipe_factory, tagged
+
+from aiokvpipe.cuda.testing import FakeDevice, FakeNccl, FakeOps
+from aiokvpipe.transport import cuda_ipc, nccl
+from aiokvpipe.transport.base import Link
+
+GPU_TRANSPORTS = ["nccl", "cuda_ipc"]
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> FakeNccl:
+    device = FakeDevice()
+    fake_nccl = FakeNccl(device)
+
+    async def nccl_runtime(link: Link) -> tuple[Any, Any]:
+        return fake_nccl, FakeOps(device, f"r{link.local.rank}{link.role}")
+
+    async def ipc_runtime(link: Link) -> tuple[Any, Any]:
+        return cuda_ipc.InProcessMemory(), FakeOps(device, f"r{link.local.rank}{link.role}")
+
+    monkeypatch.setattr(nccl, "_runtime", nccl_runtime)
+    monkeypatch.setattr(cuda_ipc, "_runtime", ipc_runtime)
+    return fake_nccl
+
+
+def on_fake_gpu(transport: str) -> MakePipes:
+    """``make_pipes`` whose ranks ask for a CUDA device (served by the fakes)."""
+    base = pipe_factory(transport)
+
+    async def make_pipes(world_size: int = 2, **overrides: Any) -> list[Any]:
+        overrides.setdefault("device", "cuda:0")
+        return await base(world_size, **overrides)
+
+    return make_pipes
+
+
+@pytest.mark.usefixtures("fake_gpu")
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("check", CHECKS, ids=[c.__name__.removeprefix("check_") for c in CHECKS])
+@pytest.mark.parametrize("transport", GPU_TRANSPORTS)
+async def test_conformance(transport: str, check: Callable[[MakePipes], Awaitable[None]]) -> None:
+    await check(on_fake_gpu(transport))
+
+
+@pytest.mark.timeout(30)
+async def test_auto_picks_cuda_ipc_on_one_host(fake_gpu: FakeNccl) -> None:
+    async with opened(on_fake_gpu("auto")) as (a, b):
+        assert (a.send_transport, a.recv_transport) == ("cuda_ipc", "cuda_ipc")
+        await a.send(tagged(1))
+        assert_all_same([await b.recv()], [tagged(1)])
+    assert not fake_gpu.comms  # NCCL never touched
+
+
+@pytest.mark.timeout(30)
+async def test_nccl_pipe_aborts_every_communicator_on_close(fake_gpu: FakeNccl) -> None:
+    async with opened(on_fake_gpu("nccl")) as (a, b):
+        await a.send(tagged(1))
+        await b.send(tagged(2))
+        assert_all_same([await b.recv(), await a.recv()], [tagged(1), tagged(2)])
+    assert len(fake_gpu.comms) == 4  # one two-rank communicator per direction
+    assert all(c.aborted for c in fake_gpu.comms)
