@@ -57,9 +57,12 @@ async def ring_of(
 
 
 def parked(io: ShmRingBufferIO) -> int:
+    """1 while the endpoint is parked (its park word is odd)."""
     if io.is_writer:
-        return io.buffer.header[WRITER_PARKED_OFF]
-    return io.buffer.header[READER_SLOTS_OFF + SLOT_BYTES * io.reader_rank + SLOT_PARKED]
+        offset = WRITER_PARKED_OFF
+    else:
+        offset = READER_SLOTS_OFF + SLOT_BYTES * io.reader_rank + SLOT_PARKED
+    return int(io.buffer.header_words[offset // 4] & 1)
 
 
 async def test_messages_arrive_in_order_at_every_reader() -> None:
@@ -261,21 +264,22 @@ async def test_cancel_parked_write_then_write_again() -> None:
         assert [await reader.dequeue(timeout=1) for _ in range(2)] == [b"b", b"d"]
 
 
-async def test_cancelled_dequeue_mid_message_resumes() -> None:
-    async with ring_of(chunk=64, chunks=1) as (writer, (reader,)):
+async def test_cancelled_dequeue_mid_message_resumes(monkeypatch: pytest.MonkeyPatch) -> None:
+    slow_writer = Backoff(spin_seconds=0, initial_sleep=0.2, max_sleep=0.2)
+    async with ring_of(chunk=64, chunks=1, backoff=slow_writer) as (writer, (reader,)):
+        # The reader never rings the writer, so the writer only notices a free
+        # chunk on its 0.2 s safety recheck: a window to cancel mid-message.
+        monkeypatch.setattr(reader._bell, "ring", lambda address: None)
         payload = bytes(range(200))  # 4 chunks through a 1-chunk ring
         send = asyncio.create_task(writer.enqueue(payload, timeout=5))
-        got = None
-        for _ in range(50):  # cancel at many different points; the message survives
-            try:
-                got = await asyncio.wait_for(reader.dequeue(), 0.0005)
-                break
-            except asyncio.TimeoutError:
-                pass
-        if got is None:
-            got = await reader.dequeue(timeout=5)
+        first = asyncio.create_task(reader.dequeue(timeout=5))
+        await asyncio.sleep(0.05)
+        assert reader._partial is not None and reader._partial.filled == 64
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert await reader.dequeue(timeout=5) == payload, "the next dequeue resumes the message"
         await send
-        assert got == payload
 
 
 async def test_tiny_deadlines_never_lose_or_reorder() -> None:

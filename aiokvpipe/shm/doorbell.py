@@ -14,8 +14,9 @@ blocking path); the other side rings it by sending one byte.
   close.
 
 A ring that fails (peer not bound yet or gone: ECONNREFUSED/ENOENT; queue
-full: EAGAIN, meaning a ring is already pending) is ignored. The receiver
-drains every queued byte on wake, so bursts never fill the socket buffer.
+full: EAGAIN, meaning a ring is already pending) is ignored. The receiver's
+loop callback takes every queued ring as it arrives, waiter or not, so
+bursts never fill the socket buffer; the blocking path drains on wake.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import tempfile
 
 from ..errors import HandleError
 
-__all__ = ["Doorbell", "doorbell_address"]
+__all__ = ["CLOSED", "EXTRA", "RUNG", "TIMEOUT", "Doorbell", "doorbell_address"]
 
 _ABSTRACT = sys.platform == "linux"
 _DRAIN_BYTES = 4096
@@ -50,9 +51,15 @@ def doorbell_address(ring_name: str, role: str, abstract: bool = _ABSTRACT) -> s
     return os.path.join(_socket_dir(), f"{bare}.{role}")
 
 
-def _done(fut: asyncio.Future[None]) -> None:
+RUNG = "rung"
+EXTRA = "extra"
+TIMEOUT = "timeout"
+CLOSED = "closed"
+
+
+def _resolve(fut: asyncio.Future[str], reason: str) -> None:
     if not fut.done():
-        fut.set_result(None)
+        fut.set_result(reason)
 
 
 class Doorbell:
@@ -75,7 +82,8 @@ class Doorbell:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watched: list[int] = []
-        self._fut: asyncio.Future[None] | None = None
+        self._fired: set[int] = set()
+        self._fut: asyncio.Future[str] | None = None
 
     @property
     def fileno(self) -> int:
@@ -92,7 +100,7 @@ class Doorbell:
                 raise
 
     def drain(self) -> None:
-        """Discard queued rings: before announcing "parked", or once woken."""
+        """Discard every queued ring."""
         recv = self._sock.recv
         try:
             while recv(_DRAIN_BYTES):
@@ -103,29 +111,42 @@ class Doorbell:
             if not self._closed:
                 raise
 
-    def _wake(self) -> None:
+    def exited(self, fd: int) -> bool:
+        """Whether the extra fd ``fd`` (a pidfd) has been seen readable."""
+        return fd in self._fired
+
+    def _wake(self, reason: str) -> None:
         fut = self._fut
         if fut is not None and not fut.done():
-            fut.set_result(None)
+            fut.set_result(reason)
 
     def _on_ring(self) -> None:
-        self.drain()
-        self._wake()
+        # One datagram per callback: the fd is level-triggered, so any others
+        # call back again (as stale rings, drained with no waiter to wake).
+        try:
+            self._sock.recv(_DRAIN_BYTES)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            if not self._closed:
+                raise
+        self._wake(RUNG)
 
     def _on_extra(self, fd: int) -> None:
-        # A pidfd stays readable once its process exited: stop watching it.
+        # A pidfd stays readable once its process exited: remember, stop watching.
+        self._fired.add(fd)
         if self._loop is not None and fd in self._watched:
             self._loop.remove_reader(fd)
             self._watched.remove(fd)
-        self._wake()
+        self._wake(EXTRA)
 
     def _watch(self, loop: asyncio.AbstractEventLoop, extra_fd: int | None) -> None:
-        # Registrations persist between waits: a park then costs no epoll_ctl.
+        # Registrations persist between waits: parking then costs no epoll_ctl.
         if self._loop is not loop:
             self._unwatch()
             loop.add_reader(self._fd, self._on_ring)
             self._loop, self._watched = loop, [self._fd]
-        if extra_fd is not None and extra_fd not in self._watched:
+        if extra_fd is not None and extra_fd not in self._watched and extra_fd not in self._fired:
             loop.add_reader(extra_fd, self._on_extra, extra_fd)
             self._watched.append(extra_fd)
 
@@ -136,33 +157,51 @@ class Doorbell:
             for fd in watched:
                 loop.remove_reader(fd)
 
-    async def wait(self, timeout: float, extra_fd: int | None = None) -> None:
-        """Return when rung, when ``extra_fd`` is readable, at ``timeout``, or on close."""
+    async def wait(self, timeout: float, extra_fd: int | None = None) -> str:
+        """Wait until rung, ``extra_fd`` is readable, ``timeout`` passes, or close.
+
+        Returns why: :data:`RUNG`, :data:`EXTRA`, :data:`TIMEOUT` or :data:`CLOSED`.
+        Stale rings (queued while nobody waited) may wake it early: callers
+        always recheck what they wait for.
+        """
         if self._closed:
-            return
+            return CLOSED
+        if extra_fd is not None and extra_fd in self._fired:
+            return EXTRA
         loop = asyncio.get_running_loop()
         self._watch(loop, extra_fd)
-        fut: asyncio.Future[None] = loop.create_future()
+        fut: asyncio.Future[str] = loop.create_future()
         self._fut = fut
-        timer = loop.call_later(timeout, _done, fut)
+        timer = loop.call_later(timeout, _resolve, fut, TIMEOUT)
         try:
-            await fut
+            return await fut
         finally:
             timer.cancel()
             self._fut = None
 
-    def wait_blocking(self, timeout: float, extra_fd: int | None = None) -> None:
+    def wait_blocking(self, timeout: float, extra_fd: int | None = None) -> str:
         """The same wait for non-async callers (blocks the calling thread)."""
         if self._closed:
-            return
+            return CLOSED
+        if extra_fd is not None and extra_fd in self._fired:
+            return EXTRA
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
         if extra_fd is not None:
             poller.register(extra_fd, select.POLLIN)
-        with contextlib.suppress(InterruptedError):
+        try:
             events = poller.poll(max(0, int(timeout * 1000 + 0.999)))
-            if any(fd == self._fd for fd, _ in events):
+        except InterruptedError:
+            return TIMEOUT
+        reason = TIMEOUT
+        for fd, _ in events:
+            if fd == self._fd:
                 self.drain()
+                reason = RUNG
+            else:
+                self._fired.add(fd)
+                return EXTRA
+        return reason
 
     def close(self) -> None:
         """Wake a current waiter, stop watching, close the socket. Idempotent."""
@@ -170,7 +209,7 @@ class Doorbell:
             return
         self._closed = True
         self._unwatch()
-        self._wake()
+        self._wake(CLOSED)
         self._sock.close()
         if isinstance(self.address, str):
             with contextlib.suppress(FileNotFoundError):

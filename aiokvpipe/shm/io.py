@@ -10,16 +10,17 @@ Chunk protocol, per chunk flags ``[written, read_0 .. read_{n-1}]``:
 * writer claims a chunk when it was never written or every reader has read
   it; it clears ``written``, fills the chunk and its descriptor, clears the
   read flags, **fences**, sets ``written``, **fences**, then rings every
-  reader whose "parked" byte is set;
+  reader whose park word is odd (parked) and differs from the value it had
+  when last rung (so one ring per park, however many chunks follow);
 * a reader may read when ``written`` is set and its read flag is not; after
   a **fence** it reads the descriptor and bytes, **fences**, sets its read
   flag, **fences**, and rings the writer if the writer is parked.
 
-Waiting: spin with ``asyncio.sleep(0)`` for ``spin_seconds``; then drain the
-doorbell, announce "parked", fence, recheck, and only then wait on the
-doorbell fd (plus the writer's pidfd, for readers) for at most a safety
-interval growing from 2 ms to 50 ms, so even a lost ring costs bounded
-latency, and an idle waiter wakes ~20 times a second.
+Waiting: spin with ``asyncio.sleep(0)`` for ``spin_seconds``; then announce
+"parked", fence, recheck, and only then wait on the doorbell fd (plus the
+writer's pidfd, for readers) for at most a safety interval growing from 2 ms
+to 50 ms, so even a lost ring costs bounded latency, and an idle waiter wakes
+~20 times a second.
 
 Security: rings are for processes of one user on one host (the segment is
 mode 0600) and :meth:`ShmRingBufferIO.dequeue` unpickles what the writer
@@ -47,7 +48,7 @@ from ..errors import (
     WriterGoneError,
 )
 from . import codec
-from .doorbell import Doorbell, doorbell_address
+from .doorbell import RUNG, Doorbell, doorbell_address
 from .fence import fence
 from .liveness import ProcessIdentity, open_pidfd, pidfd_exited
 from .ring import (
@@ -75,6 +76,7 @@ _DESC_SIZE = DESC.size
 _unpack_desc = DESC.unpack_from
 _pack_desc = DESC.pack_into
 _monotonic = time.monotonic
+_WRITER_PARK_WORD = WRITER_PARKED_OFF // 4
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -154,6 +156,7 @@ class ShmRingBufferIO:
         self._busy = False
         self._idle = True  # open and not busy: the synchronous fast paths may run
         self._hdr = buffer.header
+        self._words = buffer.header_words
         self._flags = buffer.flags
         self._desc = buffer.descriptors
         self._chunks = buffer.chunks
@@ -175,14 +178,20 @@ class ShmRingBufferIO:
                     "a ring takes exactly one writer for its lifetime"
                 )
             self._bell = Doorbell(doorbell_address(name, "w"))
-            self._parked_off = WRITER_PARKED_OFF
+            self._park_word = WRITER_PARKED_OFF // 4
             self._ones = b"\1" * n
             self._zeros = bytes(n)
             self._reader_bells = [
-                (READER_SLOTS_OFF + SLOT_BYTES * r + SLOT_PARKED, doorbell_address(name, f"r{r}"))
+                (
+                    r,
+                    (READER_SLOTS_OFF + SLOT_BYTES * r + SLOT_PARKED) // 4,
+                    doorbell_address(name, f"r{r}"),
+                )
                 for r in range(n)
             ]
+            self._rung = [0] * n  # the park word each reader had when last rung
             self._seq = 1
+            self._park_gen = self._words[self._park_word] & ~1
             self._announce(WRITER_ID_OFF, WRITER_STATE_OFF)
         else:
             slot = READER_SLOTS_OFF + SLOT_BYTES * reader_rank
@@ -194,10 +203,12 @@ class ShmRingBufferIO:
                         f"(pid {other.pid})"
                     )
             self._bell = Doorbell(doorbell_address(name, f"r{reader_rank}"))
-            self._parked_off = slot + SLOT_PARKED
+            self._park_word = (slot + SLOT_PARKED) // 4
             self._rflag = 1 + reader_rank
             self._writer_bell = doorbell_address(name, "w")
+            self._rung_writer = 0
             self._seq = self._resume_position()
+            self._park_gen = self._words[self._park_word] & ~1
             self._announce(slot + SLOT_ID, slot + SLOT_STATE)
 
     def _announce(self, id_off: int, state_off: int) -> None:
@@ -276,8 +287,13 @@ class ShmRingBufferIO:
             raise exc
         return PipeClosedError(f"ring {self.buffer.name!r} was closed")
 
-    def _check_peer(self) -> None:
-        """Raise WriterGoneError when a reader's writer closed or exited."""
+    def _check_peer(self, reason: str | None) -> None:
+        """Raise WriterGoneError when a reader's writer closed or exited.
+
+        ``reason`` is why the last park ended (None: first park of this call).
+        With a pidfd the loop callback or poll already reported an exit; the
+        slower pid check runs only when the safety timer, not a ring, woke us.
+        """
         if self.is_writer:
             return
         hdr = self._hdr
@@ -286,19 +302,23 @@ class ShmRingBufferIO:
             raise WriterGoneError(f"the writer closed ring {self.buffer.name!r}")
         if state != STATE_ATTACHED:
             return
-        if self._writer is None:
-            fence()
-            self._writer = ProcessIdentity(*IDENTITY.unpack_from(hdr, WRITER_ID_OFF))
-            try:
-                self._pidfd = open_pidfd(self._writer)
-            except ProcessLookupError:
-                self._pidfd = None
         writer = self._writer
-        gone = pidfd_exited(self._pidfd) if self._pidfd is not None else not writer.is_alive()
-        if gone:
-            raise WriterGoneError(
-                f"the writer of ring {self.buffer.name!r} (pid {writer.pid}) exited"
-            )
+        if writer is None:
+            fence()
+            writer = self._writer = ProcessIdentity(*IDENTITY.unpack_from(hdr, WRITER_ID_OFF))
+            try:
+                self._pidfd = open_pidfd(writer)
+            except ProcessLookupError:
+                raise self._writer_gone(writer) from None
+        pidfd = self._pidfd
+        if pidfd is not None:
+            if self._bell.exited(pidfd) or (reason is None and pidfd_exited(pidfd)):
+                raise self._writer_gone(writer)
+        elif reason != RUNG and not writer.is_alive():
+            raise self._writer_gone(writer)
+
+    def _writer_gone(self, writer: ProcessIdentity) -> WriterGoneError:
+        return WriterGoneError(f"the writer of ring {self.buffer.name!r} (pid {writer.pid}) exited")
 
     def _timeout_error(self, timeout: float | None) -> TransferTimeout:
         name = self.buffer.name
@@ -346,10 +366,12 @@ class ShmRingBufferIO:
         fl[base + 1 : base + self._nflag] = self._zeros
         fence()  # bytes, descriptor and cleared read flags before "written"
         fl[base] = 1
-        fence()  # "written" before reading "parked" (pairs with the reader's park)
-        hdr = self._hdr
-        for parked, address in self._reader_bells:
-            if hdr[parked]:
+        fence()  # "written" before reading park words (pairs with the reader's park)
+        words, rung = self._words, self._rung
+        for r, word, address in self._reader_bells:
+            w = words[word]
+            if w & 1 and w != rung[r]:  # parked, and not yet rung during this park
+                rung[r] = w
                 self._bell.ring(address)
         self._seq += 1
 
@@ -367,8 +389,10 @@ class ShmRingBufferIO:
         fl = self._flags
         fence()  # finish reading the bytes before giving the chunk back
         fl[idx * self._nflag + self._rflag] = 1
-        fence()  # read flag before reading "parked" (pairs with the writer's park)
-        if self._hdr[WRITER_PARKED_OFF]:
+        fence()  # read flag before reading the park word (pairs with the writer's park)
+        w = self._words[_WRITER_PARK_WORD]
+        if w & 1 and w != self._rung_writer:  # parked, and not yet rung during this park
+            self._rung_writer = w
             self._bell.ring(self._writer_bell)
         self._seq += 1
 
@@ -393,7 +417,8 @@ class ShmRingBufferIO:
         """Spin, then park on the doorbell until ``poll()`` yields a chunk index."""
         backoff = self._backoff
         backoff.reset()
-        hdr, parked, bell = self._hdr, self._parked_off, self._bell
+        words, word, bell = self._words, self._park_word, self._bell
+        reason: str | None = None
         while True:
             delay = backoff.next_delay()
             if delay == 0.0:
@@ -405,28 +430,34 @@ class ShmRingBufferIO:
                     if left <= 0:
                         raise self._timeout_error(timeout)
                     delay = min(delay, left)
-                bell.drain()  # stale rings only: nothing can ring us before we announce
-                hdr[parked] = 1
-                fence()  # announce, then recheck: the writer either sees us or we see it
+                # Announce with a fresh odd value: peers ring once per park, not per chunk.
+                gen = self._park_gen = (self._park_gen + 1) & 0xFFFFFFFF
+                words[word] = gen
+                fence()  # announce, then recheck: the peer either sees us or we see it
                 try:
                     idx = poll()
                     if idx is not None:
                         return idx
-                    self._check_peer()
+                    self._check_peer(reason)
                     if blocking:
-                        bell.wait_blocking(delay, self._pidfd)
+                        reason = bell.wait_blocking(delay, self._pidfd)
                     else:
-                        await bell.wait(delay, self._pidfd)
+                        reason = await bell.wait(delay, self._pidfd)
                 finally:
-                    if not self._closed:
-                        hdr[parked] = 0
-                if self._closed:
+                    if not (self._closed or self.buffer.closed):
+                        self._unpark()
+                if self._closed or self.buffer.closed:
                     raise PipeClosedError(f"ring endpoint on {self.buffer.name!r} was closed")
             idx = poll()
             if idx is not None:
                 return idx
             if deadline is not None and _monotonic() >= deadline:
                 raise self._timeout_error(timeout)
+
+    def _unpark(self) -> None:
+        if self._park_gen & 1:
+            self._park_gen = (self._park_gen + 1) & 0xFFFFFFFF
+            self._words[self._park_word] = self._park_gen
 
     # -- writer ----------------------------------------------------------------
 
@@ -597,11 +628,11 @@ class ShmRingBufferIO:
         try:
             if not self.buffer.closed:
                 hdr = self._hdr
-                hdr[self._parked_off] = 0
+                self._unpark()
                 if self.is_writer:
                     hdr[WRITER_STATE_OFF] = STATE_CLOSED
                     fence()
-                    for _, address in self._reader_bells:
+                    for _, _, address in self._reader_bells:
                         self._bell.ring(address)
                 else:
                     slot = READER_SLOTS_OFF + SLOT_BYTES * self.reader_rank

@@ -8,8 +8,8 @@ Layout (all offsets fixed by ``n_reader``, ``max_chunk_bytes`` and
     |   magic, layout version, n_reader, chunk size, chunk count,  |
     |   random token, creator identity                             |
     |   writer slot: state, identity          (own cache line)     |
-    |   writer "parked" byte                  (own cache line)     |
-    |   reader slot r: "parked", state, identity (a line each)     |
+    |   writer park word (u32)                (own cache line)     |
+    |   reader slot r: park word, state, identity (a line each)    |
     +--------------------------------------------------------------+ data_offset
     | chunk 0 | chunk 1 | ... | chunk max_chunks-1                 |
     |   each max_chunk_bytes, rounded up to 64 B                   |
@@ -65,11 +65,11 @@ DESC = struct.Struct("<QQQB7x")  # chunk seq, message length, offset in message,
 CREATOR_OFF = 64
 WRITER_STATE_OFF = 128
 WRITER_ID_OFF = 136
-WRITER_PARKED_OFF = 192
+WRITER_PARKED_OFF = 192  # u32 park word: odd while parked, a new odd value per park
 READER_SLOTS_OFF = 256
 SLOT_BYTES = 64
-SLOT_PARKED = 0
-SLOT_STATE = 1
+SLOT_PARKED = 0  # u32 park word, as the writer's
+SLOT_STATE = 4
 SLOT_ID = 8
 
 # POSIX shm_open/shm_unlink without multiprocessing's resource tracker (no stubs ship for it).
@@ -147,8 +147,10 @@ class _Mapping:
         self.unlink = unlink
         self.views: list[memoryview] = []
 
-    def view(self, start: int, stop: int) -> memoryview:
+    def view(self, start: int, stop: int, words: bool = False) -> memoryview:
         v = memoryview(self.mm)[start:stop]
+        if words:
+            v = v.cast("I")
         self.views.append(v)
         return v
 
@@ -221,6 +223,8 @@ class ShmRingBuffer:
         self._finalizer = weakref.finalize(self, _Mapping.release, mapping)
         n_flags = (1 + layout.n_reader) * layout.max_chunks
         self.header = mapping.view(0, layout.header_bytes)
+        # The same header as native u32 words: park words are single aligned stores.
+        self.header_words = mapping.view(0, layout.header_bytes, words=True)
         self.flags = mapping.view(layout.flags_offset, layout.flags_offset + n_flags)
         self.descriptors = mapping.view(
             layout.desc_offset, layout.desc_offset + DESC.size * layout.max_chunks
