@@ -221,8 +221,9 @@ async def _establish(
         endpoint = await setup
     except BaseException as exc:
         setup.cancel()
-        if not peer_status.done():
-            await control.refuse(HelloKind.NCCL, f"communicator set-up failed: {exc}", timeout=1.0)
+        if isinstance(exc, Exception) and not peer_status.done():
+            reason = f"communicator set-up failed: {exc}"
+            await control.refuse(HelloKind.NCCL, reason, timeout=1.0)
         await _reap(setup, peer_status)
         raise
     try:
