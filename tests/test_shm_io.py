@@ -357,11 +357,11 @@ def _exited_pid() -> int:
 
 
 async def test_dead_writer_is_detected_without_pidfd(monkeypatch: pytest.MonkeyPatch) -> None:
-    from aiokvpipe.shm import io as io_module
+    from aiokvpipe.shm import endpoint as endpoint_module
     from aiokvpipe.shm.liveness import ProcessIdentity
     from aiokvpipe.shm.ring import IDENTITY, WRITER_ID_OFF
 
-    monkeypatch.setattr(io_module, "open_pidfd", lambda identity: None)
+    monkeypatch.setattr(endpoint_module, "open_pidfd", lambda identity: None)
     async with ring_of(backoff=Backoff(20e-6, 0.01, 0.02)) as (writer, (reader,)):
         # Pretend the writer is a process that has since exited.
         pid = _exited_pid()

@@ -1,0 +1,376 @@
+"""The chunk protocol and the waiting scheme shared by every ring endpoint.
+
+Chunks are used strictly in sequence (chunk ``seq`` lives at index
+``seq % max_chunks``; sequences start at 1, 0 marks a chunk never published),
+so every reader sees every message in order.
+
+Chunk protocol, per chunk flags ``[written, read_0 .. read_{n-1}]``:
+
+* writer claims a chunk when it was never written or every reader has read
+  it; it clears ``written``, fills the chunk and its descriptor, clears the
+  read flags, **fences**, sets ``written``, **fences**, then rings every
+  reader whose park word is odd (parked) and differs from the value it had
+  when last rung (so one ring per park, however many chunks follow);
+* a reader may read when ``written`` is set and its read flag is not; after
+  a **fence** it reads the descriptor and bytes, **fences**, sets its read
+  flag, **fences**, and rings the writer if the writer is parked.
+
+Waiting: spin with ``asyncio.sleep(0)`` for ``spin_seconds``; then announce
+"parked", fence, recheck, and only then wait on the doorbell fd (plus the
+writer's pidfd, for readers) for at most a safety interval growing from 2 ms
+to 50 ms, so even a lost ring costs bounded latency, and an idle waiter wakes
+~20 times a second. The same coroutines serve the blocking API: with
+``blocking=True`` they never suspend (they spin and ``poll`` instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from ..backoff import Backoff
+from ..errors import (
+    HandleError,
+    PipeClosedError,
+    RingUsageError,
+    SequenceError,
+    SlowReaderError,
+    TransferTimeout,
+    WriterGoneError,
+)
+from .doorbell import RUNG, Doorbell, doorbell_address
+from .fence import fence
+from .liveness import ProcessIdentity, open_pidfd, pidfd_exited
+from .ring import (
+    DESC,
+    IDENTITY,
+    READER_SLOTS_OFF,
+    SLOT_BYTES,
+    SLOT_ID,
+    SLOT_PARKED,
+    SLOT_STATE,
+    STATE_ATTACHED,
+    STATE_CLOSED,
+    STATE_NONE,
+    WRITER_ID_OFF,
+    WRITER_PARKED_OFF,
+    WRITER_STATE_OFF,
+    ShmRingBuffer,
+)
+
+__all__ = ["RingEndpoint", "deadline_after"]
+
+DESC_SIZE = DESC.size
+unpack_desc = DESC.unpack_from
+_pack_desc = DESC.pack_into
+_monotonic = time.monotonic
+_WRITER_PARK_WORD = WRITER_PARKED_OFF // 4
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    """The monotonic deadline ``timeout`` seconds from now (None: no deadline)."""
+    if timeout is None:
+        return None
+    if timeout < 0:
+        raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
+    return _monotonic() + timeout
+
+
+class RingEndpoint:
+    """Role setup, chunk protocol and waiting; the public API is ShmRingBufferIO."""
+
+    def __init__(
+        self,
+        buffer: ShmRingBuffer,
+        reader_rank: int,
+        *,
+        backoff: Backoff | None = None,
+        owns_buffer: bool = False,
+    ) -> None:
+        buffer._check_open()
+        n = buffer.n_reader
+        if reader_rank != -1 and not (isinstance(reader_rank, int) and 0 <= reader_rank < n):
+            raise HandleError(
+                f"reader_rank {reader_rank!r} is invalid for ring {buffer.name!r} "
+                f"with {n} readers (use 0..{n - 1}, or -1 for the writer)"
+            )
+        self.buffer = buffer
+        self.reader_rank = reader_rank
+        self.is_writer = reader_rank == -1
+        self._owns = owns_buffer
+        self._closed = False
+        self._busy = False
+        self._idle = True  # open and not busy: the synchronous fast paths may run
+        self._hdr = buffer.header
+        self._words = buffer.header_words
+        self._flags = buffer.flags
+        self._desc = buffer.descriptors
+        self._chunks = buffer.chunks
+        self._nflag = 1 + n
+        self._nchunks = buffer.max_chunks
+        self._cap = buffer.max_chunk_bytes
+        self._backoff = backoff or Backoff(spin_seconds=50e-6, initial_sleep=2e-3, max_sleep=50e-3)
+        self._pidfd: int | None = None
+        self._writer: ProcessIdentity | None = None
+        name = buffer.name
+        if self.is_writer:
+            state = self._hdr[WRITER_STATE_OFF]
+            if state != STATE_NONE:
+                pid = IDENTITY.unpack_from(self._hdr, WRITER_ID_OFF)[0]
+                raise HandleError(
+                    f"ring {name!r} already has a writer (pid {pid}, "
+                    f"{'closed' if state == STATE_CLOSED else 'attached'}); "
+                    "a ring takes exactly one writer for its lifetime"
+                )
+            self._bell = Doorbell(doorbell_address(name, "w"))
+            self._park_word = WRITER_PARKED_OFF // 4
+            self._ones = b"\1" * n
+            self._zeros = bytes(n)
+            self._reader_bells = [
+                (
+                    r,
+                    (READER_SLOTS_OFF + SLOT_BYTES * r + SLOT_PARKED) // 4,
+                    doorbell_address(name, f"r{r}"),
+                )
+                for r in range(n)
+            ]
+            self._rung = [0] * n  # the park word each reader had when last rung
+            self._seq = 1
+            self._park_gen = self._words[self._park_word] & ~1
+            self._announce(WRITER_ID_OFF, WRITER_STATE_OFF)
+        else:
+            slot = READER_SLOTS_OFF + SLOT_BYTES * reader_rank
+            if self._hdr[slot + SLOT_STATE] == STATE_ATTACHED:
+                other = ProcessIdentity(*IDENTITY.unpack_from(self._hdr, slot + SLOT_ID))
+                if other.is_alive():
+                    raise HandleError(
+                        f"reader rank {reader_rank} of ring {name!r} is already attached "
+                        f"(pid {other.pid})"
+                    )
+            self._bell = Doorbell(doorbell_address(name, f"r{reader_rank}"))
+            self._park_word = (slot + SLOT_PARKED) // 4
+            self._rflag = 1 + reader_rank
+            self._writer_bell = doorbell_address(name, "w")
+            self._rung_writer = 0
+            self._seq = self._resume_position()
+            self._park_gen = self._words[self._park_word] & ~1
+            self._announce(slot + SLOT_ID, slot + SLOT_STATE)
+
+    def _announce(self, id_off: int, state_off: int) -> None:
+        me = ProcessIdentity.current()
+        IDENTITY.pack_into(self._hdr, id_off, me.pid, me.start, me.namespace)
+        fence()  # identity before state: whoever sees "attached" sees the pid
+        self._hdr[state_off] = STATE_ATTACHED
+
+    def _resume_position(self) -> int:
+        """The first sequence this reader has not read (1 for a fresh ring).
+
+        Unread chunks cannot be overwritten, so it is the oldest unread
+        published chunk, or one past the newest chunk ever published.
+        """
+        fl, rflag, nflag = self._flags, self._rflag, self._nflag
+        fence()
+        unread: list[int] = []
+        newest = 0
+        for i in range(self._nchunks):
+            seq = unpack_desc(self._desc, i * DESC_SIZE)[0]
+            newest = max(newest, seq)
+            if fl[i * nflag] and not fl[i * nflag + rflag]:
+                unread.append(seq)
+        return min(unread) if unread else newest + 1
+
+    # -- state checks ----------------------------------------------------------
+
+    def _enter(self, writer: bool) -> None:
+        if self._closed or self.buffer.closed:
+            raise PipeClosedError(f"ring endpoint on {self.buffer.name!r} is closed")
+        if writer != self.is_writer:
+            role = "writer" if self.is_writer else f"reader {self.reader_rank}"
+            raise RingUsageError(f"the {role} endpoint cannot {'write' if writer else 'read'}")
+        if self._busy:
+            raise RingUsageError("another task is already using this ring endpoint")
+        self._busy = True
+        self._idle = False
+
+    def _leave(self) -> None:
+        self._busy = False
+        self._idle = not self._closed
+
+    def _released(self, exc: ValueError) -> PipeClosedError:
+        """Translate "released memoryview" after the ring was closed under us."""
+        if not self.buffer.closed:
+            raise exc
+        return PipeClosedError(f"ring {self.buffer.name!r} was closed")
+
+    def _check_peer(self, reason: str | None) -> None:
+        """Raise WriterGoneError when a reader's writer closed or exited.
+
+        ``reason`` is why the last park ended (None: first park of this call).
+        With a pidfd the loop callback or poll already reported an exit; the
+        slower pid check runs only when the safety timer, not a ring, woke us.
+        """
+        if self.is_writer:
+            return
+        hdr = self._hdr
+        state = hdr[WRITER_STATE_OFF]
+        if state == STATE_CLOSED:
+            raise WriterGoneError(f"the writer closed ring {self.buffer.name!r}")
+        if state != STATE_ATTACHED:
+            return
+        writer = self._writer
+        if writer is None:
+            fence()
+            writer = self._writer = ProcessIdentity(*IDENTITY.unpack_from(hdr, WRITER_ID_OFF))
+            try:
+                self._pidfd = open_pidfd(writer)
+            except ProcessLookupError:
+                raise self._writer_gone(writer) from None
+        pidfd = self._pidfd
+        if pidfd is not None:
+            if self._bell.exited(pidfd) or (reason is None and pidfd_exited(pidfd)):
+                raise self._writer_gone(writer)
+        elif reason != RUNG and not writer.is_alive():
+            raise self._writer_gone(writer)
+
+    def _writer_gone(self, writer: ProcessIdentity) -> WriterGoneError:
+        return WriterGoneError(f"the writer of ring {self.buffer.name!r} (pid {writer.pid}) exited")
+
+    def _timeout_error(self, timeout: float | None) -> TransferTimeout:
+        name = self.buffer.name
+        if not self.is_writer:
+            return TransferTimeout(
+                f"reader {self.reader_rank} of ring {name!r}: no message within {timeout:g} s"
+            )
+        fl, hdr = self._flags, self._hdr
+        base = (self._seq % self._nchunks) * self._nflag
+        lagging = [r for r in range(self._nflag - 1) if not fl[base + 1 + r]]
+        notes = []
+        for r in lagging:
+            slot = READER_SLOTS_OFF + SLOT_BYTES * r
+            state = hdr[slot + SLOT_STATE]
+            who = ProcessIdentity(*IDENTITY.unpack_from(hdr, slot + SLOT_ID))
+            if state == STATE_NONE:
+                notes.append(f"reader {r}: never attached")
+            elif state == STATE_CLOSED:
+                notes.append(f"reader {r}: closed (pid {who.pid})")
+            else:
+                notes.append(f"reader {r}: pid {who.pid}{'' if who.is_alive() else ' exited'}")
+        return SlowReaderError(
+            f"ring {name!r}: no free chunk within {timeout:g} s; readers {lagging} have not "
+            f"consumed chunk #{self._seq - self._nchunks} ({'; '.join(notes)})",
+            lagging,
+        )
+
+    # -- the chunk protocol (hot path: keep lean) ------------------------------
+
+    def _try_claim(self) -> int | None:
+        """Writer: the index of the next chunk if it is free (and mark it unwritten)."""
+        idx = self._seq % self._nchunks
+        fl = self._flags
+        base = idx * self._nflag
+        if fl[base] and fl[base + 1 : base + self._nflag] != self._ones:
+            return None
+        fence()  # observe the read flags before overwriting what they guard
+        fl[base] = 0
+        return idx
+
+    def _publish(self, idx: int, total: int, offset: int, kind: int) -> None:
+        _pack_desc(self._desc, idx * DESC_SIZE, self._seq, total, offset, kind)
+        fl = self._flags
+        base = idx * self._nflag
+        fl[base + 1 : base + self._nflag] = self._zeros
+        fence()  # bytes, descriptor and cleared read flags before "written"
+        fl[base] = 1
+        fence()  # "written" before reading park words (pairs with the reader's park)
+        words, rung = self._words, self._rung
+        for r, word, address in self._reader_bells:
+            w = words[word]
+            if w & 1 and w != rung[r]:  # parked, and not yet rung during this park
+                rung[r] = w
+                self._bell.ring(address)
+        self._seq += 1
+
+    def _poll_readable(self) -> int | None:
+        """Reader: the index of the next chunk if it is published and unread."""
+        idx = self._seq % self._nchunks
+        fl = self._flags
+        base = idx * self._nflag
+        if fl[base] and not fl[base + self._rflag]:
+            fence()  # observe "written" before the bytes it guards
+            return idx
+        return None
+
+    def _consume(self, idx: int) -> None:
+        fl = self._flags
+        fence()  # finish reading the bytes before giving the chunk back
+        fl[idx * self._nflag + self._rflag] = 1
+        fence()  # read flag before reading the park word (pairs with the writer's park)
+        w = self._words[_WRITER_PARK_WORD]
+        if w & 1 and w != self._rung_writer:  # parked, and not yet rung during this park
+            self._rung_writer = w
+            self._bell.ring(self._writer_bell)
+        self._seq += 1
+
+    def _descriptor(self, idx: int) -> tuple[int, int, int]:
+        seq, total, offset, kind = unpack_desc(self._desc, idx * DESC_SIZE)
+        if seq != self._seq:
+            raise SequenceError(
+                f"reader {self.reader_rank} of ring {self.buffer.name!r} expected chunk "
+                f"#{self._seq}, found #{seq}"
+            )
+        return total, offset, kind
+
+    # -- waiting ---------------------------------------------------------------
+
+    async def _wait(
+        self,
+        poll: Callable[[], int | None],
+        timeout: float | None,
+        deadline: float | None,
+        blocking: bool,
+    ) -> int:
+        """Spin, then park on the doorbell until ``poll()`` yields a chunk index."""
+        backoff = self._backoff
+        backoff.reset()
+        words, word, bell = self._words, self._park_word, self._bell
+        reason: str | None = None
+        while True:
+            delay = backoff.next_delay()
+            if delay == 0.0:
+                if not blocking:
+                    await asyncio.sleep(0)
+            else:
+                if deadline is not None:
+                    left = deadline - _monotonic()
+                    if left <= 0:
+                        raise self._timeout_error(timeout)
+                    delay = min(delay, left)
+                # Announce with a fresh odd value: peers ring once per park, not per chunk.
+                gen = self._park_gen = (self._park_gen + 1) & 0xFFFFFFFF
+                words[word] = gen
+                fence()  # announce, then recheck: the peer either sees us or we see it
+                try:
+                    idx = poll()
+                    if idx is not None:
+                        return idx
+                    self._check_peer(reason)
+                    if blocking:
+                        reason = bell.wait_blocking(delay, self._pidfd)
+                    else:
+                        reason = await bell.wait(delay, self._pidfd)
+                finally:
+                    if not (self._closed or self.buffer.closed):
+                        self._unpark()
+                if self._closed or self.buffer.closed:
+                    raise PipeClosedError(f"ring endpoint on {self.buffer.name!r} was closed")
+            idx = poll()
+            if idx is not None:
+                return idx
+            if deadline is not None and _monotonic() >= deadline:
+                raise self._timeout_error(timeout)
+
+    def _unpark(self) -> None:
+        if self._park_gen & 1:
+            self._park_gen = (self._park_gen + 1) & 0xFFFFFFFF
+            self._words[self._park_word] = self._park_gen
