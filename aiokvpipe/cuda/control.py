@@ -62,15 +62,18 @@ class ControlSocket:
 
     async def send(self, data: bytes, *, timeout: float | None = None) -> None:
         """Write all of ``data`` (bounded by ``timeout``, default op_timeout)."""
-        loop = asyncio.get_running_loop()
         limit = self.op_timeout if timeout is None else timeout
+        if limit is None:  # the per-message path: no timeout scope to build
+            await self._sendall(data)
+            return
         async with deadline(limit, lambda: f"{self.describe}: sending {len(data)} control bytes"):
-            try:
-                await loop.sock_sendall(self.sock, data)
-            except OSError as exc:
-                raise PeerClosedError(
-                    f"{self.describe}: connection lost while sending ({exc})"
-                ) from exc
+            await self._sendall(data)
+
+    async def _sendall(self, data: bytes) -> None:
+        try:
+            await asyncio.get_running_loop().sock_sendall(self.sock, data)
+        except OSError as exc:
+            raise PeerClosedError(f"{self.describe}: connection lost sending ({exc})") from exc
 
     async def recv_exact(
         self, n: int, *, timeout: float | None = None, idle_ok: bool = False
@@ -87,6 +90,10 @@ class ControlSocket:
         limit = self.op_timeout if timeout is None else timeout
         if idle_ok and n:
             got = await self._recv_some(loop, view)
+        if limit is None:
+            while got < n:
+                got += await self._recv_some(loop, view[got:])
+            return bytes(buf)
         async with deadline(limit, lambda: f"{self.describe}: receiving {n} control bytes"):
             while got < n:
                 got += await self._recv_some(loop, view[got:])
