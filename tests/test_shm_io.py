@@ -341,6 +341,16 @@ async def test_close_fails_a_parked_call_and_later_calls() -> None:
         await writer.enqueue(b"readers may come and go")
 
 
+async def test_blocking_calls_refuse_to_block_a_running_loop() -> None:
+    async with ring_of() as (writer, (reader,)):
+        with pytest.raises(RingUsageError, match="running event loop"):
+            writer.enqueue_sync(b"x")
+        with pytest.raises(RingUsageError, match="running event loop"):
+            reader.dequeue_sync(timeout=0)
+        await writer.enqueue(b"still usable")
+        assert await reader.dequeue(timeout=1) == b"still usable"
+
+
 async def test_closing_the_ring_under_an_endpoint() -> None:
     ring = ShmRingBuffer(1, 64, 2)
     writer = ShmRingBufferIO(ring, -1)

@@ -14,6 +14,7 @@ sent: only attach to rings whose writer you trust to run code as you.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Coroutine
@@ -21,6 +22,7 @@ from types import TracebackType
 from typing import Any, TypeVar, cast
 
 from ..backoff import Backoff
+from ..errors import RingUsageError
 from . import codec
 from .endpoint import DESC_SIZE, RingEndpoint, deadline_after, unpack_desc
 from .fence import fence
@@ -41,6 +43,15 @@ T = TypeVar("T")
 
 def _run_blocking(coro: Coroutine[Any, Any, T]) -> T:
     """Drive a coroutine that never suspends (blocking=True paths) to its end."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass  # no loop in this thread: blocking is fine
+    else:
+        coro.close()
+        raise RingUsageError(
+            "the *_sync ring calls block; inside a running event loop await the async ones"
+        )
     try:
         coro.send(None)
     except StopIteration as stop:
