@@ -7,6 +7,7 @@ from .errors import (
     ConfigError,
     CudaUnavailableError,
     FrameTooLargeError,
+    KVBufferError,
     PeerClosedError,
     PipeClosedError,
     ProtocolError,
@@ -14,6 +15,7 @@ from .errors import (
     TransferTimeout,
     UnsupportedTensorError,
 )
+from .kv_buffer import KVBufferStats, KVLookupBuffer
 from .pipe import Pipe, Transfer
 from .semaphore import ByteSemaphore
 
@@ -26,6 +28,9 @@ __all__ = [
     "ConfigError",
     "CudaUnavailableError",
     "FrameTooLargeError",
+    "KVBufferError",
+    "KVBufferStats",
+    "KVLookupBuffer",
     "PeerClosedError",
     "Pipe",
     "PipeClosedError",

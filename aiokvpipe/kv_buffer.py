@@ -1,0 +1,681 @@
+"""KVLookupBuffer: hand a prefill's KV tensors to a decode process, by tokens.
+
+An asyncio re-design of the lookup buffer that disaggregated prefill/decode
+servers put between a *producer* (prefill: ``insert``) and a *consumer*
+(decode: ``drop_select``). It runs over two :class:`~aiokvpipe.pipe.Pipe`
+pairs between the same two ranks:
+
+* the **signal** pipe (CPU) carries requests and answers, each a single
+  int64 tensor ``[magic, version, kind, request_id, status, *token_ids]``;
+* the **data** pipe (CPU or GPU) carries the five tensors of a hit.
+
+Both pipes are ordered streams of tensors and ``None`` only (no pickle).
+Every request carries an id that its answer echoes: many ``drop_select``
+calls can be in flight at once and each gets its own answer, whatever order
+they were issued in. A request being one frame, ``drop_select`` sends it
+itself; a cancelled caller can never leave half a message on the wire.
+
+Each side runs two background tasks, started by the constructor:
+
+* a **reader** that owns the receive side of both pipes. It serves requests
+  from the local buffer (a dictionary lookup, no awaiting) and completes the
+  future of each answered request. It never sends, so it can never be stuck
+  behind a peer that is not reading — which is what keeps two sides that both
+  insert and drop_select free of deadlock.
+* a **writer** that sends answers from a queue, one whole answer at a time,
+  so the n-th hit on the signal pipe always pairs with the n-th group of
+  tensors on the data pipe.
+
+Because every side serves, one class works on both sides and a side may do
+both; there is no role to pick, and a request to a producer that never
+inserted anything is still answered (with ``None`` s) at once.
+
+**Matching rule.** ``roi`` is a boolean mask over ``tokens`` (``None``: all
+of them). An entry matches a request when the *selected* token ids —
+``tokens[roi]`` — are equal, same length and same values (compared as
+int64, so int32 and int64 ids match). Among several matches the oldest is
+taken. ``drop_select(None)`` takes the oldest entry, whatever its tokens.
+Unlike a common-prefix rule, exact matching never hands one request's KV to
+another request that only shares a prefix with it (a system prompt, say),
+which would be a silent wrong answer; and it is a hash lookup, not a scan.
+
+**Memory bound.** An entry's bytes (all five tensors) are held in a
+:class:`ByteSemaphore` of ``buffer_bytes`` from ``insert`` until its answer
+has been handed to the pipes, whose own windows bound it from then on.
+``insert`` waits, without polling, while the buffer is full; an entry larger
+than the whole buffer is accepted when the buffer is empty. The buffer keeps
+references, not copies: do not modify inserted tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
+
+import numpy
+import torch
+
+from ._timeouts import deadline
+from .config import DEFAULT_BUFFER_BYTES, DEFAULT_PORT, PipeConfig
+from .errors import (
+    AiokvpipeError,
+    ConfigError,
+    KVBufferError,
+    PeerClosedError,
+    PipeClosedError,
+    ProtocolError,
+    UnsupportedTensorError,
+)
+from .pipe import Pipe
+from .semaphore import ByteSemaphore
+from .tensors import check_sendable
+
+__all__ = ["KVBufferStats", "KVLookupBuffer", "KVResult"]
+
+Role = Literal["producer", "consumer"]
+#: ``[tokens, roi, key, value, hidden]`` of a hit, or five ``None`` s.
+KVResult = list[torch.Tensor | None]
+
+# Every signal message is ONE int64 tensor, so any task may send one without
+# interleaving with another and a request costs the peer a single wakeup:
+#   [magic, version, kind, request_id, status, *query_token_ids]
+# The magic ("KVLB") catches a signal pipe wired to something else.
+_MAGIC = 0x4B564C42
+_VERSION = 1
+_HEADER_LEN = 5
+_REQUEST = 1  # status: _BY_TOKENS (ids follow) or _ANY
+_ANSWER = 2  # status: _HIT (five tensors follow on the data pipe) or _MISS
+_BY_TOKENS, _ANY = 0, 1
+_MISS, _HIT = 0, 1
+_ITEMS = 5  # tokens, roi, key, value, hidden
+_NO_ANSWER: KVResult = [None] * _ITEMS
+
+
+def _message(
+    kind: int, request_id: int, status: int, query: torch.Tensor | None = None
+) -> torch.Tensor:
+    # numpy builds a small tensor several times faster than torch.tensor/cat.
+    count = 0 if query is None else query.numel()
+    array = numpy.empty(_HEADER_LEN + count, dtype=numpy.int64)
+    array[:_HEADER_LEN] = (_MAGIC, _VERSION, kind, request_id, status)
+    if query is not None:
+        array[_HEADER_LEN:] = query.numpy()
+    return torch.from_numpy(array)
+
+
+def _parse_message(message: torch.Tensor | None) -> tuple[int, int, int, bytes]:
+    """``(kind, request_id, status, query_key)`` of a signal message.
+
+    Raises ProtocolError for anything that is not a well-formed message.
+    """
+    if (
+        message is None
+        or message.dtype is not torch.int64
+        or message.dim() != 1
+        or message.numel() < _HEADER_LEN
+    ):
+        described = "None" if message is None else f"{message.dtype} {tuple(message.shape)}"
+        raise ProtocolError(
+            f"KV buffer signal pipe: expected a 1-D int64 control tensor of at least "
+            f"{_HEADER_LEN} values, got {described} (is the peer a KVLookupBuffer, wired "
+            f"the same way?)"
+        )
+    values = message.numpy()  # a received tensor is CPU and contiguous; numpy is cheaper
+    magic, version, kind, request_id, status = values[:_HEADER_LEN].tolist()
+    if magic != _MAGIC:
+        raise ProtocolError(f"KV buffer signal pipe: bad control magic {magic:#x}")
+    if version != _VERSION:
+        raise ProtocolError(
+            f"KV buffer signal pipe: peer speaks version {version}, this build {_VERSION}"
+        )
+    trailing = len(values) - _HEADER_LEN
+    valid = (kind == _REQUEST and status in (_BY_TOKENS, _ANY)) or (
+        kind == _ANSWER and status in (_MISS, _HIT) and trailing == 0
+    )
+    if not valid:
+        raise ProtocolError(
+            f"KV buffer signal pipe: invalid message kind={kind} status={status} "
+            f"with {trailing} trailing values"
+        )
+    return kind, request_id, status, values[_HEADER_LEN:].tobytes()
+
+
+def _nbytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+# ----------------------------------------------------------------- argument checks
+
+
+def _check_tensor(op: str, name: str, value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise KVBufferError(name, f"{op}() needs a torch.Tensor, got {type(value).__name__}")
+    try:
+        check_sendable(value)
+    except UnsupportedTensorError as exc:
+        raise KVBufferError(name, f"{op}() cannot send it: {exc}") from None
+    return value
+
+
+def _check_tokens(op: str, value: Any) -> torch.Tensor:
+    tokens = _check_tensor(op, "tokens", value)
+    if tokens.dim() != 1:
+        raise KVBufferError(
+            "tokens", f"{op}() needs a 1-D tensor of token ids, got shape {tuple(tokens.shape)}"
+        )
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype is torch.bool:
+        raise KVBufferError("tokens", f"{op}() needs integer token ids, got {tokens.dtype}")
+    return tokens
+
+
+def _check_roi(op: str, value: Any, tokens: torch.Tensor) -> torch.Tensor | None:
+    if value is None:
+        return None
+    roi = _check_tensor(op, "roi", value)
+    if roi.dtype is not torch.bool:
+        raise KVBufferError("roi", f"{op}() needs a bool mask over tokens, got {roi.dtype}")
+    if roi.shape != tokens.shape:
+        raise KVBufferError(
+            "roi",
+            f"{op}(): mask shape {tuple(roi.shape)} does not match tokens shape "
+            f"{tuple(tokens.shape)}",
+        )
+    return roi
+
+
+def _selected(tokens: torch.Tensor, roi: torch.Tensor | None) -> torch.Tensor:
+    """The token ids a request is matched on, as a CPU int64 tensor."""
+    chosen = tokens if roi is None else tokens[roi.to(tokens.device)]
+    return chosen.to(device="cpu", dtype=torch.int64)
+
+
+def _match_key(selected: torch.Tensor) -> bytes:
+    return selected.contiguous().numpy().tobytes()
+
+
+# ----------------------------------------------------------------- state
+
+
+@dataclass
+class _Entry:
+    items: tuple[torch.Tensor | None, ...]  # tokens, roi, key, value, hidden
+    key: bytes
+    nbytes: int
+
+
+@dataclass
+class _Outgoing:
+    """An answer, sent whole by the writer: the data, then the signal message.
+
+    Only the writer sends answers, so the n-th hit on the signal pipe always
+    pairs with the n-th group of five tensors on the data pipe.
+    """
+
+    signal: torch.Tensor
+    data: Sequence[torch.Tensor | None] = ()
+    release: int = 0  # buffer bytes to free once the data pipe accepted the data
+
+
+@dataclass(frozen=True)
+class KVBufferStats:
+    """A snapshot for metrics; counters count since construction."""
+
+    entries: int  #: entries waiting in this side's buffer
+    buffered_bytes: int  #: bytes held against ``buffer_bytes`` (entries + answers leaving)
+    capacity_bytes: int  #: ``buffer_bytes``
+    inserted: int  #: successful ``insert`` calls
+    served_hits: int  #: requests from the peer answered with an entry
+    served_misses: int  #: requests from the peer answered with Nones
+    pending_requests: int  #: this side's ``drop_select`` calls awaiting an answer
+    abandoned_answers: int = 0  #: answers that came after their caller gave up
+
+
+@dataclass
+class _Counters:
+    inserted: int = 0
+    served_hits: int = 0
+    served_misses: int = 0
+    abandoned_answers: int = 0
+
+
+class KVLookupBuffer:
+    """One side of a KV lookup buffer between two ranks (see the module doc).
+
+    ``signal_pipe`` and ``data_pipe`` are two distinct, connected pipes of a
+    world of two, with the same rank on this side; the buffer owns them from
+    now on and closes them in :meth:`aclose`. Construct it inside the event
+    loop that runs the pipes (its background tasks start at once), or use
+    :meth:`connect`.
+    """
+
+    def __init__(
+        self,
+        signal_pipe: Pipe,
+        data_pipe: Pipe,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        *,
+        role: Role | None = None,
+    ) -> None:
+        if not isinstance(signal_pipe, Pipe):
+            raise KVBufferError("signal_pipe", f"must be a Pipe, got {type(signal_pipe).__name__}")
+        if not isinstance(data_pipe, Pipe):
+            raise KVBufferError("data_pipe", f"must be a Pipe, got {type(data_pipe).__name__}")
+        if signal_pipe is data_pipe:
+            raise KVBufferError("data_pipe", "must be a different Pipe from signal_pipe")
+        for name, pipe in (("signal_pipe", signal_pipe), ("data_pipe", data_pipe)):
+            # Requests and answers travel back to the sender, which a ring of
+            # more than two ranks would send elsewhere.
+            if pipe.config.world_size != 2:
+                raise KVBufferError(
+                    name, f"needs a world of 2 ranks, got world_size={pipe.config.world_size}"
+                )
+            if pipe.closed:
+                raise KVBufferError(name, "is closed")
+        if signal_pipe.config.device != "cpu":
+            raise KVBufferError(
+                "signal_pipe",
+                f"must receive onto the CPU (control messages are parsed on the host), "
+                f"got device={signal_pipe.config.device!r}",
+            )
+        if signal_pipe.rank != data_pipe.rank:
+            raise KVBufferError(
+                "data_pipe", f"is rank {data_pipe.rank}, signal_pipe is rank {signal_pipe.rank}"
+            )
+        if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < 1:
+            raise KVBufferError("buffer_bytes", f"must be a positive int, got {buffer_bytes!r}")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "KVLookupBuffer must be created inside the running event loop of its pipes"
+            ) from None
+        self.role = role
+        self._signal = signal_pipe
+        self._data = data_pipe
+        self._space = ByteSemaphore(buffer_bytes)
+        self._entries: dict[int, _Entry] = {}  # insertion order = age
+        self._by_key: dict[bytes, deque[int]] = {}
+        self._next_entry = 0
+        self._next_request = 0
+        self._pending: dict[int, asyncio.Future[KVResult]] = {}
+        self._outbox: asyncio.Queue[_Outgoing | None] = asyncio.Queue()
+        self._counters = _Counters()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._closing: asyncio.Future[None] | None = None
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        tag = f"kv-buffer rank {self.rank}"
+        self._reader = loop.create_task(self._read_loop(), name=f"{tag} reader")
+        self._writer = loop.create_task(self._write_loop(), name=f"{tag} writer")
+
+    # -- construction ----------------------------------------------------------
+    @classmethod
+    async def connect(
+        cls,
+        role: Role,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        *,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        device: str = "cpu",
+        **pipe_options: Any,
+    ) -> KVLookupBuffer:
+        """Connect both pipes to the peer and return this side's buffer.
+
+        The producer is rank 0 and serves the rendezvous; the signal pipe
+        uses ``port`` and the data pipe ``port + 1``. ``device`` is where
+        received KV tensors land (the signal pipe is always CPU);
+        ``pipe_options`` (``token``, ``connect_timeout``, ``transport``, ...)
+        go to both :class:`PipeConfig` s.
+        """
+        if role not in ("producer", "consumer"):
+            raise ConfigError("role", f"must be 'producer' or 'consumer', got {role!r}")
+        rank = 0 if role == "producer" else 1
+        signal_cfg = PipeConfig(rank=rank, world_size=2, host=host, port=port, **pipe_options)
+        data_cfg = signal_cfg.with_changes(port=port + 1, device=device)
+        if signal_cfg.transport in ("nccl", "cuda_ipc"):
+            # A few int64 values per message: never worth a GPU transport,
+            # whatever was asked for the data.
+            signal_cfg = signal_cfg.with_changes(transport="auto")
+        signal = await Pipe.connect(signal_cfg)
+        try:
+            data = await Pipe.connect(data_cfg)
+        except BaseException:
+            await asyncio.shield(_close_quietly(signal))
+            raise
+        try:
+            return cls(signal, data, buffer_bytes, role=role)
+        except BaseException:
+            await asyncio.shield(_close_quietly(signal, data))
+            raise
+
+    # -- metrics ---------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self._signal.rank
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def buffer_bytes(self) -> int:
+        return self._space.capacity
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held against ``buffer_bytes`` right now."""
+        return self._space.held
+
+    def __len__(self) -> int:
+        """Entries waiting in this side's buffer."""
+        return len(self._entries)
+
+    @property
+    def stats(self) -> KVBufferStats:
+        c = self._counters
+        return KVBufferStats(
+            entries=len(self._entries),
+            buffered_bytes=self._space.held,
+            capacity_bytes=self._space.capacity,
+            inserted=c.inserted,
+            served_hits=c.served_hits,
+            served_misses=c.served_misses,
+            pending_requests=len(self._pending),
+            abandoned_answers=c.abandoned_answers,
+        )
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise PipeClosedError(f"KVLookupBuffer on rank {self.rank} is closed")
+        if self._error is not None:
+            raise self._error
+
+    # -- producer --------------------------------------------------------------
+    async def insert(
+        self,
+        tokens: torch.Tensor,
+        roi: torch.Tensor | None,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        hidden: torch.Tensor | None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Add an entry that the peer can ``drop_select`` by its tokens.
+
+        Waits (no polling) while the buffer is full; raises TransferTimeout
+        after ``timeout`` seconds, KVBufferError (naming the argument) for
+        unusable tensors, PeerClosedError once the peer is gone. Keeps
+        references: do not modify the tensors afterwards.
+        """
+        self._check_usable()
+        tokens = _check_tokens("insert", tokens)
+        roi = _check_roi("insert", roi, tokens)
+        key = _check_tensor("insert", "key", key)
+        value = _check_tensor("insert", "value", value)
+        if value.shape != key.shape or value.dtype != key.dtype:
+            raise KVBufferError(
+                "value",
+                f"insert(): {value.dtype} {tuple(value.shape)} does not match key "
+                f"{key.dtype} {tuple(key.shape)}",
+            )
+        if value.device != key.device:
+            raise KVBufferError("value", f"insert(): on {value.device}, key is on {key.device}")
+        if hidden is not None:
+            hidden = _check_tensor("insert", "hidden", hidden)
+            if hidden.device != key.device:
+                raise KVBufferError(
+                    "hidden", f"insert(): on {hidden.device}, key is on {key.device}"
+                )
+        items = (tokens, roi, key, value, hidden)
+        nbytes = sum(_nbytes(t) for t in items)
+        match_key = _match_key(_selected(tokens, roi))
+        if not self._space.try_acquire(nbytes):
+            async with deadline(
+                timeout,
+                lambda: (
+                    f"insert on rank {self.rank}: waiting for {nbytes} bytes of "
+                    f"buffer ({self._space.held}/{self._space.capacity} held)"
+                ),
+            ):
+                await self._space.acquire(nbytes)
+        if self._closed or self._error is not None:
+            self._space.release(nbytes)
+            self._check_usable()
+        entry_id = self._next_entry
+        self._next_entry += 1
+        self._entries[entry_id] = _Entry(items, match_key, nbytes)
+        self._by_key.setdefault(match_key, deque()).append(entry_id)
+        self._counters.inserted += 1
+
+    async def wait_drained(self, *, timeout: float | None = None) -> None:
+        """Wait until the peer has taken every inserted entry and its data left.
+
+        For a producer's graceful shutdown: closing earlier would drop the
+        entries nobody fetched yet. Raises PeerClosedError if the peer goes
+        away first, TransferTimeout after ``timeout`` seconds.
+        """
+        self._check_usable()
+        async with deadline(
+            timeout,
+            lambda: (
+                f"wait_drained on rank {self.rank}: {len(self._entries)} entries, "
+                f"{self._space.held} bytes still buffered"
+            ),
+        ):
+            while self._space.held:
+                waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._drain_waiters.append(waiter)
+                try:
+                    await waiter
+                finally:
+                    if waiter in self._drain_waiters:
+                        self._drain_waiters.remove(waiter)
+
+    def _take(self, match_key: bytes | None) -> _Entry | None:
+        """Remove and return the oldest entry matching ``match_key`` (None: any)."""
+        if match_key is None:
+            entry_id = next(iter(self._entries), None)
+            if entry_id is None:
+                return None
+            match_key = self._entries[entry_id].key
+        ids = self._by_key.get(match_key)
+        if not ids:
+            return None
+        entry_id = ids.popleft()
+        if not ids:
+            del self._by_key[match_key]
+        return self._entries.pop(entry_id)
+
+    # -- consumer --------------------------------------------------------------
+    async def drop_select(
+        self,
+        tokens: torch.Tensor | None,
+        roi: torch.Tensor | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> KVResult:
+        """Take the peer's entry matching ``tokens[roi]`` (``None``: its oldest).
+
+        Returns ``[tokens, roi, key, value, hidden]`` as inserted (tensors on
+        the data pipe's device), removed from the peer's buffer, or five
+        ``None`` s when nothing matches. Raises PeerClosedError if the peer
+        closes or dies first, TransferTimeout after ``timeout`` seconds. A
+        request that timed out or was cancelled may still have removed its
+        entry on the peer; that entry is then dropped.
+        """
+        self._check_usable()
+        query: torch.Tensor | None = None
+        if tokens is not None:
+            tokens = _check_tokens("drop_select", tokens)
+            query = _selected(tokens, _check_roi("drop_select", roi, tokens))
+        elif roi is not None:
+            raise KVBufferError("roi", "drop_select(): a mask needs tokens to select from")
+        request_id = self._next_request
+        self._next_request += 1
+        request = _message(_REQUEST, request_id, _ANY if query is None else _BY_TOKENS, query)
+        answer: asyncio.Future[KVResult] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = answer
+        try:
+            async with deadline(
+                timeout,
+                lambda: (
+                    f"drop_select on rank {self.rank} (request {request_id}, "
+                    f"{'any entry' if query is None else f'{query.numel()} tokens'})"
+                ),
+            ):
+                # Sent by the caller, not the writer task: one hop less, and a
+                # one-frame message cannot be torn by cancellation.
+                await self._signal.send(request, timeout=None)
+                return await answer
+        finally:
+            self._pending.pop(request_id, None)
+
+    # -- background tasks --------------------------------------------------------
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                message = await self._signal.recv(timeout=None)
+                kind, request_id, status, query_key = _parse_message(message)
+                if kind == _REQUEST:
+                    self._serve(request_id, None if status == _ANY else query_key)
+                    continue
+                result = _NO_ANSWER
+                if status == _HIT:
+                    result = [await self._data.recv(timeout=None) for _ in range(_ITEMS)]
+                waiter = self._pending.pop(request_id, None)
+                if waiter is None or waiter.done():
+                    self._counters.abandoned_answers += 1
+                else:
+                    waiter.set_result(list(result))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._break(exc)
+
+    def _serve(self, request_id: int, match_key: bytes | None) -> None:
+        entry = self._take(match_key)
+        if entry is None:
+            self._counters.served_misses += 1
+            self._outbox.put_nowait(_Outgoing(_message(_ANSWER, request_id, _MISS)))
+            return
+        self._counters.served_hits += 1
+        self._outbox.put_nowait(
+            _Outgoing(_message(_ANSWER, request_id, _HIT), entry.items, entry.nbytes)
+        )
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                message = await self._outbox.get()
+                if message is None:
+                    return
+                # Data first: by the time the peer wakes up for the answer, its
+                # tensors are already arriving, which saves it a sleep/wake.
+                for tensor in message.data:
+                    await self._data.send(tensor, timeout=None)
+                await self._signal.send(message.signal, timeout=None)
+                if message.release:
+                    self._space.release(message.release)
+                    if self._space.held == 0:
+                        self._wake_drain_waiters(None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._break(exc)
+
+    def _break(self, error: BaseException) -> None:
+        """The link is broken: fail every waiter now and every call from now on."""
+        if self._error is not None or self._closed:
+            return
+        if type(error) is PeerClosedError:
+            # Say which object broke; the pipe's own message stays as the cause.
+            wrapped = PeerClosedError(
+                f"KVLookupBuffer on rank {self.rank}: the peer closed or went away ({error})"
+            )
+            wrapped.__cause__ = error
+            error = wrapped
+        self._error = error
+        self._space.close(error)
+        self._fail_pending(error)
+        self._wake_drain_waiters(error)
+
+    def _wake_drain_waiters(self, error: BaseException | None) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+    def _fail_pending(self, error: BaseException) -> None:
+        pending, self._pending = self._pending, {}
+        for waiter in pending.values():
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    # -- closing ---------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Send what is queued (bounded by the pipes' ``close_timeout``), then
+        stop the tasks and close both pipes, so the peer sees PeerClosedError.
+
+        Idempotent; frees everything even when cancelled. Waiting
+        ``insert``/``drop_select`` calls raise PipeClosedError.
+        """
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._teardown())
+        await asyncio.shield(self._closing)
+
+    async def _teardown(self) -> None:
+        closed = PipeClosedError(f"KVLookupBuffer on rank {self.rank} is closed")
+        self._closed = True
+        self._space.close(closed)
+        self._fail_pending(closed)
+        self._wake_drain_waiters(closed)
+        self._outbox.put_nowait(None)
+        try:
+            if self._error is None:
+                with contextlib.suppress(Exception):
+                    async with deadline(self._signal.config.close_timeout, lambda: "close"):
+                        await asyncio.shield(self._writer)
+        finally:
+            for task in (self._writer, self._reader):
+                task.cancel()
+            await asyncio.gather(self._writer, self._reader, return_exceptions=True)
+            await _close_quietly(self._signal, self._data)
+            self._entries.clear()
+            self._by_key.clear()
+
+    async def __aenter__(self) -> KVLookupBuffer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("broken" if self._error else "open")
+        role = f" {self.role}" if self.role else ""
+        return (
+            f"<KVLookupBuffer rank={self.rank}{role} entries={len(self._entries)} "
+            f"bytes={self._space.held}/{self._space.capacity} {state}>"
+        )
+
+
+async def _close_quietly(*pipes: Pipe) -> None:
+    """Close pipes whose peer may be gone: a broken link is not a close error."""
+    for pipe in pipes:
+        with contextlib.suppress(AiokvpipeError, OSError):
+            await pipe.aclose()
