@@ -126,7 +126,7 @@ async def test_timeout_raises_transfer_timeout() -> None:
     elapsed = time.perf_counter() - start
     assert isinstance(info.value, TimeoutError)
     assert "test event" in str(info.value)
-    assert 0.05 <= elapsed < 1.0
+    assert 0.045 <= elapsed < 1.0  # uvloop timers have 1 ms granularity
     assert event.polls > 1
 
 
