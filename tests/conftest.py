@@ -25,6 +25,21 @@ except ImportError:  # pragma: no cover - uvloop is in the test extra
 SHM_PREFIXES = ("aiokv", "akv")
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Move torch's and numpy's import-time objects out of the collector's way.
+
+    The leak checks call ``gc.collect()`` per test; with torch imported a full
+    collection costs ~80 ms, after ``gc.freeze()`` it only walks new objects.
+    """
+    import numpy  # noqa: F401
+    import torch  # noqa: F401
+
+    import aiokvpipe  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+
+
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     """Run every async test on both loops (the vLLM-style servers run uvloop)."""
     factories: dict[str, Any] = {"asyncio": asyncio.new_event_loop}
