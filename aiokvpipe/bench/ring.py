@@ -7,7 +7,9 @@ interpreter takes seconds to import the package), each scenario on a fresh
 ring. Baselines come from the same run:
 
 * wake-up latency and 64 B message rate: a ``multiprocessing.Pipe`` between
-  the same kind of processes (blocking ``send_bytes``/``recv_bytes``);
+  the same kind of processes (blocking ``send_bytes``/``recv_bytes``); and,
+  as context for the latency targets, the machine's floor for waking an
+  awaiting task on the same loop through an fd (a datagram, no ring);
 * idle waiting CPU: the reference ring's way of waiting, a reader polling its
   flag with ``time.sleep(1e-7)``;
 * 1 MiB bandwidth: a single-core memcpy of the same bytes, in 1 MiB pieces
@@ -186,8 +188,64 @@ def poll_idle(conn: Connection, flag_name: str, seconds: float) -> tuple[float, 
     return result
 
 
+def floor_read(conn: Connection, address: bytes, loop_name: str, n: int) -> list[int]:
+    """The environment's floor: a task awaiting a datagram, no ring at all."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.setblocking(False)
+
+    async def body() -> list[int]:
+        loop = asyncio.get_running_loop()
+        lat: list[int] = []
+        fut: asyncio.Future[None] | None = None
+
+        def on_readable() -> None:
+            sent = _STAMP.unpack(sock.recv(64)[: _STAMP.size])[0]
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            lat.append(sent)
+
+        loop.add_reader(sock.fileno(), on_readable)
+        try:
+            conn.send("ready")
+            for _ in range(n):
+                fut = loop.create_future()
+                await fut
+                lat[-1] = time.perf_counter_ns() - lat[-1]
+        finally:
+            loop.remove_reader(sock.fileno())
+        return lat
+
+    try:
+        return list(_run_loop(loop_name, body()))
+    finally:
+        sock.close()
+
+
+def floor_write(conn: Connection, address: bytes, loop_name: str, n: int, interval: float) -> str:
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    async def body() -> None:
+        for _ in range(n):
+            await asyncio.sleep(interval)
+            sock.sendto(_STAMP.pack(time.perf_counter_ns()), address)
+
+    try:
+        conn.send("ready")
+        conn.recv()
+        _run_loop(loop_name, body())
+    finally:
+        sock.close()
+    return "done"
+
+
 _COMMANDS: dict[str, Callable[..., Any]] = {
-    f.__name__: f for f in (ring_write, ring_read, pipe_write, pipe_read, poll_idle)
+    f.__name__: f
+    for f in (ring_write, ring_read, pipe_write, pipe_read, poll_idle, floor_read, floor_write)
 }
 
 
@@ -301,7 +359,7 @@ def run(args: argparse.Namespace) -> list[Result]:
     idle_s = getattr(args, "idle_seconds", None) or (1.0 if quick else 5.0)
     small_n = getattr(args, "small_messages", None) or (60_000 if quick else 300_000)
     large_n = getattr(args, "large_messages", None) or (800 if quick else 4000)
-    progress = Progress(3 + 5 * len(loops), "ring")
+    progress = Progress(3 + 6 * len(loops), "ring")
     results: list[Result] = []
 
     pipe_pairs = [_ctx.Pipe(duplex=False) for _ in range(2)]
@@ -339,6 +397,26 @@ def run(args: argparse.Namespace) -> list[Result]:
         progress.step("memcpy baseline")
 
         for loop in loops:
+            address = f"\0aiokv_bench_floor_{os.getpid()}".encode()
+            lat = _scenario(
+                writer,
+                readers[:1],
+                ("floor_write", address, loop, sparse_n, 0.002),
+                [("floor_read", address, loop, sparse_n)],
+            )[0]
+            for q in (0.50, 0.99):
+                results.append(
+                    Result(
+                        SUITE,
+                        f"{loop}: fd wake-up floor p{q * 100:.0f} (datagram -> awaiting task)",
+                        _pct(lat, q),
+                        "us",
+                        f"mp.Pipe p{q * 100:.0f}",
+                        _pct(base_lat[1], q),
+                        "context, no ring",
+                    )
+                )
+            progress.step(f"{loop} fd wake-up floor")
             for k in (1, 2):
                 lat = _flat(
                     _ring(writer, readers[:k], loop, "stamped", sparse_n, 64, 4096, 16, 0.002)
