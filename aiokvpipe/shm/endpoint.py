@@ -17,7 +17,7 @@ Chunk protocol, per chunk flags ``[written, read_0 .. read_{n-1}]``:
 
 Waiting: spin with ``asyncio.sleep(0)`` for ``spin_seconds``; then announce
 "parked", fence, recheck, and only then wait on the doorbell fd (plus the
-writer's pidfd, for readers) for at most a safety interval growing from 2 ms
+writer's pidfd, for readers) for at most a safety interval growing from 20 ms
 to 50 ms, so even a lost ring costs bounded latency, and an idle waiter wakes
 ~20 times a second. The same coroutines serve the blocking API: with
 ``blocking=True`` they never suspend (they spin and ``poll`` instead).
@@ -110,7 +110,7 @@ class RingEndpoint:
         self._nflag = 1 + n
         self._nchunks = buffer.max_chunks
         self._cap = buffer.max_chunk_bytes
-        self._backoff = backoff or Backoff(spin_seconds=50e-6, initial_sleep=2e-3, max_sleep=50e-3)
+        self._backoff = backoff or Backoff(spin_seconds=50e-6, initial_sleep=20e-3, max_sleep=50e-3)
         self._pidfd: int | None = None
         self._writer: ProcessIdentity | None = None
         name = buffer.name

@@ -93,7 +93,7 @@ class ShmRingBufferIO(RingEndpoint):
     ``backoff`` is the waiting policy: its ``spin_seconds`` is the spin phase
     (bare yields to the loop), its growing sleeps are the safety intervals a
     parked call waits on the doorbell before rechecking on its own. The
-    default spins 50 us, then parks for 2 ms growing to 50 ms.
+    default spins 50 us, then parks for 20 ms growing to 50 ms.
     """
 
     def __init__(
