@@ -13,6 +13,7 @@ from typing import Any
 import numpy
 import torch
 
+from .bufpool import RecvBufferPool
 from .errors import UnsupportedTensorError
 from .wire import MAX_DIMS, FrameHeader, FrameKind, dtype_code, tensor_header
 
@@ -75,13 +76,16 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
-def empty_for(header: FrameHeader) -> tuple[torch.Tensor, memoryview]:
+def empty_for(
+    header: FrameHeader, pool: RecvBufferPool | None = None
+) -> tuple[torch.Tensor, memoryview]:
     """Allocate the CPU destination of a tensor frame.
 
     Returns ``(tensor, dest)``: ``dest`` is a writable byte view of the
     tensor's memory, into which the payload is received. numpy allocates
     (cheaper than torch.empty per call, and it asks the kernel for huge pages
-    on big arrays); the tensor shares the array's memory.
+    on big arrays), or ``pool`` recycles warm blocks for large frames; the
+    tensor shares the array's memory.
     """
     assert header.dtype is not None
     if header.nbytes == 0:
@@ -93,7 +97,10 @@ def empty_for(header: FrameHeader) -> tuple[torch.Tensor, memoryview]:
         if len(header.shape) != 1:
             small = small.view(header.shape)
         return small, memoryview(block)
-    array = numpy.empty(header.nbytes, dtype=numpy.uint8)
+    if pool is not None:
+        array = pool.take(header.nbytes)
+    else:
+        array = numpy.empty(header.nbytes, dtype=numpy.uint8)
     raw = torch.from_numpy(array)
     tensor = raw if header.dtype is torch.uint8 else raw.view(header.dtype)
     if tensor.dim() != len(header.shape) or tuple(tensor.shape) != header.shape:

@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-gloo", action="store_true", help="skip the gloo baselines")
     parser.add_argument("--no-big", action="store_true", help="skip the 1 GiB cases")
+    parser.add_argument(
+        "--only",
+        default="throughput,rtt,lag,backpressure",
+        help="comma-separated parts to run (throughput, rtt, lag, backpressure)",
+    )
+    parser.add_argument("--sizes", default="", help="throughput sizes, e.g. 4KiB,4MiB,1GiB")
 
 
 # ----------------------------------------------------------------- process plumbing
@@ -229,7 +235,7 @@ def _raw_socket_worker(rank: int, queue: Any, port: int, size: int, count: int) 
             srv.close()
             return {"seconds": seconds}
         sock = _connect_retry(port)
-        payload = bytes(size)
+        payload = bytearray(b"\x01") * size  # real pages: bytes(size) would read the zero page
         for _ in range(count + 1):
             sock.sendall(payload)
         sock.recv(1)
@@ -277,7 +283,7 @@ def _asyncio_pingpong_worker(
 
     async def main() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        payload = bytes(size)
+        payload = bytearray(b"\x01") * size  # real pages: bytes(size) would read the zero page
         if rank == 1:
             done = loop.create_future()
             replies = 0
@@ -380,6 +386,24 @@ def memcpy_bandwidth(size: int, repeat: int = 10) -> float:
 # ----------------------------------------------------------------- the suite
 
 
+FRESH_PORT: Any = object()  # placeholder _best_rate replaces with a new free port
+
+
+def _best_rate(
+    repeats: int, nbytes: int, target: Callable[..., None], args: tuple[Any, ...]
+) -> tuple[float, dict[str, Any]]:
+    """Best of ``repeats`` runs, in bytes/s: noise on a shared 2-core box only slows a run.
+
+    Every run gets a new free port where ``args`` holds FRESH_PORT.
+    Returns the best rate and the workers' report from the last run.
+    """
+    best, got = 0.0, {}
+    for _ in range(repeats):
+        got = _run_pair(target, *(_free_port() if a is FRESH_PORT else a for a in args))
+        best = max(best, nbytes / got["seconds"])
+    return best, got
+
+
 def _p(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -394,8 +418,13 @@ def run(args: argparse.Namespace) -> list[Result]:
     transport = str(getattr(args, "transport", "tcp"))
     loops = _loops(args)
     results: list[Result] = []
-    sizes = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 64 * MiB] + ([] if args.no_big else [1 * GiB])
+    parts = {p.strip() for p in str(args.only).split(",")}
+    if args.sizes:
+        sizes = [_parse_size(s) for s in str(args.sizes).split(",")]
+    else:
+        sizes = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 64 * MiB] + ([] if args.no_big else [1 * GiB])
     budget = 256 * MiB if quick else 1 * GiB  # bytes per throughput case
+    repeats = 1 if quick else 3
     steps = len(sizes) * (1 + len(loops)) + 6 * len(loops) + 3
     progress = Progress(steps, "pipe")
     suite = f"pipe/{transport}"
@@ -404,175 +433,192 @@ def run(args: argparse.Namespace) -> list[Result]:
         return max(3, min(20000, budget // size))
 
     # -- throughput vs size
-    for size in sizes:
-        n = count_for(size)
-        raw = _run_pair(_raw_socket_worker, _free_port(), size, n)
-        raw_bps = size * n / raw["seconds"]
-        progress.step(f"raw socket {size}")
-        for loop_name in loops:
-            got = _run_pair(
-                _pipe_worker, "throughput", _free_port(), size, n, loop_name, transport, 1 * GiB
-            )
-            bps = size * n / got["seconds"]
-            target, ok = "", None
-            if size == 4 * MiB and transport == "tcp":
-                target, ok = ">= 0.90x raw socket", bps >= 0.9 * raw_bps
-            results.append(
-                Result(
-                    suite,
-                    f"throughput {_human(size)} ({loop_name})",
-                    bps / 1e9,
-                    "GB/s",
-                    "raw blocking socket",
-                    raw_bps / 1e9,
-                    target,
-                    ok,
-                    {
-                        "size": size,
-                        "count": n,
-                        "loop": loop_name,
-                        "transport": got.get("transport0"),
-                    },
+    if "throughput" in parts:
+        for size in sizes:
+            n = count_for(size)
+            raw_bps, _ = _best_rate(repeats, size * n, _raw_socket_worker, (FRESH_PORT, size, n))
+            progress.step(f"raw socket {size}")
+            for loop_name in loops:
+                bps, got = _best_rate(
+                    repeats,
+                    size * n,
+                    _pipe_worker,
+                    ("throughput", FRESH_PORT, size, n, loop_name, transport, 1 * GiB),
                 )
-            )
-            progress.step(f"{loop_name} {size}")
-    if not args.no_gloo:
-        size = 4 * MiB
-        n = count_for(size)
-        gloo = _run_pair(_gloo_worker, "throughput", _free_port(), size, n)
-        gloo_bps = size * n / gloo["seconds"]
-        for r in results:
-            if r.extra.get("size") == size:
+                target, ok = "", None
+                if size == 4 * MiB and transport == "tcp":
+                    target, ok = ">= 0.90x raw socket", bps >= 0.9 * raw_bps
                 results.append(
                     Result(
                         suite,
-                        f"throughput 4 MiB vs gloo ({r.extra['loop']})",
-                        r.value,
+                        f"throughput {_human(size)} ({loop_name})",
+                        bps / 1e9,
                         "GB/s",
-                        "gloo send/recv",
-                        gloo_bps / 1e9,
-                        "> 1.0x gloo",
-                        r.value * 1e9 > gloo_bps,
+                        "raw blocking socket",
+                        raw_bps / 1e9,
+                        target,
+                        ok,
+                        {
+                            "size": size,
+                            "count": n,
+                            "loop": loop_name,
+                            "transport": got.get("transport0"),
+                        },
                     )
                 )
-        progress.step("gloo 4 MiB")
+                progress.step(f"{loop_name} {size}")
+        if not args.no_gloo:
+            size = 4 * MiB
+            n = count_for(size)
+            gloo_bps, _ = _best_rate(
+                repeats,
+                size * n,
+                _gloo_worker,
+                ("throughput", FRESH_PORT, size, n),
+            )
+            for r in results:
+                if r.extra.get("size") == size:
+                    results.append(
+                        Result(
+                            suite,
+                            f"throughput 4 MiB vs gloo ({r.extra['loop']})",
+                            r.value,
+                            "GB/s",
+                            "gloo send/recv",
+                            gloo_bps / 1e9,
+                            "> 1.0x gloo",
+                            r.value * 1e9 > gloo_bps,
+                        )
+                    )
+            progress.step("gloo 4 MiB")
 
     # -- 4 KiB round trip
-    n_rtt = 500 if quick else 3000
-    gloo_rtt = None
-    if not args.no_gloo:
-        gloo_rtt = statistics.median(
-            _run_pair(_gloo_worker, "rtt", _free_port(), 4 * KiB, n_rtt)["samples"]
-        )
-        progress.step("gloo rtt")
-    for loop_name in loops:
-        base = _run_pair(_asyncio_pingpong_worker, _free_port(), 4 * KiB, n_rtt, loop_name)[
-            "samples"
-        ]
-        got = _run_pair(
-            _pipe_worker, "rtt", _free_port(), 4 * KiB, n_rtt, loop_name, transport, 1 * GiB
-        )["samples"]
-        p50, base50 = statistics.median(got), statistics.median(base)
-        results.append(
-            Result(
-                suite,
-                f"4 KiB round trip p50 ({loop_name})",
-                p50 * 1e6,
-                "us",
-                f"raw asyncio ping-pong ({loop_name})",
-                base50 * 1e6,
-                "<= 1.5x raw asyncio" if loop_name == "uvloop" else "",
-                (p50 <= 1.5 * base50) if loop_name == "uvloop" else None,
+    if "rtt" in parts:
+        n_rtt = 500 if quick else 3000
+        gloo_rtt = None
+        if not args.no_gloo:
+            gloo_rtt = statistics.median(
+                _run_pair(_gloo_worker, "rtt", _free_port(), 4 * KiB, n_rtt)["samples"]
             )
-        )
-        results.append(
-            Result(
-                suite,
-                f"4 KiB round trip p99 ({loop_name})",
-                _p(got, 0.99) * 1e6,
-                "us",
-                f"raw asyncio ping-pong ({loop_name})",
-                _p(base, 0.99) * 1e6,
-            )
-        )
-        if gloo_rtt is not None:
+            progress.step("gloo rtt")
+        for loop_name in loops:
+            base = _run_pair(_asyncio_pingpong_worker, _free_port(), 4 * KiB, n_rtt, loop_name)[
+                "samples"
+            ]
+            got = _run_pair(
+                _pipe_worker, "rtt", _free_port(), 4 * KiB, n_rtt, loop_name, transport, 1 * GiB
+            )["samples"]
+            p50, base50 = statistics.median(got), statistics.median(base)
             results.append(
                 Result(
                     suite,
-                    f"4 KiB round trip p50 vs gloo ({loop_name})",
+                    f"4 KiB round trip p50 ({loop_name})",
                     p50 * 1e6,
                     "us",
-                    "gloo send/recv",
-                    gloo_rtt * 1e6,
-                    "<= 0.5x gloo",
-                    p50 <= 0.5 * gloo_rtt,
+                    f"raw asyncio ping-pong ({loop_name})",
+                    base50 * 1e6,
+                    "<= 1.5x raw asyncio" if loop_name == "uvloop" else "",
+                    (p50 <= 1.5 * base50) if loop_name == "uvloop" else None,
                 )
             )
-        progress.step(f"rtt {loop_name}")
-
-    # -- event-loop responsiveness while 1 GiB moves
-    lag_size = 256 * MiB if (quick or args.no_big) else 1 * GiB
-    for loop_name in loops:
-        got = _run_pair(
-            _pipe_worker, "lag", _free_port(), lag_size, 2, loop_name, transport, 2 * GiB
-        )
-        for rank in (0, 1):
-            lags = got[f"lags{rank}"]
-            p99 = _p(lags, 0.99) if lags else 0.0
             results.append(
                 Result(
                     suite,
-                    f"loop lag p99, {'sender' if rank == 0 else 'receiver'}, "
-                    f"{_human(lag_size)} moving ({loop_name})",
-                    p99 * 1e3,
-                    "ms",
-                    "1 ms ticker period",
-                    1.0,
-                    "<= 2 ms",
-                    p99 * 1e3 <= 2.0,
-                    {"ticks": len(lags)},
+                    f"4 KiB round trip p99 ({loop_name})",
+                    _p(got, 0.99) * 1e6,
+                    "us",
+                    f"raw asyncio ping-pong ({loop_name})",
+                    _p(base, 0.99) * 1e6,
                 )
             )
-        progress.step(f"lag {loop_name}")
+            if gloo_rtt is not None:
+                results.append(
+                    Result(
+                        suite,
+                        f"4 KiB round trip p50 vs gloo ({loop_name})",
+                        p50 * 1e6,
+                        "us",
+                        "gloo send/recv",
+                        gloo_rtt * 1e6,
+                        "<= 0.5x gloo",
+                        p50 <= 0.5 * gloo_rtt,
+                    )
+                )
+            progress.step(f"rtt {loop_name}")
+
+    # -- event-loop responsiveness while 1 GiB moves
+    if "lag" in parts:
+        lag_size = 256 * MiB if (quick or args.no_big) else 1 * GiB
+        for loop_name in loops:
+            got = _run_pair(
+                _pipe_worker, "lag", _free_port(), lag_size, 2, loop_name, transport, 2 * GiB
+            )
+            for rank in (0, 1):
+                lags = got[f"lags{rank}"]
+                p99 = _p(lags, 0.99) if lags else 0.0
+                results.append(
+                    Result(
+                        suite,
+                        f"loop lag p99, {'sender' if rank == 0 else 'receiver'}, "
+                        f"{_human(lag_size)} moving ({loop_name})",
+                        p99 * 1e3,
+                        "ms",
+                        "1 ms ticker period",
+                        1.0,
+                        "<= 2 ms",
+                        p99 * 1e3 <= 2.0,
+                        {"ticks": len(lags)},
+                    )
+                )
+            progress.step(f"lag {loop_name}")
 
     # -- backpressure: 64 MiB window, a receiver that stops reading for 2 s
-    window, chunk = 64 * MiB, 4 * MiB
-    for loop_name in loops[:1]:
-        got = _run_pair(
-            _pipe_worker, "backpressure", _free_port(), chunk, 40, loop_name, transport, window
-        )
-        results.append(
-            Result(
-                suite,
-                "backpressure: peak accepted-unsent bytes",
-                got["peak"] / MiB,
-                "MiB",
-                "window (buffer_bytes)",
-                window / MiB,
-                "<= window + one tensor",
-                got["peak"] <= window + chunk,
+    if "backpressure" in parts:
+        window, chunk = 64 * MiB, 4 * MiB
+        for loop_name in loops[:1]:
+            got = _run_pair(
+                _pipe_worker, "backpressure", _free_port(), chunk, 40, loop_name, transport, window
             )
-        )
-        cpu_pct = 100.0 * got["cpu"] / max(got["blocked"], 1e-9)
-        results.append(
-            Result(
-                suite,
-                "backpressure: sender CPU while blocked",
-                cpu_pct,
-                "% of a core",
-                "",
-                None,
-                "~0% (<= 5%)",
-                cpu_pct <= 5.0,
-                {"blocked_s": got["blocked"]},
+            results.append(
+                Result(
+                    suite,
+                    "backpressure: peak accepted-unsent bytes",
+                    got["peak"] / MiB,
+                    "MiB",
+                    "window (buffer_bytes)",
+                    window / MiB,
+                    "<= window + one tensor",
+                    got["peak"] <= window + chunk,
+                )
             )
-        )
-        progress.step("backpressure")
+            cpu_pct = 100.0 * got["cpu"] / max(got["blocked"], 1e-9)
+            results.append(
+                Result(
+                    suite,
+                    "backpressure: sender CPU while blocked",
+                    cpu_pct,
+                    "% of a core",
+                    "",
+                    None,
+                    "~0% (<= 5%)",
+                    cpu_pct <= 5.0,
+                    {"blocked_s": got["blocked"]},
+                )
+            )
+            progress.step("backpressure")
     results.append(
         Result(suite, "single-core memcpy 64 MiB", memcpy_bandwidth(64 * MiB) / 1e9, "GB/s")
     )
     progress.step("memcpy")
     return results
+
+
+def _parse_size(text: str) -> int:
+    text = text.strip()
+    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB), ("B", 1)):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * scale)
+    return int(text)
 
 
 def _human(size: int) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .._timeouts import deadline
+from ..bufpool import RecvBufferPool
 from ..errors import (
     AiokvpipeError,
     PeerClosedError,
@@ -40,6 +41,8 @@ _MAX_IOV = 64
 _PUMP_BYTES = 4 << 20  # bytes written per callback before yielding to the loop
 _READ_SLICE = 4 << 20  # most bytes one recv_into may take
 _READ_BUDGET = 8 << 20  # most bytes one wakeup may read, for loop latency
+_LOWAT_MAX = 1 << 20  # SO_RCVLOWAT while a large payload streams in
+_POOL_MAX = 256 << 20  # idle receive blocks kept for reuse
 _STAGING = 256 << 10  # reusable read buffer for headers and small payloads
 
 
@@ -288,8 +291,11 @@ class _FrameParser:
         """``nbytes`` were read into :meth:`buffer`; may raise ProtocolError."""
         if self._direct is not None:
             self._direct_got += nbytes
-            if self._direct_got == len(self._direct):
+            left = len(self._direct) - self._direct_got
+            if left == 0:
                 self._finish_direct()
+            elif left < _LOWAT_MAX:
+                self._channel._set_lowat(left)
             return
         self._have += nbytes
         self._parse_staging()
@@ -320,7 +326,7 @@ class _FrameParser:
             if header.kind is FrameKind.NONE:
                 channel._deliver(None, 0)
                 continue
-            tensor, dest = empty_for(header)
+            tensor, dest = empty_for(header, channel.pool)
             available = self._have - pos
             if available >= header.nbytes:
                 if header.nbytes:
@@ -333,6 +339,9 @@ class _FrameParser:
             dest[:available] = view[pos : self._have]
             self._have = 0
             self._direct, self._direct_got, self._direct_tensor = dest, available, tensor
+            # Wake only when a worthwhile piece (or the rest) has arrived: far
+            # fewer loop iterations per large payload.
+            channel._set_lowat(min(header.nbytes - available, _LOWAT_MAX))
             return
         # keep a partial header at the start of the staging buffer
         rest = self._have - pos
@@ -341,6 +350,7 @@ class _FrameParser:
         self._have = rest
 
     def _finish_direct(self) -> None:
+        self._channel._set_lowat(1)
         tensor, nbytes = self._direct_tensor, len(self._direct or b"")
         self._direct, self._direct_got, self._direct_tensor = None, 0, None
         self._channel._deliver(tensor, nbytes)
@@ -370,6 +380,9 @@ class TcpRecvChannel(RecvChannel):
         self._closed = False
         self._stopped = False  # no more frames will be delivered
         self._reading = False
+        self._lowat = 1
+        # Warm receive blocks for large payloads, bounded by the window.
+        self.pool = RecvBufferPool(min(link.config.buffer_bytes, _POOL_MAX))
         self._parser = _FrameParser(self)
         self._resume_reading()
 
@@ -378,6 +391,19 @@ class TcpRecvChannel(RecvChannel):
         return self._error
 
     # -- socket ----------------------------------------------------------------
+    def _set_lowat(self, nbytes: int) -> None:
+        """Ask the kernel to report readable only once ``nbytes`` are queued.
+
+        Never above the bytes still owed by the current frame, so it cannot
+        wait for data the sender has no reason to send.
+        """
+        if nbytes != self._lowat and self._sock.fileno() >= 0:
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
+            except OSError:
+                return  # not supported here: plain wakeups still work
+            self._lowat = nbytes
+
     def _resume_reading(self) -> None:
         if not self._reading and not self._stopped:
             self._loop.add_reader(self._fd, self._on_readable)
@@ -505,6 +531,7 @@ class TcpRecvChannel(RecvChannel):
                 item.cancel()
         self._ready.clear()
         self._wake()
+        self.pool.close()
         self._sock.close()
 
 
