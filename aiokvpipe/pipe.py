@@ -193,8 +193,13 @@ class Pipe:
         self._next_seq += 1
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inflight.add(done)
-        done.add_done_callback(lambda f: self._on_done(f, nbytes))
         self._sender.submit(OutgoingMessage(header, data, done))
+        if done.done():
+            # Written synchronously (the common case for small tensors):
+            # settle now instead of paying a loop iteration for the callback.
+            self._on_done(done, nbytes)
+        else:
+            done.add_done_callback(lambda f: self._on_done(f, nbytes))
         return Transfer(done, header.seq, nbytes)
 
     def _on_done(self, fut: asyncio.Future[None], nbytes: int) -> None:
