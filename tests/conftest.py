@@ -11,6 +11,7 @@ import asyncio
 import gc
 import os
 import socket
+import struct
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -52,11 +53,44 @@ def _open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
 
+def _is_ours(pid: int) -> bool:
+    """True if ``pid`` is this process, a descendant of it, or no longer running."""
+    me = os.getpid()
+    while pid > 1:
+        if pid == me:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+                pid = int(fh.read().rsplit(")", 1)[1].split()[1])  # the parent's pid
+        except (OSError, ValueError, IndexError):
+            return True  # exited: whoever left its segment behind leaked it
+    return False
+
+
 def _shm_entries() -> set[str]:
+    """Our segments in /dev/shm: those whose creator is this test process's family.
+
+    Segments of unrelated processes (a benchmark running beside the tests)
+    are not this test's leaks. The creator's pid sits in the ring header.
+    """
+    from aiokvpipe.shm.ring import CREATOR_OFF, IDENTITY
+
     try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIXES)}
+        names = [n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIXES)]
     except FileNotFoundError:  # pragma: no cover
         return set()
+    ours = set()
+    for name in names:
+        try:
+            with open(f"/dev/shm/{name}", "rb") as fh:
+                head = fh.read(CREATOR_OFF + IDENTITY.size)
+            pid = IDENTITY.unpack_from(head, CREATOR_OFF)[0]
+        except (OSError, struct.error):
+            ours.add(name)  # unreadable or foreign layout: count it, to be safe
+            continue
+        if _is_ours(pid):
+            ours.add(name)
+    return ours
 
 
 def _describe_fds(fds: set[int]) -> list[str]:
