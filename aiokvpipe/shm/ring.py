@@ -272,6 +272,20 @@ class ShmRingBuffer:
         """Unmap; the creator also unlinks the name. Idempotent."""
         self._finalizer()
 
+    def unlink(self) -> None:
+        """Creator: remove the name now; every mapping stays valid. Idempotent.
+
+        Once every peer has attached, the name is only a liability: a process
+        killed by a signal can never remove it. Unlinking early leaves nothing
+        in ``/dev/shm``; the memory lives until the last mapping goes.
+        :meth:`close` then only unmaps. Attachers never unlink (no-op).
+        """
+        mapping = self._mapping
+        if mapping.unlink:
+            mapping.unlink = False
+            with contextlib.suppress(FileNotFoundError):
+                _posixshmem.shm_unlink(_shm_path(mapping.name))
+
     def __enter__(self) -> ShmRingBuffer:
         return self
 
