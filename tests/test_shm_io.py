@@ -441,3 +441,13 @@ def test_filesystem_doorbells(tmp_path: Any) -> None:
         bell.close()
         other.close()
     assert not os.path.exists(addr)
+
+
+async def test_spin_window_adapts_to_streams_and_resets_for_sparse_traffic() -> None:
+    async with ring_of() as (_writer, (reader,)):
+        base = reader._backoff.spin_seconds
+        for _ in range(10):
+            reader._adapt_spin(base)  # parks that ended right after the spin window
+        assert reader._backoff.spin_seconds == 8 * base, "streams stop parking"
+        reader._adapt_spin(0.002)  # a real wait, as between sparse messages
+        assert reader._backoff.spin_seconds == base

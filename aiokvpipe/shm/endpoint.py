@@ -65,6 +65,7 @@ DESC_SIZE = DESC.size
 unpack_desc = DESC.unpack_from
 _pack_desc = DESC.pack_into
 _monotonic = time.monotonic
+_perf_counter = time.perf_counter
 _WRITER_PARK_WORD = WRITER_PARKED_OFF // 4
 
 
@@ -111,6 +112,8 @@ class RingEndpoint:
         self._nchunks = buffer.max_chunks
         self._cap = buffer.max_chunk_bytes
         self._backoff = backoff or Backoff(spin_seconds=50e-6, initial_sleep=20e-3, max_sleep=50e-3)
+        self._spin_base = self._backoff.spin_seconds
+        self._spin_max = 8 * self._spin_base
         self._pidfd: int | None = None
         self._writer: ProcessIdentity | None = None
         name = buffer.name
@@ -335,12 +338,15 @@ class RingEndpoint:
         backoff.reset()
         words, word, bell = self._words, self._park_word, self._bell
         reason: str | None = None
+        parked_at = 0.0
         while True:
             delay = backoff.next_delay()
             if delay == 0.0:
                 if not blocking:
                     await asyncio.sleep(0)
             else:
+                if not parked_at:
+                    parked_at = _perf_counter()
                 if deadline is not None:
                     left = deadline - _monotonic()
                     if left <= 0:
@@ -353,6 +359,7 @@ class RingEndpoint:
                 try:
                     idx = poll()
                     if idx is not None:
+                        self._adapt_spin(_perf_counter() - parked_at)
                         return idx
                     self._check_peer(reason)
                     if blocking:
@@ -366,9 +373,26 @@ class RingEndpoint:
                     raise PipeClosedError(f"ring endpoint on {self.buffer.name!r} was closed")
             idx = poll()
             if idx is not None:
+                if parked_at:
+                    self._adapt_spin(_perf_counter() - parked_at)
                 return idx
             if deadline is not None and _monotonic() >= deadline:
                 raise self._timeout_error(timeout)
+
+    def _adapt_spin(self, parked_for: float) -> None:
+        """Spin longer after parks that were barely needed, back to base after real waits.
+
+        In a stream the other side frees or fills a chunk within microseconds,
+        yet a park costs a full wake-up (tens of us, more in a VM), twice per
+        bubble. A park that ended within 4x the spin window doubles the window
+        (up to 8x base); any longer park, as between sparse messages, resets it.
+        """
+        backoff = self._backoff
+        spin = backoff.spin_seconds
+        if parked_for <= 4 * spin:
+            backoff.spin_seconds = min(spin * 2, self._spin_max)
+        else:
+            backoff.spin_seconds = self._spin_base
 
     def _unpark(self) -> None:
         if self._park_gen & 1:
