@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections import deque
 from typing import Any
 
@@ -38,11 +39,13 @@ from ..wire import HEADER_SIZE, FrameHeader, FrameKind, decode_header
 from .base import Link, OutgoingMessage, RecvChannel, SendChannel, Transport
 
 _MAX_IOV = 64
-_PUMP_BYTES = 4 << 20  # bytes written per callback before yielding to the loop
-_READ_SLICE = 4 << 20  # most bytes one recv_into may take
-_READ_BUDGET = 8 << 20  # most bytes one wakeup may read, for loop latency
+# Loop latency: one callback stops after ~_SLICE_SECONDS of copying (time,
+# not bytes: first-touch page faults can make a byte budget 20x slower).
+_SLICE_SECONDS = 0.5e-3
+_SEND_SLICE = 512 << 10  # most bytes handed to one send call
+_READ_SLICE = 1 << 20  # most bytes one recv_into may take
+_MIN_READ_SLICE = 64 << 10
 _LOWAT_MAX = 1 << 20  # SO_RCVLOWAT while a large payload streams in
-_POOL_MAX = 256 << 20  # idle receive blocks kept for reuse
 _STAGING = 256 << 10  # reusable read buffer for headers and small payloads
 
 
@@ -162,16 +165,12 @@ class TcpSendChannel(SendChannel):
         self._pump_scheduled = False
         if self._error is not None or self._sock.fileno() < 0:
             return
-        written = 0
+        until = time.perf_counter() + _SLICE_SECONDS
         while True:
             self._expand_pending()
             if not self._segments:
                 break
-            buffers = (
-                [seg for seg, _ in list(self._segments)[:_MAX_IOV]]
-                if len(self._segments) > 1
-                else [self._segments[0][0]]
-            )
+            buffers = self._gather()
             try:
                 sent = (
                     self._sock.sendmsg(buffers) if len(buffers) > 1 else self._sock.send(buffers[0])
@@ -181,18 +180,38 @@ class TcpSendChannel(SendChannel):
             except OSError as exc:
                 self._fail(PeerClosedError(f"{self._link.describe}: send failed: {exc}"), exc)
                 return
-            written += sent
             self._consume(sent)
             if self._segments and (sent == 0 or sum(len(b) for b in buffers) > sent):
                 # Kernel buffer full: continue when writable.
                 self._arm_writer()
                 return
-            if written >= _PUMP_BYTES and (self._segments or self._pending):
+            if time.perf_counter() > until and (self._segments or self._pending):
                 self._schedule_pump()  # let other callbacks run between big chunks
                 return
         self._disarm_writer()
         if not self._pending and not self._segments:
             self._idle.set()
+
+    def _gather(self) -> list[memoryview]:
+        """The next buffers for one send call, at most ``_SEND_SLICE`` bytes.
+
+        On loopback one non-blocking send can move the whole receive window
+        (tens of MiB) before it returns; slicing bounds the time the loop
+        spends inside one syscall.
+        """
+        first = self._segments[0][0]
+        if len(first) >= _SEND_SLICE or len(self._segments) == 1:
+            return [first[:_SEND_SLICE]]
+        buffers: list[memoryview] = []
+        total = 0
+        for view, _ in self._segments:
+            if len(buffers) == _MAX_IOV or total >= _SEND_SLICE:
+                break
+            if total + len(view) > _SEND_SLICE:
+                view = view[: _SEND_SLICE - total]
+            buffers.append(view)
+            total += len(view)
+        return buffers
 
     def _consume(self, sent: int) -> None:
         while sent:
@@ -284,7 +303,7 @@ class _FrameParser:
     def buffer(self) -> memoryview:
         """Where the next read should land."""
         if self._direct is not None:
-            return self._direct[self._direct_got : self._direct_got + _READ_SLICE]
+            return self._direct[self._direct_got : self._direct_got + self._channel.read_slice]
         return self._staging_view[self._have :]
 
     def consumed(self, nbytes: int) -> None:
@@ -381,8 +400,9 @@ class TcpRecvChannel(RecvChannel):
         self._stopped = False  # no more frames will be delivered
         self._reading = False
         self._lowat = 1
+        self.read_slice = _READ_SLICE
         # Warm receive blocks for large payloads, bounded by the window.
-        self.pool = RecvBufferPool(min(link.config.buffer_bytes, _POOL_MAX))
+        self.pool = RecvBufferPool(link.config.buffer_bytes)
         self._parser = _FrameParser(self)
         self._resume_reading()
 
@@ -415,10 +435,12 @@ class TcpRecvChannel(RecvChannel):
             self._reading = False
 
     def _on_readable(self) -> None:
-        budget = _READ_BUDGET
         sock, parser = self._sock, self._parser
-        while budget > 0 and self._reading:
+        clock = time.perf_counter
+        until = clock() + _SLICE_SECONDS
+        while self._reading:
             buf = parser.buffer()
+            started = clock()
             try:
                 n = sock.recv_into(buf)
             except (BlockingIOError, InterruptedError):
@@ -434,9 +456,14 @@ class TcpRecvChannel(RecvChannel):
             except Exception as exc:  # a callback must not raise into the loop
                 self._protocol_failed(exc)
                 return
-            if n < len(buf):
-                return  # the socket is drained: don't pay for an EAGAIN
-            budget -= n
+            now = clock()
+            if n >= _MIN_READ_SLICE:
+                # Size the next read to take ~_SLICE_SECONDS at the rate just
+                # seen: fresh pages can copy 20x slower than warm ones.
+                rate = n / max(now - started, 1e-7)
+                self.read_slice = int(min(max(rate * _SLICE_SECONDS, _MIN_READ_SLICE), _READ_SLICE))
+            if n < len(buf) or now > until:
+                return  # drained (no EAGAIN round trip needed), or our slice is up
 
     def _protocol_failed(self, exc: Exception) -> None:
         if isinstance(exc, AiokvpipeError):
