@@ -25,8 +25,8 @@ from aiokvpipe import (
     PipeConfig,
     TransferTimeout,
 )
+from aiokvpipe.handshake import authenticate_connector, recv_message, send_message
 from aiokvpipe.pipe import Pipe
-from aiokvpipe.rendezvous import authenticate_connector, recv_message, send_message
 
 # --------------------------------------------------------------------- helpers
 
