@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import multiprocessing as mp
 import socket
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
 
+from .procs import percentile, report, run_loop, run_pair
 from .report import Progress, Result
 
 LAYERS, TOKENS, HEADS, HEAD_DIM, HIDDEN = 2, 32, 8, 128, 1024
@@ -80,47 +79,6 @@ def _free_ports(count: int) -> int:
                 continue
             return port
     raise RuntimeError(f"no {count} consecutive free ports")
-
-
-def _run_pair(target: Callable[..., None], *args: Any, timeout: float = 300.0) -> dict[str, Any]:
-    """Run ``target(rank, queue, *args)`` in two spawned processes; merge their dicts."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(rank, queue, *args), daemon=True) for rank in (0, 1)]
-    for p in procs:
-        p.start()
-    results: dict[str, Any] = {}
-    try:
-        for _ in procs:
-            results.update(queue.get(timeout=timeout))
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    if "error" in results:
-        raise RuntimeError(results["error"])
-    return results
-
-
-def _run_loop(loop_name: str, main: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-    async def wrapped() -> dict[str, Any]:
-        return await main()
-
-    if loop_name == "uvloop":
-        import uvloop
-
-        result: dict[str, Any] = uvloop.run(wrapped())
-        return result
-    return asyncio.run(wrapped())
-
-
-def _report(queue: Any, fn: Callable[[], dict[str, Any]]) -> None:
-    try:
-        queue.put(fn())
-    except BaseException as exc:  # the parent turns this into a failure
-        queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
 # ----------------------------------------------------------------- the worker
@@ -189,15 +147,10 @@ def _worker(rank: int, queue: Any, port: int, count: int, loop_name: str) -> Non
             await pipe.flush()
             return samples
 
-    _report(queue, lambda: _run_loop(loop_name, main))
+    report(queue, lambda: run_loop(loop_name, main))
 
 
 # ----------------------------------------------------------------- the suite
-
-
-def _p(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def run(args: argparse.Namespace) -> list[Result]:
@@ -207,10 +160,10 @@ def run(args: argparse.Namespace) -> list[Result]:
     progress = Progress(len(loops), "kv")
     results: list[Result] = []
     for loop_name in loops:
-        got = _run_pair(_worker, _free_ports(3), count, loop_name)
+        got = run_pair(_worker, _free_ports(3), count, loop_name)
         progress.step(f"drop_select {loop_name}")
         extra = {"loop": loop_name, "entry_bytes": entry_nbytes(), "requests": count}
-        hit50, base50 = _p(got["hit"], 0.5), _p(got["full"], 0.5)
+        hit50, base50 = percentile(got["hit"], 0.5), percentile(got["full"], 0.5)
         same = f"bare Pipe round trip of the same bytes ({loop_name})"
         results += [
             Result(
@@ -227,19 +180,19 @@ def run(args: argparse.Namespace) -> list[Result]:
             Result(
                 "kv",
                 f"drop_select hit p99, {size_kib:.0f} KiB entry ({loop_name})",
-                _p(got["hit"], 0.99) * 1e6,
+                percentile(got["hit"], 0.99) * 1e6,
                 "us",
                 same,
-                _p(got["full"], 0.99) * 1e6,
+                percentile(got["full"], 0.99) * 1e6,
                 extra=extra,
             ),
             Result(
                 "kv",
                 f"drop_select miss p50 ({loop_name})",
-                _p(got["miss"], 0.5) * 1e6,
+                percentile(got["miss"], 0.5) * 1e6,
                 "us",
                 f"bare Pipe round trip, tokens -> None ({loop_name})",
-                _p(got["small"], 0.5) * 1e6,
+                percentile(got["small"], 0.5) * 1e6,
                 extra=extra,
             ),
         ]

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing as mp
-import resource
 import socket
 import statistics
 import time
@@ -23,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .procs import cpu_seconds, free_port, percentile, report, run_loop, run_pair
 from .report import Progress, Result
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -43,54 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------- process plumbing
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _run_pair(target: Callable[..., None], *args: Any, timeout: float = 300.0) -> dict[str, Any]:
-    """Run ``target(rank, queue, *args)`` in two spawned processes; merge their dicts."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(rank, queue, *args), daemon=True) for rank in (0, 1)]
-    for p in procs:
-        p.start()
-    results: dict[str, Any] = {}
-    try:
-        for _ in procs:
-            results.update(queue.get(timeout=timeout))
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    if "error" in results:
-        raise RuntimeError(results["error"])
-    return results
-
-
-def _loop_runner(loop_name: str) -> Callable[[Any], Any]:
-    if loop_name == "uvloop":
-        import uvloop
-
-        return uvloop.run  # type: ignore[no-any-return,unused-ignore]
-    return asyncio.run
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _report(queue: Any, fn: Callable[[], dict[str, Any]]) -> None:
-    try:
-        queue.put(fn())
-    except BaseException as exc:  # the parent turns this into a failure
-        queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
 # ----------------------------------------------------------------- the pipe
@@ -193,13 +144,13 @@ def _pipe_worker(
                     peak = 0
                     blocked_for = blocked_cpu = 0.0
                     for _ in range(count):
-                        cpu0 = _cpu_seconds()
+                        cpu0 = cpu_seconds()
                         t0 = time.perf_counter()
                         await pipe.send(payload)
                         waited = time.perf_counter() - t0
                         if waited > 0.2:  # this send waited for the stalled receiver
                             blocked_for += waited
-                            blocked_cpu += _cpu_seconds() - cpu0
+                            blocked_cpu += cpu_seconds() - cpu0
                         peak = max(peak, pipe.pending_bytes)
                     out.update(peak=peak, blocked=blocked_for, cpu=blocked_cpu)
                     await pipe.recv()
@@ -210,7 +161,7 @@ def _pipe_worker(
                     await pipe.send(None)
             return out
 
-    _report(queue, lambda: _loop_runner(loop_name)(main()))
+    report(queue, lambda: run_loop(loop_name, main))
 
 
 # ----------------------------------------------------------------- baselines
@@ -250,7 +201,7 @@ def _raw_socket_worker(rank: int, queue: Any, port: int, size: int, count: int) 
         sock.close()
         return {}
 
-    _report(queue, main)
+    report(queue, main)
 
 
 def _connect_retry(port: int) -> socket.socket:
@@ -333,7 +284,7 @@ def _asyncio_pingpong_worker(
         transport.close()
         return {"samples": samples}
 
-    _report(queue, lambda: _loop_runner(loop_name)(main()))
+    report(queue, lambda: run_loop(loop_name, main))
 
 
 def _gloo_worker(rank: int, queue: Any, mode: str, port: int, size: int, count: int) -> None:
@@ -374,7 +325,7 @@ def _gloo_worker(rank: int, queue: Any, mode: str, port: int, size: int, count: 
         finally:
             dist.destroy_process_group()
 
-    _report(queue, main)
+    report(queue, main)
 
 
 def memcpy_bandwidth(size: int, repeat: int = 10) -> float:
@@ -407,14 +358,9 @@ def _best_rate(
     """
     best, got = 0.0, {}
     for _ in range(repeats):
-        got = _run_pair(target, *(_free_port() if a is FRESH_PORT else a for a in args))
+        got = run_pair(target, *(free_port() if a is FRESH_PORT else a for a in args))
         best = max(best, nbytes / got["seconds"])
     return best, got
-
-
-def _p(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _loops(args: argparse.Namespace) -> list[str]:
@@ -506,15 +452,15 @@ def run(args: argparse.Namespace) -> list[Result]:
         gloo_rtt = None
         if not args.no_gloo:
             gloo_rtt = statistics.median(
-                _run_pair(_gloo_worker, "rtt", _free_port(), 4 * KiB, n_rtt)["samples"]
+                run_pair(_gloo_worker, "rtt", free_port(), 4 * KiB, n_rtt)["samples"]
             )
             progress.step("gloo rtt")
         for loop_name in loops:
-            base = _run_pair(_asyncio_pingpong_worker, _free_port(), 4 * KiB, n_rtt, loop_name)[
+            base = run_pair(_asyncio_pingpong_worker, free_port(), 4 * KiB, n_rtt, loop_name)[
                 "samples"
             ]
-            got = _run_pair(
-                _pipe_worker, "rtt", _free_port(), 4 * KiB, n_rtt, loop_name, transport, 1 * GiB
+            got = run_pair(
+                _pipe_worker, "rtt", free_port(), 4 * KiB, n_rtt, loop_name, transport, 1 * GiB
             )["samples"]
             p50, base50 = statistics.median(got), statistics.median(base)
             results.append(
@@ -533,10 +479,10 @@ def run(args: argparse.Namespace) -> list[Result]:
                 Result(
                     suite,
                     f"4 KiB round trip p99 ({loop_name})",
-                    _p(got, 0.99) * 1e6,
+                    percentile(got, 0.99) * 1e6,
                     "us",
                     f"raw asyncio ping-pong ({loop_name})",
-                    _p(base, 0.99) * 1e6,
+                    percentile(base, 0.99) * 1e6,
                 )
             )
             if gloo_rtt is not None:
@@ -558,12 +504,12 @@ def run(args: argparse.Namespace) -> list[Result]:
     if "lag" in parts:
         lag_size = 256 * MiB if (quick or args.no_big) else 1 * GiB
         for loop_name in loops:
-            got = _run_pair(
-                _pipe_worker, "lag", _free_port(), lag_size, 2, loop_name, transport, 2 * GiB
+            got = run_pair(
+                _pipe_worker, "lag", free_port(), lag_size, 2, loop_name, transport, 2 * GiB
             )
             for rank in (0, 1):
                 lags = got[f"lags{rank}"]
-                p99 = _p(lags, 0.99) if lags else 0.0
+                p99 = percentile(lags, 0.99) if lags else 0.0
                 results.append(
                     Result(
                         suite,
@@ -584,8 +530,8 @@ def run(args: argparse.Namespace) -> list[Result]:
     if "backpressure" in parts:
         window, chunk = 64 * MiB, 4 * MiB
         for loop_name in loops[:1]:
-            got = _run_pair(
-                _pipe_worker, "backpressure", _free_port(), chunk, 40, loop_name, transport, window
+            got = run_pair(
+                _pipe_worker, "backpressure", free_port(), chunk, 40, loop_name, transport, window
             )
             results.append(
                 Result(
