@@ -15,17 +15,18 @@ Chunk protocol, per chunk flags ``[written, read_0 .. read_{n-1}]``:
   a **fence** it reads the descriptor and bytes, **fences**, sets its read
   flag, **fences**, and rings the writer if the writer is parked.
 
-Waiting: spin with ``asyncio.sleep(0)`` for ``spin_seconds``; then announce
-"parked", fence, recheck, and only then wait on the doorbell fd (plus the
-writer's pidfd, for readers) for at most a safety interval growing from 20 ms
-to 50 ms, so even a lost ring costs bounded latency, and an idle waiter wakes
-~20 times a second. The same coroutines serve the blocking API: with
+Waiting: spin with ``sched_yield()`` + ``asyncio.sleep(0)`` for the spin
+window (50 us, adaptive: see ``_adapt_spin``); then announce "parked", fence,
+recheck, and only then wait on the doorbell fd (plus the writer's pidfd, for
+readers) for at most a safety interval growing from 20 ms to 50 ms, so even a
+lost ring costs bounded latency, and an idle waiter wakes ~20 times a second. The same coroutines serve the blocking API: with
 ``blocking=True`` they never suspend (they spin and ``poll`` instead).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 
@@ -66,6 +67,7 @@ unpack_desc = DESC.unpack_from
 _pack_desc = DESC.pack_into
 _monotonic = time.monotonic
 _perf_counter = time.perf_counter
+_sched_yield = getattr(os, "sched_yield", lambda: None)
 _WRITER_PARK_WORD = WRITER_PARKED_OFF // 4
 
 
@@ -342,6 +344,9 @@ class RingEndpoint:
         while True:
             delay = backoff.next_delay()
             if delay == 0.0:
+                # Give the CPU to the peer if it waits on this core (a busy box,
+                # or a pinned pair): spinning in place would only delay it.
+                _sched_yield()
                 if not blocking:
                     await asyncio.sleep(0)
             else:
