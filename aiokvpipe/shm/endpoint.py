@@ -19,8 +19,9 @@ Waiting: spin with ``sched_yield()`` + ``asyncio.sleep(0)`` for the spin
 window (50 us, adaptive: see ``_adapt_spin``); then announce "parked", fence,
 recheck, and only then wait on the doorbell fd (plus the writer's pidfd, for
 readers) for at most a safety interval growing from 20 ms to 50 ms, so even a
-lost ring costs bounded latency, and an idle waiter wakes ~20 times a second. The same coroutines serve the blocking API: with
-``blocking=True`` they never suspend (they spin and ``poll`` instead).
+lost ring costs bounded latency, and an idle waiter wakes ~20 times a second.
+The same coroutines serve the blocking API: with ``blocking=True`` they never
+suspend (they spin and ``poll`` instead).
 """
 
 from __future__ import annotations
