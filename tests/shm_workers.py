@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
+import os
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from multiprocessing.connection import Connection
@@ -138,9 +139,8 @@ def process_group_rank(
             async with io:
                 for obj in ({"step": 1}, torch.arange(600, dtype=torch.float32), b"end"):
                     got.append(await io.broadcast_object(obj if io.is_writer else None, timeout=20))
-                # Everyone finishes reading before the writer unlinks the segment.
-                if io.is_writer:
-                    got.append(io.buffer.name)
+                if io.is_writer:  # the name is gone as soon as everyone attached
+                    got.append(io.buffer.name in os.listdir("/dev/shm"))
             return got
 
         got = run_loop(loop_name, body())

@@ -93,6 +93,10 @@ async def create_from_process_group(
         failed = [p for p in problems if p]
         if failed:
             raise HandleError("cannot build the ring over the group: " + "; ".join(failed))
+        if rank == writer_rank and endpoint is not None:
+            # Every reader has mapped the segment: drop its name now, so even a
+            # writer killed by a signal leaves nothing behind in /dev/shm.
+            endpoint.buffer.unlink()
     except BaseException:
         if endpoint is not None:
             endpoint.close()
