@@ -1,4 +1,14 @@
-"""aiokvpipe: asyncio-native tensor pipes and shared-memory rings."""
+"""aiokvpipe: asyncio-native tensor pipes and shared-memory rings.
+
+The torch-backed names (Pipe, Transfer, KVLookupBuffer, KVBufferStats) load
+on first use (PEP 562), so ``import aiokvpipe.shm`` in a spawned worker does
+not pay for importing torch unless it needs it.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 from .config import PipeConfig
 from .errors import (
@@ -15,9 +25,27 @@ from .errors import (
     TransferTimeout,
     UnsupportedTensorError,
 )
-from .kv_buffer import KVBufferStats, KVLookupBuffer
-from .pipe import Pipe, Transfer
 from .semaphore import ByteSemaphore
+
+if TYPE_CHECKING:
+    from .kv_buffer import KVBufferStats, KVLookupBuffer
+    from .pipe import Pipe, Transfer
+
+_LAZY = {
+    "Pipe": ".pipe",
+    "Transfer": ".pipe",
+    "KVLookupBuffer": ".kv_buffer",
+    "KVBufferStats": ".kv_buffer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aiokvpipe' has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
 __version__ = "0.1.0"
 
@@ -41,3 +69,7 @@ __all__ = [
     "TransferTimeout",
     "UnsupportedTensorError",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
