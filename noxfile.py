@@ -21,9 +21,7 @@ CONSTRAINTS = str(ROOT / "constraints.txt")
 # to try another (the torch pin then needs a wheel for that version).
 PYTHON = "3.11"
 LINT_PATHS = ("aiokvpipe", "tests", "examples", "noxfile.py")
-# `ruff format --check` covers these for now; add "aiokvpipe" and "tests"
-# once the tree has been run through `ruff format`.
-FORMAT_CHECKED_PATHS = ("examples", "noxfile.py")
+FORMAT_CHECKED_PATHS = LINT_PATHS
 
 nox.options.sessions = ["tests"]
 nox.options.default_venv_backend = "venv"  # always available; virtualenv and uv may not be

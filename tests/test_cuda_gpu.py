@@ -199,9 +199,7 @@ async def test_cuda_ipc_between_ranks_of_one_process() -> None:
         await b.aclose()
 
 
-@pytest.mark.skipif(
-    not cuda_available() or torch.cuda.device_count() < 2, reason="needs two GPUs"
-)
+@pytest.mark.skipif(not cuda_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
 async def test_nccl_pipe_on_two_gpus() -> None:
     _nccl_or_skip()
     a, b = await _ring_pair("nccl", ("cuda:0", "cuda:1"))

@@ -192,4 +192,3 @@ async def test_run_blocking_cancelled_still_cleans_up() -> None:
             break
         await asyncio.sleep(0.01)
     assert cleaned.is_set()
-

@@ -54,8 +54,11 @@ def test_choice(sender: PeerInfo, receiver: PeerInfo, expected: str) -> None:
     ("sender", "receiver", "field_text"),
     [
         (peer(0, "cuda:0", "nccl"), peer(1, "cuda:0", "auto"), "both ends of a link must agree"),
-        (peer(0, "cuda:0", "cuda_ipc", host="a"), peer(1, "cuda:0", "cuda_ipc", host="b"),
-         "needs both ranks on one host"),
+        (
+            peer(0, "cuda:0", "cuda_ipc", host="a"),
+            peer(1, "cuda:0", "cuda_ipc", host="b"),
+            "needs both ranks on one host",
+        ),
         (peer(0, "cpu", "nccl"), peer(1, "cuda:0", "nccl"), "moves GPU tensors"),
         (peer(0, "cuda:0", "cuda_ipc"), peer(1, "cpu", "cuda_ipc"), "moves GPU tensors"),
         (peer(0, "cpu", "shm", host="a"), peer(1, "cpu", "shm", host="b"), "one host"),

@@ -366,8 +366,14 @@ class FakeNccl:
 # ----------------------------------------------------------------- links for tests
 
 
-def peer_info(rank: int, *, pid: int | None = None, host_id: str = "test-host",
-              device: str = "cpu", transport: str = "auto") -> PeerInfo:
+def peer_info(
+    rank: int,
+    *,
+    pid: int | None = None,
+    host_id: str = "test-host",
+    device: str = "cpu",
+    transport: str = "auto",
+) -> PeerInfo:
     return PeerInfo(
         rank=rank,
         address="127.0.0.1",

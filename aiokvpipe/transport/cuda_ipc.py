@@ -99,9 +99,7 @@ def _address_range(ptr: int) -> tuple[int, int]:
     size = ctypes.c_size_t()
     status = fn(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr))
     if status != 0:
-        raise CudaTransferError(
-            f"cuMemGetAddressRange({ptr:#x}) failed with CUresult {status}"
-        )
+        raise CudaTransferError(f"cuMemGetAddressRange({ptr:#x}) failed with CUresult {status}")
     return int(base.value), int(size.value)
 
 
