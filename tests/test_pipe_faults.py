@@ -1,5 +1,8 @@
 """Pipe under faults: bad input, hostile bytes on the wire, dead peers,
-cancellation, closing, timeouts and backpressure. Real sockets, real processes."""
+cancellation, closing, timeouts and backpressure. Real sockets, real processes.
+
+Tests that write raw frames on a link speak TCP's wire and force
+``transport="tcp"``; the rest run for every transport in ``TRANSPORTS``."""
 
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ import pytest
 import torch
 from conftest import free_port
 from transport_conformance import (
+    TRANSPORTS,
+    MakePipes,
     assert_all_same,
     assert_same,
     opened,
@@ -59,7 +64,11 @@ from aiokvpipe.wire import (
     tensor_header,
 )
 
-TCP = pipe_factory("tcp")
+
+@pytest.fixture(params=TRANSPORTS)
+def make_pipes(request: pytest.FixtureRequest) -> MakePipes:
+    """Pipes over each transport, for the behaviour every transport shares."""
+    return pipe_factory(request.param)
 
 
 def frame(seq: int, tensor: torch.Tensor | None) -> bytes:
@@ -93,8 +102,8 @@ def bad_inputs() -> list[tuple[str, Any]]:
 
 
 @pytest.mark.timeout(15)
-async def test_bad_input_is_refused_before_anything_is_written() -> None:
-    async with opened(TCP, max_frame_bytes=1 << 16) as (a, b):
+async def test_bad_input_is_refused_before_anything_is_written(make_pipes: MakePipes) -> None:
+    async with opened(make_pipes, max_frame_bytes=1 << 16) as (a, b):
         for name, obj in bad_inputs():
             with pytest.raises(UnsupportedTensorError):
                 await a.send(obj)
@@ -120,7 +129,10 @@ async def fake_predecessor(**overrides: Any) -> AsyncIterator[tuple[Pipe, socket
     whatever it likes on the socket rank 1 receives from.
     """
     port = free_port()
-    configs = [PipeConfig(rank=r, port=port, connect_timeout=10.0, **overrides) for r in (0, 1)]
+    configs = [
+        PipeConfig(rank=r, port=port, connect_timeout=10.0, transport="tcp", **overrides)
+        for r in (0, 1)
+    ]
     (send_link, recv_link), victim = await together(
         rendezvous(configs[0]), Pipe.connect(configs[1])
     )
@@ -231,7 +243,7 @@ async def test_hostile_frames_raise_the_right_error() -> None:
 async def test_receiver_that_writes_back_breaks_the_sender() -> None:
     """The receiving end never writes on a TCP link: bytes from it are a protocol error."""
     port = free_port()
-    configs = [PipeConfig(rank=r, port=port, connect_timeout=10.0) for r in (0, 1)]
+    configs = [PipeConfig(rank=r, port=port, connect_timeout=10.0, transport="tcp") for r in (0, 1)]
     sender, (send_link, recv_link) = await together(
         Pipe.connect(configs[0]), rendezvous(configs[1])
     )
@@ -350,8 +362,10 @@ from aiokvpipe.pipe import Pipe
 from aiokvpipe.rendezvous import rendezvous
 from aiokvpipe.wire import tensor_header
 
-async def main(port, mode):
-    cfg = PipeConfig(rank=1, port=port, connect_timeout=30, buffer_bytes=1 << 16)
+async def main(port, mode, transport):
+    cfg = PipeConfig(
+        rank=1, port=port, connect_timeout=30, buffer_bytes=1 << 16, transport=transport
+    )
     if mode == "idle":  # a real pipe: says hello, then never reads again
         pipe = await Pipe.connect(cfg)
         await pipe.send(torch.arange(10))
@@ -365,24 +379,28 @@ async def main(port, mode):
     print("ready", flush=True)
     await asyncio.sleep(3600)
 
-asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3]))
 """
 
 
 @contextlib.asynccontextmanager
-async def peer_process(mode: str) -> AsyncIterator[tuple[Pipe, subprocess.Popen[bytes]]]:
+async def peer_process(
+    mode: str, transport: str = "tcp"
+) -> AsyncIterator[tuple[Pipe, subprocess.Popen[bytes]]]:
     """Rank 1 in a child process; rank 0 (yielded) in this one."""
     port = free_port()
     # fork/exec returns at once; nothing below blocks on the child while it runs
     proc = subprocess.Popen(  # noqa: ASYNC220
-        [sys.executable, "-c", PEER, str(port), mode],
+        [sys.executable, "-c", PEER, str(port), mode, transport],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     survivor: Pipe | None = None
     try:
-        config = PipeConfig(rank=0, port=port, connect_timeout=30.0, buffer_bytes=1 << 20)
+        config = PipeConfig(
+            rank=0, port=port, connect_timeout=30.0, buffer_bytes=1 << 20, transport=transport
+        )
         connect = asyncio.ensure_future(Pipe.connect(config))
         while not connect.done():
             if proc.poll() is not None:
@@ -422,8 +440,9 @@ def kill(proc: subprocess.Popen[bytes]) -> float:
 
 
 @pytest.mark.timeout(40)
-async def test_peer_killed_while_we_send_and_wait() -> None:
-    async with peer_process("idle") as (pipe, proc):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_peer_killed_while_we_send_and_wait(transport: str) -> None:
+    async with peer_process("idle", transport) as (pipe, proc):
         assert_same(await asyncio.wait_for(pipe.recv(), 30), torch.arange(10))
         transfers = await fill_send_window(pipe)
         assert not all(t.done() for t in transfers)
@@ -482,7 +501,7 @@ async def _settle(transfer: Any) -> None:
 
 
 @pytest.mark.timeout(40)
-async def test_cancelled_sends_and_recvs_never_corrupt_the_stream() -> None:
+async def test_cancelled_sends_and_recvs_never_corrupt_the_stream(make_pipes: MakePipes) -> None:
     """send/recv/flush cancelled at random points by tiny deadlines: the receiver
     gets exactly the sends that were accepted, intact and in order."""
     rng = random.Random(7)
@@ -495,7 +514,7 @@ async def test_cancelled_sends_and_recvs_never_corrupt_the_stream() -> None:
     def payload(i: int) -> torch.Tensor:
         return torch.arange(i, i + 2048 + (i % 5) * 1000, dtype=torch.int64)
 
-    async with opened(TCP, buffer_bytes=48 << 10) as (a, b):
+    async with opened(make_pipes, buffer_bytes=48 << 10) as (a, b):
 
         async def send_and_record(i: int) -> None:
             await a.send(payload(i))
@@ -539,8 +558,8 @@ async def test_cancelled_sends_and_recvs_never_corrupt_the_stream() -> None:
 
 
 @pytest.mark.timeout(15)
-async def test_aclose_is_idempotent_and_closed_pipe_refuses_calls() -> None:
-    async with opened(TCP) as (a, b):
+async def test_aclose_is_idempotent_and_closed_pipe_refuses_calls(make_pipes: MakePipes) -> None:
+    async with opened(make_pipes) as (a, b):
         await a.send(tagged(1))
         await asyncio.gather(a.aclose(), a.aclose())
         await a.aclose()
@@ -562,9 +581,9 @@ async def test_aclose_is_idempotent_and_closed_pipe_refuses_calls() -> None:
 
 
 @pytest.mark.timeout(15)
-async def test_close_wakes_our_own_pending_calls() -> None:
+async def test_close_wakes_our_own_pending_calls(make_pipes: MakePipes) -> None:
     """aclose fails a recv waiting for data and a send waiting for window."""
-    async with opened(TCP, buffer_bytes=1 << 16, close_timeout=0.5) as (a, _b):
+    async with opened(make_pipes, buffer_bytes=1 << 16, close_timeout=0.5) as (a, _b):
         waiting_recv = asyncio.ensure_future(a.recv())
         await fill_send_window(a, chunk=1 << 16)
         waiting_send = asyncio.ensure_future(a.send(tagged(1)))
@@ -579,10 +598,10 @@ async def test_close_wakes_our_own_pending_calls() -> None:
 
 
 @pytest.mark.timeout(20)
-async def test_cancelled_aclose_still_frees_everything_promptly() -> None:
+async def test_cancelled_aclose_still_frees_everything_promptly(make_pipes: MakePipes) -> None:
     """aclose cancelled while it drains a stuck backlog: it gives up at once
     (no second wait on a goodbye), and the pipe is closed and freed."""
-    async with opened(TCP, buffer_bytes=1 << 20, close_timeout=5.0) as (a, _b):
+    async with opened(make_pipes, buffer_bytes=1 << 20, close_timeout=5.0) as (a, _b):
         transfers = await fill_send_window(a)
         started = time.monotonic()
         with pytest.raises(asyncio.TimeoutError):
@@ -598,8 +617,8 @@ async def test_cancelled_aclose_still_frees_everything_promptly() -> None:
 
 
 @pytest.mark.timeout(20)
-async def test_peer_close_is_seen_after_everything_sent_before() -> None:
-    async with opened(TCP) as (a, b):
+async def test_peer_close_is_seen_after_everything_sent_before(make_pipes: MakePipes) -> None:
+    async with opened(make_pipes) as (a, b):
         items: list[torch.Tensor | None] = [tagged(i) if i % 4 else None for i in range(60)]
         items.insert(30, torch.ones(8 << 20, dtype=torch.uint8))
         for item in items:
@@ -620,8 +639,8 @@ async def test_peer_close_is_seen_after_everything_sent_before() -> None:
 
 
 @pytest.mark.timeout(20)
-async def test_aclose_is_bounded_when_the_peer_never_reads() -> None:
-    async with opened(TCP, buffer_bytes=1 << 20, close_timeout=0.5) as (a, _b):
+async def test_aclose_is_bounded_when_the_peer_never_reads(make_pipes: MakePipes) -> None:
+    async with opened(make_pipes, buffer_bytes=1 << 20, close_timeout=0.5) as (a, _b):
         transfers = await fill_send_window(a)
         started = time.monotonic()
         with pytest.raises(AiokvpipeError):  # data that never left is reported
@@ -637,8 +656,8 @@ async def test_aclose_is_bounded_when_the_peer_never_reads() -> None:
 
 
 @pytest.mark.timeout(15)
-async def test_op_timeout_on_recv_names_ranks_and_keeps_the_pipe() -> None:
-    async with opened(TCP, op_timeout=0.2) as (a, b):
+async def test_op_timeout_on_recv_names_ranks_and_keeps_the_pipe(make_pipes: MakePipes) -> None:
+    async with opened(make_pipes, op_timeout=0.2) as (a, b):
         started = time.monotonic()
         with pytest.raises(TransferTimeout) as info:
             await b.recv()
@@ -658,12 +677,12 @@ async def test_op_timeout_on_recv_names_ranks_and_keeps_the_pipe() -> None:
 
 
 @pytest.mark.timeout(30)
-async def test_backpressure_bounds_the_window_and_resumes() -> None:
+async def test_backpressure_bounds_the_window_and_resumes(make_pipes: MakePipes) -> None:
     """A receiver that stops reading: the sender's window never holds more than
     buffer_bytes (or one oversize tensor), send blocks and times out, and
     everything resumes, in order, once the receiver reads."""
     window = 256 << 10
-    async with opened(TCP, buffer_bytes=window, op_timeout=0.3) as (a, b):
+    async with opened(make_pipes, buffer_bytes=window, op_timeout=0.3) as (a, b):
         sizes = [16 << 10, 100 << 10, 300 << 10, 1 << 10, 64 << 10]  # 300 KiB is oversize
         peak = 0
         sent: list[int] = []

@@ -27,8 +27,9 @@ def peer(
 @pytest.mark.parametrize(
     ("sender", "receiver", "expected"),
     [
-        # auto: CPU anywhere -> tcp
-        (peer(0), peer(1), "tcp"),
+        # auto: CPU on both ends of one host -> shared memory; across hosts -> tcp
+        (peer(0), peer(1), "shm"),
+        (peer(0, pid=7), peer(1, pid=7), "shm"),
         (peer(0, host="a"), peer(1, host="b"), "tcp"),
         # auto: GPU on both ends of one host -> CUDA IPC (any devices, any processes)
         (peer(0, "cuda:0"), peer(1, "cuda:1"), "cuda_ipc"),
@@ -62,6 +63,8 @@ def test_choice(sender: PeerInfo, receiver: PeerInfo, expected: str) -> None:
         (peer(0, "cpu", "nccl"), peer(1, "cuda:0", "nccl"), "moves GPU tensors"),
         (peer(0, "cuda:0", "cuda_ipc"), peer(1, "cpu", "cuda_ipc"), "moves GPU tensors"),
         (peer(0, "cpu", "shm", host="a"), peer(1, "cpu", "shm", host="b"), "one host"),
+        (peer(0, "cuda:0", "shm"), peer(1, "cpu", "shm"), "moves CPU tensors"),
+        (peer(0, "cpu", "shm"), peer(1, "cuda:1", "shm"), "moves CPU tensors"),
     ],
 )
 def test_impossible_choices_are_config_errors(

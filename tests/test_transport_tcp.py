@@ -1,4 +1,5 @@
-"""The transport conformance suite, wired to TCP, plus TCP-specific behaviour."""
+"""The transport conformance suite for every CPU transport in ``TRANSPORTS``,
+plus TCP-specific behaviour."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from transport_conformance import (
     tagged,
 )
 
+from aiokvpipe import rendezvous
+
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("check", CHECKS, ids=[c.__name__.removeprefix("check_") for c in CHECKS])
@@ -27,7 +30,10 @@ async def test_conformance(transport: str, check: Callable[[MakePipes], Awaitabl
 
 
 @pytest.mark.timeout(10)
-async def test_auto_picks_tcp_for_cpu() -> None:
+async def test_auto_picks_tcp_for_cpu_across_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks that cannot share memory (another host identity each) talk TCP."""
+    hosts = iter(range(1000))
+    monkeypatch.setattr(rendezvous, "host_identity", lambda: f"host-{next(hosts)}")
     async with opened(pipe_factory("auto")) as (a, b):
         assert (a.send_transport, a.recv_transport) == ("tcp", "tcp")
         assert (b.send_transport, b.recv_transport) == ("tcp", "tcp")

@@ -28,7 +28,7 @@ from aiokvpipe.pipe import Pipe, Transfer
 from aiokvpipe.wire import DTYPE_CODES, MAX_DIMS
 
 # The one place that lists the transports the conformance suite runs against.
-TRANSPORTS = ["tcp"]
+TRANSPORTS = ["tcp", "shm"]
 
 MakePipes = Callable[..., Awaitable[list[Pipe]]]
 

@@ -56,16 +56,24 @@ def choose_transport(sender: PeerInfo, receiver: PeerInfo) -> str:
         )
     same_host = sender.host_id == receiver.host_id
     both_cuda = _is_cuda(sender.device) and _is_cuda(receiver.device)
+    both_cpu = sender.device == receiver.device == "cpu"
     wanted = sender.transport
     if wanted == "auto":
         if both_cuda:
             return "cuda_ipc" if same_host else "nccl"
-        return "tcp"
+        # One host, CPU on both ends: shared memory (~3x loopback TCP).
+        return "shm" if same_host and both_cpu else "tcp"
     if wanted in ("shm", "cuda_ipc") and not same_host:
         raise ConfigError(
             "transport",
             f"{wanted!r} needs both ranks on one host, but ranks {sender.rank} and "
             f"{receiver.rank} are on different hosts",
+        )
+    if wanted == "shm" and not both_cpu:
+        raise ConfigError(
+            "transport",
+            f"'shm' moves CPU tensors: both ranks need device='cpu' (rank {sender.rank}: "
+            f"{sender.device}, rank {receiver.rank}: {receiver.device}); on GPUs use 'cuda_ipc'",
         )
     if wanted in ("nccl", "cuda_ipc") and not both_cuda:
         raise ConfigError(

@@ -1,0 +1,234 @@
+"""The shm transport's receiving end: frames copied out of the ring, in order.
+
+A reader task takes chunk after chunk and copies each payload once, out of
+the ring into a tensor of its own (warm blocks from a RecvBufferPool), so a
+chunk is free for the sender again as soon as it is copied, however long
+the consumer keeps the tensor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+
+import torch
+
+from ..bufpool import RecvBufferPool
+from ..errors import (
+    AiokvpipeError,
+    PeerClosedError,
+    PipeClosedError,
+    ProtocolError,
+    TransferTimeout,
+)
+from ..shm.io import ShmRingBufferIO
+from ..shm.ring import ShmRingBuffer
+from ..tensors import empty_for
+from ..wire import HEADER_SIZE, FrameKind, decode_header
+from ._shm_setup import HEADER_SLOT, YIELD_BYTES, translate_error
+from .base import Link, RecvChannel
+
+_POOL_MAX = 256 << 20  # idle receive blocks kept for reuse
+
+
+class ShmRecvChannel(RecvChannel):
+    """Copies frames out of the ring into a bounded queue of ready tensors.
+
+    A reader task takes chunk after chunk; it stops taking while
+    ``buffer_bytes`` of received tensors wait for ``recv``, so a slow
+    consumer fills the ring and the sender waits (parked, not spinning).
+    """
+
+    def __init__(self, link: Link, io: ShmRingBufferIO, piece: int) -> None:
+        self._link = link
+        self._sock = link.sock
+        self._fd = link.sock.fileno()
+        self._loop = asyncio.get_running_loop()
+        self._io = io
+        self._piece = piece
+        self._limit = link.config.buffer_bytes
+        self._max_frame_bytes = link.config.max_frame_bytes
+        self._ready: deque[tuple[torch.Tensor | None, int]] = deque()
+        self._queued_bytes = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        self._space: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        self._stopped = False  # no more frames will be delivered
+        self._eof = False  # the link socket hit EOF: drain what is published, then stop
+        self._in_acquire = False  # the reader task is waiting for a chunk
+        self._expected_seq = 0
+        # The payload being gathered across chunks (state survives a restarted task).
+        self._dest: memoryview | None = None
+        self._dest_tensor: torch.Tensor | None = None
+        self._got = 0
+        self.pool = RecvBufferPool(min(link.config.buffer_bytes, _POOL_MAX))
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._watching = True
+        self._task = asyncio.ensure_future(self._run())
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    # -- RecvChannel -------------------------------------------------------
+    async def recv(self) -> torch.Tensor | None:
+        while True:
+            if self._closed:
+                raise PipeClosedError(f"{self._link.describe}: pipe closed")
+            if self._ready:
+                tensor, nbytes = self._ready.popleft()
+                self._queued_bytes -= nbytes
+                space = self._space
+                if space is not None and not space.done() and self._queued_bytes < self._limit:
+                    space.set_result(None)
+                return tensor
+            if self._error is not None:
+                raise self._error
+            fut = self._loop.create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            finally:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = self._stopped = True
+            self._task.cancel()
+            self._unwatch()
+            self._ready.clear()
+            self._wake()
+            self._io.close()  # also wakes (and fails) a parked read
+            self.pool.close()
+            self._sock.close()
+        await asyncio.wait([self._task])
+
+    # -- the reader task ---------------------------------------------------
+    async def _run(self, after: asyncio.Task[None] | None = None) -> None:
+        if after is not None:
+            await asyncio.wait([after])  # the ring endpoint serves one task at a time
+        self._in_acquire = False
+        io, copied = self._io, 0
+        try:
+            while not self._stopped:
+                if self._queued_bytes >= self._limit:
+                    self._space = self._loop.create_future()
+                    await self._space
+                    continue
+                if copied >= YIELD_BYTES:
+                    copied = 0
+                    await asyncio.sleep(0)  # a 1 GiB payload must not freeze the loop
+                # After EOF, a zero timeout: take what is published, never wait.
+                self._in_acquire = True
+                async with io.acquire_read(0 if self._eof else None) as buf:
+                    self._in_acquire = False
+                    copied += self._take(buf)
+        except asyncio.CancelledError:
+            raise
+        except TransferTimeout as exc:  # only after EOF: nothing more was published
+            self._lost(exc)
+        except PeerClosedError as exc:  # the ring's writer closed or died
+            self._lost(exc)
+        except Exception as exc:
+            self._stop(translate_error(exc, self._link.describe))
+        finally:
+            self._in_acquire = False
+
+    def _take(self, buf: memoryview) -> int:
+        """Consume one chunk: a header (and payload start) or a payload piece."""
+        dest = self._dest
+        if dest is None:
+            header = decode_header(
+                buf[:HEADER_SIZE],
+                expected_seq=self._expected_seq,
+                max_frame_bytes=self._max_frame_bytes,
+            )
+            self._expected_seq += 1
+            if header.kind is FrameKind.CLOSE:
+                self._stop(PeerClosedError(f"{self._link.describe}: peer closed the pipe"))
+                return 0
+            if header.kind is FrameKind.NONE:
+                self._deliver(None, 0)
+                return 0
+            tensor, dest = empty_for(header, self.pool)
+            n = min(header.nbytes, self._piece)
+            if n:
+                dest[:n] = buf[HEADER_SLOT : HEADER_SLOT + n]
+            if n == header.nbytes:
+                self._deliver(tensor, n)
+            else:
+                self._dest, self._dest_tensor, self._got = dest, tensor, n
+            return n
+        got = self._got
+        n = min(len(dest) - got, self._piece)
+        dest[got : got + n] = buf[:n]
+        got += n
+        if got < len(dest):
+            self._got = got
+        else:
+            done, self._dest, self._dest_tensor, self._got = self._dest_tensor, None, None, 0
+            self._deliver(done, got)
+        return n
+
+    def _deliver(self, tensor: torch.Tensor | None, nbytes: int) -> None:
+        self._ready.append((tensor, nbytes))
+        self._queued_bytes += nbytes
+        self._wake()
+
+    # -- the link socket and failure -------------------------------------
+    def _on_readable(self) -> None:
+        """The sender never writes after set-up: readable means EOF (or a bug)."""
+        try:
+            data = self._sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""  # a broken connection: the peer is gone either way
+        self._unwatch()
+        if data:
+            self._stop(ProtocolError(f"{self._link.describe}: sender sent unexpected bytes"))
+            self._interrupt()
+            return
+        self._eof = True
+        if self._in_acquire and not self._stopped:
+            # Parked on the ring: restart the task in drain mode (zero timeout).
+            old = self._task
+            old.cancel()
+            self._task = asyncio.ensure_future(self._run(after=old))
+
+    def _interrupt(self) -> None:
+        if self._in_acquire:
+            self._task.cancel()
+
+    def _lost(self, cause: BaseException) -> None:
+        if self._dest is not None:
+            what = f"connection lost mid-frame after {self._got} of {len(self._dest)} payload bytes"
+        else:
+            what = "peer disconnected without closing the pipe"
+        error = PeerClosedError(f"{self._link.describe}: {what}")
+        error.__cause__ = cause
+        self._stop(error)
+        # The sender may have died before it could unlink the name; the ring
+        # refuses while its creator runs, so this only removes a true orphan.
+        with contextlib.suppress(AiokvpipeError, OSError):
+            ShmRingBuffer.unlink_stale(self._io.buffer.name)
+
+    def _stop(self, error: BaseException) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._watching = False
+            self._loop.remove_reader(self._fd)

@@ -1,0 +1,282 @@
+"""The shm transport's sending end: frames copied into the ring, in order.
+
+One writer task copies queued messages chunk after chunk. A small message
+(one chunk) submitted while that task is idle is copied inside ``submit``
+itself, through the ring's own ``acquire_write`` whose fast path never
+suspends: waking the task would cost a loop iteration, a good part of a
+4 KiB message's latency. Whether the next chunk is free is peeked first,
+fence-free, from the ring's documented layout (chunk ``seq`` at index
+``seq % max_chunks``, flags ``[written, read_0]`` per chunk, sequences from
+1), because entering an acquire that must wait costs a spin step for
+nothing. The peek is only a hint: a wrong answer costs one fallback to the
+writer task, never data, since the chunk is still claimed and published
+through the ring's API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import torch
+
+from .._timeouts import deadline
+from ..errors import AiokvpipeError, HandleError, PeerClosedError, PipeClosedError, ProtocolError
+from ..shm.io import ShmRingBufferIO
+from ..tensors import byte_view
+from ..wire import HEADER_SIZE, FrameHeader, FrameKind
+from ._shm_setup import (
+    HEADER_SLOT,
+    YIELD_BYTES,
+    encode_handle,
+    recv_control,
+    send_control,
+    translate_error,
+)
+from .base import Link, OutgoingMessage, SendChannel
+
+T = TypeVar("T")
+
+
+class ShmSendChannel(SendChannel):
+    """Copies frames into the ring in order, from one background task."""
+
+    def __init__(self, link: Link, io: ShmRingBufferIO, piece: int) -> None:
+        self._link = link
+        self._sock = link.sock
+        self._fd = link.sock.fileno()
+        self._loop = asyncio.get_running_loop()
+        self._io = io
+        self._cursor = ChunkCursor(io)
+        self._piece = piece
+        self._pending: deque[OutgoingMessage] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._idle = asyncio.Event()  # set up, and every submitted message copied
+        self._error: BaseException | None = None
+        self._closed = False
+        self._torn_down = False
+        self._watching = False
+        self._next_seq = 0
+        self._task = asyncio.ensure_future(self._run())
+
+    # -- SendChannel -------------------------------------------------------
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def submit(self, message: OutgoingMessage) -> None:
+        if self._error is not None:
+            message.done.set_exception(self._error)
+            return
+        if self._closed:
+            message.done.set_exception(PipeClosedError(f"{self._link.describe}: channel closed"))
+            return
+        self._next_seq = message.header.seq + 1
+        if self._idle.is_set() and self._write_now(message):
+            return
+        self._pending.append(message)
+        self._idle.clear()
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    async def aclose(self, graceful: bool = True) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                if graceful and self._error is None:
+                    # Bounded: a receiver that stopped reading must not hang close().
+                    with contextlib.suppress(AiokvpipeError, OSError):
+                        async with deadline(
+                            self._link.config.close_timeout, lambda: f"{self._link.describe}: close"
+                        ):
+                            await self._write_close_frame()
+            finally:
+                self._teardown(PipeClosedError(f"{self._link.describe}: pipe closed"))
+        await asyncio.wait([self._task])
+
+    async def _write_close_frame(self) -> None:
+        """CLOSE in the ring, after every message (and after set-up finished)."""
+        await self._idle.wait()  # from here the writer task is parked: the ring is ours
+        if self._error is None:
+            await self._write(FrameHeader(FrameKind.CLOSE, self._next_seq), None)
+
+    # -- the writer task ---------------------------------------------------
+    async def _run(self) -> None:
+        try:
+            await self._handshake()
+            while True:
+                if not self._pending:
+                    self._idle.set()
+                    self._wakeup = self._loop.create_future()
+                    await self._wakeup
+                    continue
+                message = self._pending[0]
+                await self._write(message.header, message.tensor)
+                self._pending.popleft()
+                if not message.done.done():
+                    message.done.set_result(None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fail(translate_error(exc, self._link.describe), exc)
+
+    async def _handshake(self) -> None:
+        """Send the ring's handle, wait until the receiver attached, drop the name."""
+        what = self._link.describe
+        async with deadline(
+            self._link.config.connect_timeout, lambda: f"{what}: waiting for the shm receiver"
+        ):
+            await send_control(self._sock, {"ring": encode_handle(self._io.export_handle())}, what)
+            answer = await recv_control(self._sock, what)
+        if answer.get("attached") is not True:
+            reason = answer.get("error", "no reason given")
+            raise HandleError(f"{what}: the receiver could not attach the ring: {reason}")
+        self._io.buffer.unlink()
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._watching = True
+
+    def _write_now(self, message: OutgoingMessage) -> bool:
+        """Copy a one-chunk message inside ``submit`` if a chunk is free right now.
+
+        Only while the writer task is idle (so order holds and the ring
+        endpoint is not in use); saves the loop iteration that waking the
+        task would cost, which is a good part of a small message's latency.
+        """
+        header, tensor = message.header, message.tensor
+        if header.nbytes > self._piece or not _on_cpu(tensor) or not self._cursor.writable():
+            return False
+        try:
+            slot = self._io.acquire_write()
+            buf = run_now(slot.__aenter__())
+            if buf is None:
+                return False
+            try:
+                self._fill_first(buf, header, tensor)
+            except BaseException as exc:
+                run_now(slot.__aexit__(type(exc), exc, exc.__traceback__))  # abandoned
+                raise
+            run_now(slot.__aexit__(None, None, None))  # published
+        except Exception as exc:
+            self._fail(translate_error(exc, self._link.describe), exc)
+            message.done.set_exception(self._error or exc)
+            return True
+        self._cursor.advance()
+        message.done.set_result(None)
+        return True
+
+    def _fill_first(self, buf: memoryview, header: FrameHeader, tensor: torch.Tensor | None) -> int:
+        """Header slot and the payload's first piece; returns the payload bytes copied."""
+        n = min(header.nbytes, self._piece)
+        buf[:HEADER_SIZE] = header.encode()
+        if n and tensor is not None:
+            buf[HEADER_SLOT : HEADER_SLOT + n] = byte_view(tensor)[:n]
+        return n
+
+    async def _write(self, header: FrameHeader, tensor: torch.Tensor | None) -> None:
+        """Copy one frame into consecutive chunks (header slot first)."""
+        if not _on_cpu(tensor):
+            from ..cuda.staging import to_host  # lazy: only GPU users pay for it
+
+            assert tensor is not None
+            tensor = await to_host(tensor)
+        total, piece, io, cursor = header.nbytes, self._piece, self._io, self._cursor
+        async with io.acquire_write() as buf:
+            sent = since_yield = self._fill_first(buf, header, tensor)
+        cursor.advance()
+        if sent == total:
+            return
+        assert tensor is not None
+        payload = byte_view(tensor)
+        while sent < total:
+            if since_yield >= YIELD_BYTES:
+                since_yield = 0
+                await asyncio.sleep(0)  # a 1 GiB payload must not freeze the loop
+            n = min(total - sent, piece)
+            async with io.acquire_write() as buf:
+                buf[:n] = payload[sent : sent + n]
+            cursor.advance()
+            sent += n
+            since_yield += n
+
+    # -- failure -----------------------------------------------------------
+    def _on_readable(self) -> None:
+        """The receiver never writes after set-up: readable means EOF (or a bug)."""
+        try:
+            data = self._sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail(PeerClosedError(f"{self._link.describe}: connection broken: {exc}"), exc)
+            return
+        if data:
+            self._fail(ProtocolError(f"{self._link.describe}: receiver sent unexpected bytes"))
+        else:
+            self._fail(PeerClosedError(f"{self._link.describe}: peer closed the connection"))
+
+    def _fail(self, error: BaseException, cause: BaseException | None = None) -> None:
+        if self._error is not None or self._torn_down:
+            return
+        if cause is not None and cause is not error and error.__cause__ is None:
+            error.__cause__ = cause
+        self._error = error
+        self._teardown(error)
+
+    def _teardown(self, error: BaseException) -> None:
+        """Stop the writer, fail what it did not copy, free ring and socket. Once."""
+        if self._torn_down:
+            return
+        self._torn_down = True
+        if self._task is not asyncio.current_task():
+            # It is parked at an await, never inside a copy: the tensors it
+            # would read are untouched from here on, so failing them is safe.
+            self._task.cancel()
+        failed, self._pending = list(self._pending), deque()
+        for message in failed:
+            if not message.done.done():
+                message.done.set_exception(error)
+        if self._watching:
+            self._watching = False
+            self._loop.remove_reader(self._fd)
+        self._io.close()  # unmaps; unlinks the name if the receiver never attached
+        self._sock.close()
+        self._idle.set()
+
+
+class ChunkCursor:
+    """Which chunk the writer of a one-reader ring claims next, and a peek at it."""
+
+    def __init__(self, io: ShmRingBufferIO) -> None:
+        ring = io.buffer
+        if ring.n_reader != 1:
+            raise ValueError("a pipe ring has exactly one reader")
+        self._flags = ring.flags
+        self._chunks = ring.max_chunks
+        self.seq = 1  # a fresh ring: nothing published yet
+
+    def advance(self) -> None:
+        """One chunk was published through the ring."""
+        self.seq += 1
+
+    def writable(self) -> bool:
+        """The next chunk was never written or has been read (a hint)."""
+        base = (self.seq % self._chunks) * 2
+        flags = self._flags
+        return not flags[base] or bool(flags[base + 1])
+
+
+def run_now(coro: Coroutine[Any, Any, T]) -> T | None:
+    """``coro``'s result if it finishes without suspending; else close it, None."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    coro.close()
+    return None
+
+
+def _on_cpu(tensor: torch.Tensor | None) -> bool:
+    return tensor is None or tensor.device.type == "cpu"

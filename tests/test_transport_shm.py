@@ -1,0 +1,265 @@
+"""The shm transport's own behaviour (the conformance and fault suites run it too).
+
+Choosing it, refusing it across hosts, leaving nothing in ``/dev/shm``, a
+peer killed by SIGKILL on either side of the ring, and costing ~no CPU idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import SHM_PREFIXES, free_port
+from transport_conformance import assert_all_same, assert_same, opened, pipe_factory, tagged
+
+from aiokvpipe import ConfigError, PeerClosedError, PipeConfig, TransferTimeout, rendezvous
+from aiokvpipe.errors import HandleError, ProtocolError
+from aiokvpipe.pipe import Pipe
+from aiokvpipe.shm import ShmRingBuffer
+from aiokvpipe.transport import shm as shm_transport
+from aiokvpipe.transport._shm_setup import decode_handle, encode_handle, ring_geometry
+
+SHM = pipe_factory("shm")
+MiB = 1 << 20
+
+
+def shm_names() -> list[str]:
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIXES))
+
+
+# --------------------------------------------------------------------- choosing it
+
+
+@pytest.mark.timeout(15)
+async def test_auto_picks_shm_on_one_host_and_leaves_no_name() -> None:
+    before = shm_names()
+    async with opened(pipe_factory("auto")) as (a, b):
+        assert (a.send_transport, a.recv_transport) == ("shm", "shm")
+        assert (b.send_transport, b.recv_transport) == ("shm", "shm")
+        assert "send=shm->1" in repr(a)
+        items = [tagged(1), None, torch.ones(3 * MiB, dtype=torch.uint8)]
+        for item in items:
+            await a.send(item)
+        assert_all_same([await b.recv() for _ in items], items)
+        # Both rings are mapped and working, yet no name is left to leak.
+        assert shm_names() == before
+
+
+@pytest.mark.timeout(15)
+async def test_forced_shm_across_hosts_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    hosts = iter(range(1000))
+    monkeypatch.setattr(rendezvous, "host_identity", lambda: f"host-{next(hosts)}")
+    with pytest.raises(ConfigError, match="needs both ranks on one host") as info:
+        await SHM()
+    assert info.value.field == "transport"
+
+
+@pytest.mark.timeout(15)
+async def test_a_receiver_that_cannot_attach_fails_both_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise HandleError("no shared-memory ring named 'aiokv_x' (a test refuses)")
+
+    monkeypatch.setattr(shm_transport.ShmRingBufferIO, "attach", refuse)
+    port = free_port()
+    configs = [PipeConfig(rank=r, port=port, transport="shm", connect_timeout=10) for r in (0, 1)]
+    results = await asyncio.gather(*(Pipe.connect(c) for c in configs), return_exceptions=True)
+    for result in results:
+        assert isinstance(result, HandleError), result
+        assert "a test refuses" in str(result)
+
+
+# --------------------------------------------------------------------- set-up pieces
+
+
+def test_ring_geometry_fits_cache_and_window() -> None:
+    assert ring_geometry(1 << 30) == (2 * MiB, 4)  # 8 MiB ring: stays in the L3
+    assert ring_geometry(3 * MiB) == (512 << 10, 6)
+    assert ring_geometry(4096) == (256 << 10, 4)  # never below 1 MiB
+    for window in (1, 4096, 3 * MiB, 1 << 40):
+        piece, chunks = ring_geometry(window)
+        assert piece & (piece - 1) == 0 and chunks >= 4
+
+
+def test_handle_round_trip_and_refusals() -> None:
+    with ShmRingBuffer(1, 4096 + 256, 4) as ring:
+        handle = ring.export_handle()
+        assert decode_handle(encode_handle(handle), "test") == handle
+        for bad in (
+            {**encode_handle(handle), "name": "../../etc/passwd"},
+            {**encode_handle(handle), "name": "aiokv_/x"},
+            {**encode_handle(handle), "n_reader": 2},
+            {**encode_handle(handle), "max_chunk_bytes": 100},
+            {**encode_handle(handle), "token": "zz"},
+            {**encode_handle(handle), "max_chunks": True},
+            {"name": handle.name},
+            None,
+        ):
+            with pytest.raises(ProtocolError):
+                decode_handle(bad, "test")
+        with pytest.raises(HandleError, match="layout version"):
+            decode_handle({**encode_handle(handle), "version": 99}, "test")
+
+
+def test_unlink_drops_the_name_and_keeps_both_mappings() -> None:
+    ring = ShmRingBuffer(1, 4096, 4)
+    peer = ShmRingBuffer.attach(ring.export_handle())
+    try:
+        assert ring.name in shm_names()
+        peer.unlink()  # attachers never unlink
+        assert ring.name in shm_names()
+        ring.unlink()
+        ring.unlink()  # idempotent
+        assert ring.name not in shm_names()
+        ring.chunks[1][:5] = b"still"
+        assert bytes(peer.chunks[1][:5]) == b"still"
+        with pytest.raises(HandleError, match="no shared-memory ring"):
+            ShmRingBuffer.attach(ring.export_handle())
+    finally:
+        peer.close()
+        ring.close()  # the name is gone already: close only unmaps
+        ring.close()
+
+
+# --------------------------------------------------------------------- a peer killed
+
+PEER = r"""
+import asyncio, sys
+import torch
+from aiokvpipe import PipeConfig
+from aiokvpipe.pipe import Pipe
+
+async def main(rank, port, mode, ready):
+    cfg = PipeConfig(
+        rank=rank, port=port, transport="shm", connect_timeout=30, buffer_bytes=1 << 20
+    )
+    pipe = await Pipe.connect(cfg)
+    await pipe.send(torch.arange(10))
+    await pipe.flush()
+    if mode == "mid-frame":  # the survivor stopped reading: this stalls halfway
+        await pipe.send(torch.ones(1 << 20, dtype=torch.uint8))
+        await pipe.send(torch.ones(64 << 20, dtype=torch.uint8))
+        await asyncio.sleep(0.5)
+    open(ready, "w").close()
+    await asyncio.sleep(3600)  # never reads: our receiver's ring fills up
+
+asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]))
+"""
+
+
+@contextlib.asynccontextmanager
+async def peer_process(
+    rank: int, mode: str, tmp_path: Path
+) -> AsyncIterator[tuple[Pipe, subprocess.Popen[bytes]]]:
+    """The other rank in a child process (``rank`` is the child's); ours is yielded."""
+    port = free_port()
+    ready = tmp_path / "ready"
+    # fork/exec returns at once; nothing below blocks on the child while it runs
+    proc = subprocess.Popen(  # noqa: ASYNC220
+        [sys.executable, "-c", PEER, str(rank), str(port), mode, str(ready)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    survivor: Pipe | None = None
+    try:
+        config = PipeConfig(
+            rank=1 - rank, port=port, transport="shm", connect_timeout=30, buffer_bytes=1 << 20
+        )
+        survivor = await asyncio.wait_for(Pipe.connect(config), 40)
+        assert_same(await asyncio.wait_for(survivor.recv(), 10), torch.arange(10))
+        for _ in range(400):
+            if ready.exists() or proc.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert ready.exists(), "the peer never got ready"
+        yield survivor, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+        if survivor is not None:
+            with contextlib.suppress(PeerClosedError, TransferTimeout):
+                await survivor.aclose()
+
+
+async def fill_the_ring(pipe: Pipe) -> list[Any]:
+    """Send until nothing more is taken: the peer's ring and queue are full."""
+    transfers = []
+    for i in range(200):
+        try:
+            transfers.append(await pipe.send(torch.full((MiB,), i, dtype=torch.uint8), timeout=0.3))
+        except TransferTimeout:
+            return transfers
+    raise AssertionError("the peer kept reading")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("child_rank", [0, 1])
+async def test_sigkill_either_side_fails_the_survivor_within_a_second(
+    child_rank: int, tmp_path: Path
+) -> None:
+    """The child is the writer of one ring and the reader of the other: killed,
+    both our parked reader and our parked writer fail at once; no name remains."""
+    before = shm_names()
+    async with peer_process(child_rank, "idle", tmp_path) as (pipe, proc):
+        assert shm_names() == before  # set up: the names are gone already
+        await fill_the_ring(pipe)
+        pending_recv = asyncio.ensure_future(pipe.recv())  # parked on the child's ring
+        pending_flush = asyncio.ensure_future(pipe.flush())  # writer parked on a full ring
+        await asyncio.sleep(0.2)
+        assert not pending_recv.done() and not pending_flush.done()
+        os.kill(proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        for name, fut in (("recv", pending_recv), ("flush", pending_flush)):
+            with pytest.raises(PeerClosedError):
+                await asyncio.wait_for(fut, 5)
+            assert time.monotonic() - killed < 1.0, f"{name} noticed the dead peer too late"
+        with pytest.raises(PeerClosedError):
+            await pipe.send(tagged(1))
+    assert shm_names() == before
+
+
+@pytest.mark.timeout(60)
+async def test_writer_killed_mid_message_delivers_what_came_then_says_mid_frame(
+    tmp_path: Path,
+) -> None:
+    async with peer_process(0, "mid-frame", tmp_path) as (pipe, proc):
+        # Our receive queue (1 MiB) is full, so the child stalled inside 64 MiB.
+        os.kill(proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        assert_same(await pipe.recv(), torch.ones(MiB, dtype=torch.uint8))
+        with pytest.raises(PeerClosedError, match=r"mid-frame after \d+ of 67108864"):
+            await asyncio.wait_for(pipe.recv(), 5)
+        assert time.monotonic() - killed < 1.0
+
+
+# --------------------------------------------------------------------- idle cost
+
+
+@pytest.mark.timeout(20)
+async def test_idle_receivers_cost_almost_no_cpu() -> None:
+    async with opened(SHM) as (a, b):
+        await a.send(tagged(1))
+        assert_same(await b.recv(), tagged(1))  # both ends set up and warm
+        waiting = [asyncio.ensure_future(p.recv()) for p in (a, b)]
+        await asyncio.sleep(0.1)  # past the spin: parked on the doorbells
+        cpu, wall = time.process_time(), time.monotonic()
+        await asyncio.sleep(2.0)
+        used = (time.process_time() - cpu) / (time.monotonic() - wall)
+        assert not any(w.done() for w in waiting)
+        assert used < 0.05, f"two idle receivers used {used:.1%} of a core"
+        await a.send(tagged(2))
+        await b.send(tagged(3))
+        assert_all_same(await asyncio.gather(*waiting), [tagged(3), tagged(2)])
