@@ -23,7 +23,7 @@ from conftest import SHM_PREFIXES, free_port
 from transport_conformance import assert_all_same, assert_same, opened, pipe_factory, tagged
 
 from aiokvpipe import ConfigError, PeerClosedError, PipeConfig, TransferTimeout, rendezvous
-from aiokvpipe.errors import HandleError, ProtocolError
+from aiokvpipe.errors import HandleError, ProtocolError, WriterGoneError
 from aiokvpipe.pipe import Pipe
 from aiokvpipe.shm import ShmRingBuffer
 from aiokvpipe.transport import shm as shm_transport
@@ -243,6 +243,40 @@ async def test_writer_killed_mid_message_delivers_what_came_then_says_mid_frame(
         with pytest.raises(PeerClosedError, match=r"mid-frame after \d+ of 67108864"):
             await asyncio.wait_for(pipe.recv(), 5)
         assert time.monotonic() - killed < 1.0
+
+
+@pytest.mark.timeout(15)
+async def test_writer_gone_is_declared_only_after_draining_the_ring() -> None:
+    """The ring can see "writer gone" just after a poll that missed a chunk the
+    writer published before leaving: the receiver drains before it gives up.
+
+    White-box: the reader endpoint's poll is made to miss once and its
+    liveness check to report the writer gone once, in that order.
+    """
+    async with opened(SHM) as (a, b):
+        io: Any = b._receiver._io  # type: ignore[attr-defined]
+        real_poll, real_check = io._poll_readable, io._check_peer
+        armed = False
+
+        def poll() -> int | None:
+            return None if armed else real_poll()
+
+        def check(reason: str | None) -> None:
+            nonlocal armed
+            if armed:
+                armed = False
+                raise WriterGoneError("simulated: the writer left between poll and check")
+            real_check(reason)
+
+        io._poll_readable, io._check_peer = poll, check
+        await a.send(tagged(0))
+        assert_same(await b.recv(), tagged(0))  # the reader waits again, patched
+        await asyncio.sleep(0.1)  # parked
+        armed = True
+        await a.send(tagged(1))
+        assert_same(await asyncio.wait_for(b.recv(), 5), tagged(1))
+        with pytest.raises(PeerClosedError, match="without closing"):
+            await asyncio.wait_for(b.recv(), 5)
 
 
 # --------------------------------------------------------------------- idle cost

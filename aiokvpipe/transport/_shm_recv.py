@@ -112,6 +112,7 @@ class ShmRecvChannel(RecvChannel):
             await asyncio.wait([after])  # the ring endpoint serves one task at a time
         self._in_acquire = False
         io, copied = self._io, 0
+        gone: BaseException | None = None  # why the writer is known to be gone
         try:
             while not self._stopped:
                 if self._queued_bytes >= self._limit:
@@ -121,17 +122,23 @@ class ShmRecvChannel(RecvChannel):
                 if copied >= YIELD_BYTES:
                     copied = 0
                     await asyncio.sleep(0)  # a 1 GiB payload must not freeze the loop
-                # After EOF, a zero timeout: take what is published, never wait.
+                # Once the peer is gone, a zero timeout: take what is published, never wait.
                 self._in_acquire = True
-                async with io.acquire_read(0 if self._eof else None) as buf:
-                    self._in_acquire = False
-                    copied += self._take(buf)
+                try:
+                    async with io.acquire_read(0 if self._eof else None) as buf:
+                        self._in_acquire = False
+                        copied += self._take(buf)
+                except PeerClosedError as exc:
+                    # The ring's writer closed or died. It may have published a
+                    # last chunk between the ring's poll and its liveness
+                    # check, so drain before calling the stream cut.
+                    if self._eof:
+                        raise
+                    self._eof, gone = True, exc
         except asyncio.CancelledError:
             raise
-        except TransferTimeout as exc:  # only after EOF: nothing more was published
-            self._lost(exc)
-        except PeerClosedError as exc:  # the ring's writer closed or died
-            self._lost(exc)
+        except (TransferTimeout, PeerClosedError) as exc:  # drained: nothing more was published
+            self._lost(gone or exc)
         except Exception as exc:
             self._stop(translate_error(exc, self._link.describe))
         finally:
