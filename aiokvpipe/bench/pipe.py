@@ -7,6 +7,9 @@ Every case runs two fresh processes (spawn): rank 0 sends, rank 1 receives
 * raw asyncio ping-pong: a bare ``BufferedProtocol`` echo of the same bytes;
 * ``torch.distributed`` gloo ``send``/``recv``;
 * single-core ``memcpy`` (for the shared-memory transport).
+
+With ``--transport shm`` the tcp transport is measured too, in the same run,
+and the shm figures are set against it (and 64 MiB against ``memcpy``).
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-big", action="store_true", help="skip the 1 GiB cases")
     parser.add_argument(
         "--only",
-        default="throughput,rtt,lag,backpressure",
-        help="comma-separated parts to run (throughput, rtt, lag, backpressure)",
+        default="throughput,rtt,lag,backpressure,idle",
+        help="comma-separated parts to run (throughput, rtt, lag, backpressure, idle)",
     )
     parser.add_argument("--sizes", default="", help="throughput sizes, e.g. 4KiB,4MiB,1GiB")
 
@@ -138,6 +141,19 @@ def _pipe_worker(
                 stop.set()
                 await tick
                 out[f"lags{rank}"] = lags
+            elif mode == "idle":  # ``count`` seconds with a receiver waiting
+                if rank == 0:
+                    await pipe.recv()
+                    await asyncio.sleep(count)
+                    await pipe.send(None)
+                else:
+                    await pipe.send(None)
+                    cpu0, t0 = cpu_seconds(), time.perf_counter()
+                    await pipe.recv()
+                    out.update(idle_cpu=cpu_seconds() - cpu0, idle_wall=time.perf_counter() - t0)
+                    await pipe.send(None)
+                if rank == 0:
+                    await pipe.recv()
             elif mode == "backpressure":
                 if rank == 0:
                     payload = torch.ones(size, dtype=torch.uint8)
@@ -379,9 +395,12 @@ def run(args: argparse.Namespace) -> list[Result]:
         sizes = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 64 * MiB] + ([] if args.no_big else [1 * GiB])
     budget = 256 * MiB if quick else 1 * GiB  # bytes per throughput case
     repeats = 1 if quick else 3
-    steps = len(sizes) * (1 + len(loops)) + 6 * len(loops) + 3
+    shm = transport == "shm"  # then also the tcp transport and memcpy, same run
+    steps = len(sizes) * (1 + len(loops)) + 7 * len(loops) + 3
+    steps += (len(sizes) + 1) * len(loops) if shm else 0
     progress = Progress(steps, "pipe")
     suite = f"pipe/{transport}"
+    memcpy_bps = memcpy_bandwidth(64 * MiB) if shm else 0.0
 
     def count_for(size: int) -> int:
         return max(3, min(20000, budget // size))
@@ -421,6 +440,17 @@ def run(args: argparse.Namespace) -> list[Result]:
                     )
                 )
                 progress.step(f"{loop_name} {size}")
+                if shm:
+                    tcp_bps, _ = _best_rate(
+                        repeats,
+                        size * n,
+                        _pipe_worker,
+                        ("throughput", FRESH_PORT, size, n, loop_name, "tcp", 1 * GiB),
+                    )
+                    results.extend(
+                        _shm_throughput(suite, size, loop_name, bps, tcp_bps, memcpy_bps)
+                    )
+                    progress.step(f"tcp {loop_name} {size}")
         if not args.no_gloo:
             size = 4 * MiB
             n = count_for(size)
@@ -485,6 +515,23 @@ def run(args: argparse.Namespace) -> list[Result]:
                     percentile(base, 0.99) * 1e6,
                 )
             )
+            if shm:
+                tcp_rtt = run_pair(
+                    _pipe_worker, "rtt", free_port(), 4 * KiB, n_rtt, loop_name, "tcp", 1 * GiB
+                )["samples"]
+                results.append(
+                    Result(
+                        suite,
+                        f"4 KiB round trip p50 vs tcp transport ({loop_name})",
+                        p50 * 1e6,
+                        "us",
+                        f"tcp transport ({loop_name})",
+                        statistics.median(tcp_rtt) * 1e6,
+                        "<= 0.5x tcp",
+                        p50 <= 0.5 * statistics.median(tcp_rtt),
+                    )
+                )
+                progress.step(f"tcp rtt {loop_name}")
             if gloo_rtt is not None:
                 results.append(
                     Result(
@@ -560,11 +607,70 @@ def run(args: argparse.Namespace) -> list[Result]:
                 )
             )
             progress.step("backpressure")
+    # -- what a receiver waiting for nothing costs
+    if "idle" in parts:
+        idle_s = 2
+        for loop_name in loops:
+            got = run_pair(
+                _pipe_worker, "idle", free_port(), 0, idle_s, loop_name, transport, 1 * GiB
+            )
+            pct = 100.0 * got["idle_cpu"] / got["idle_wall"]
+            results.append(
+                Result(
+                    suite,
+                    f"idle receiver CPU, {idle_s} s waiting ({loop_name})",
+                    pct,
+                    "% of a core",
+                    "",
+                    None,
+                    "<= 2%",
+                    pct <= 2.0,
+                    {"wall_s": got["idle_wall"]},
+                )
+            )
+            progress.step(f"idle {loop_name}")
     results.append(
-        Result(suite, "single-core memcpy 64 MiB", memcpy_bandwidth(64 * MiB) / 1e9, "GB/s")
+        Result(
+            suite,
+            "single-core memcpy 64 MiB",
+            (memcpy_bps or memcpy_bandwidth(64 * MiB)) / 1e9,
+            "GB/s",
+        )
     )
     progress.step("memcpy")
     return results
+
+
+def _shm_throughput(
+    suite: str, size: int, loop_name: str, bps: float, tcp_bps: float, memcpy_bps: float
+) -> list[Result]:
+    """The shm transport against the tcp transport and (64 MiB) single-core memcpy."""
+    out = [
+        Result(
+            suite,
+            f"throughput {_human(size)} vs tcp transport ({loop_name})",
+            bps / 1e9,
+            "GB/s",
+            f"tcp transport ({loop_name})",
+            tcp_bps / 1e9,
+            ">= 2x tcp" if size == 4 * MiB else "",
+            bps >= 2 * tcp_bps if size == 4 * MiB else None,
+        )
+    ]
+    if size == 64 * MiB:
+        out.append(
+            Result(
+                suite,
+                f"throughput 64 MiB vs memcpy ({loop_name})",
+                bps / 1e9,
+                "GB/s",
+                "single-core memcpy 64 MiB",
+                memcpy_bps / 1e9,
+                ">= 0.70x memcpy",
+                bps >= 0.7 * memcpy_bps,
+            )
+        )
+    return out
 
 
 def _parse_size(text: str) -> int:
