@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 
 import torch
@@ -26,10 +27,12 @@ from ..shm.io import ShmRingBufferIO
 from ..shm.ring import ShmRingBuffer
 from ..tensors import empty_for
 from ..wire import HEADER_SIZE, FrameKind, decode_header
-from ._shm_setup import HEADER_SLOT, YIELD_BYTES, translate_error
+from ._shm_setup import HEADER_SLOT, SLICE_SECONDS, translate_error
 from .base import Link, RecvChannel
 
 _POOL_MAX = 256 << 20  # idle receive blocks kept for reuse
+_SUSPENDED = 20e-6  # an acquire that took longer than this let the loop run
+_perf_counter = time.perf_counter
 
 
 class ShmRecvChannel(RecvChannel):
@@ -111,23 +114,29 @@ class ShmRecvChannel(RecvChannel):
         if after is not None:
             await asyncio.wait([after])  # the ring endpoint serves one task at a time
         self._in_acquire = False
-        io, copied = self._io, 0
+        io, slice_end = self._io, 0.0
         gone: BaseException | None = None  # why the writer is known to be gone
         try:
             while not self._stopped:
                 if self._queued_bytes >= self._limit:
                     self._space = self._loop.create_future()
                     await self._space
+                    slice_end = _perf_counter() + SLICE_SECONDS
                     continue
-                if copied >= YIELD_BYTES:
-                    copied = 0
-                    await asyncio.sleep(0)  # a 1 GiB payload must not freeze the loop
+                start = _perf_counter()
+                if start >= slice_end:  # a long copy must not freeze the loop
+                    await asyncio.sleep(0)
+                    start = _perf_counter()
+                    slice_end = start + SLICE_SECONDS
                 # Once the peer is gone, a zero timeout: take what is published, never wait.
                 self._in_acquire = True
                 try:
                     async with io.acquire_read(0 if self._eof else None) as buf:
                         self._in_acquire = False
-                        copied += self._take(buf)
+                        now = _perf_counter()
+                        if now - start > _SUSPENDED:  # waited: the loop ran meanwhile
+                            slice_end = now + SLICE_SECONDS
+                        self._take(buf)
                 except PeerClosedError as exc:
                     # The ring's writer closed or died. It may have published a
                     # last chunk between the ring's poll and its liveness
@@ -144,7 +153,7 @@ class ShmRecvChannel(RecvChannel):
         finally:
             self._in_acquire = False
 
-    def _take(self, buf: memoryview) -> int:
+    def _take(self, buf: memoryview) -> None:
         """Consume one chunk: a header (and payload start) or a payload piece."""
         dest = self._dest
         if dest is None:
@@ -156,10 +165,10 @@ class ShmRecvChannel(RecvChannel):
             self._expected_seq += 1
             if header.kind is FrameKind.CLOSE:
                 self._stop(PeerClosedError(f"{self._link.describe}: peer closed the pipe"))
-                return 0
+                return
             if header.kind is FrameKind.NONE:
                 self._deliver(None, 0)
-                return 0
+                return
             tensor, dest = empty_for(header, self.pool)
             n = min(header.nbytes, self._piece)
             if n:
@@ -168,7 +177,7 @@ class ShmRecvChannel(RecvChannel):
                 self._deliver(tensor, n)
             else:
                 self._dest, self._dest_tensor, self._got = dest, tensor, n
-            return n
+            return
         got = self._got
         n = min(len(dest) - got, self._piece)
         dest[got : got + n] = buf[:n]
@@ -178,7 +187,6 @@ class ShmRecvChannel(RecvChannel):
         else:
             done, self._dest, self._dest_tensor, self._got = self._dest_tensor, None, None, 0
             self._deliver(done, got)
-        return n
 
     def _deliver(self, tensor: torch.Tensor | None, nbytes: int) -> None:
         self._ready.append((tensor, nbytes))

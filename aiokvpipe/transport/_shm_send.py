@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -30,7 +31,7 @@ from ..tensors import byte_view
 from ..wire import HEADER_SIZE, FrameHeader, FrameKind
 from ._shm_setup import (
     HEADER_SLOT,
-    YIELD_BYTES,
+    SLICE_SECONDS,
     encode_handle,
     recv_control,
     send_control,
@@ -39,6 +40,7 @@ from ._shm_setup import (
 from .base import Link, OutgoingMessage, SendChannel
 
 T = TypeVar("T")
+_perf_counter = time.perf_counter
 
 
 class ShmSendChannel(SendChannel):
@@ -60,6 +62,7 @@ class ShmSendChannel(SendChannel):
         self._torn_down = False
         self._watching = False
         self._next_seq = 0
+        self._slice_end = 0.0  # when the writer task should next yield to the loop
         self._task = asyncio.ensure_future(self._run())
 
     # -- SendChannel -------------------------------------------------------
@@ -113,6 +116,7 @@ class ShmSendChannel(SendChannel):
                     self._idle.set()
                     self._wakeup = self._loop.create_future()
                     await self._wakeup
+                    self._slice_end = _perf_counter() + SLICE_SECONDS
                     continue
                 message = self._pending[0]
                 await self._write(message.header, message.tensor)
@@ -184,23 +188,27 @@ class ShmSendChannel(SendChannel):
             assert tensor is not None
             tensor = await to_host(tensor)
         total, piece, io, cursor = header.nbytes, self._piece, self._io, self._cursor
+        await self._pace()
         async with io.acquire_write() as buf:
-            sent = since_yield = self._fill_first(buf, header, tensor)
+            sent = self._fill_first(buf, header, tensor)
         cursor.advance()
         if sent == total:
             return
         assert tensor is not None
         payload = byte_view(tensor)
         while sent < total:
-            if since_yield >= YIELD_BYTES:
-                since_yield = 0
-                await asyncio.sleep(0)  # a 1 GiB payload must not freeze the loop
+            await self._pace()
             n = min(total - sent, piece)
             async with io.acquire_write() as buf:
                 buf[:n] = payload[sent : sent + n]
             cursor.advance()
             sent += n
-            since_yield += n
+
+    async def _pace(self) -> None:
+        """Yield to the loop once this slice of copying is used up."""
+        if _perf_counter() >= self._slice_end:
+            await asyncio.sleep(0)
+            self._slice_end = _perf_counter() + SLICE_SECONDS
 
     # -- failure -----------------------------------------------------------
     def _on_readable(self) -> None:

@@ -39,7 +39,9 @@ _MAX_PIECE = 2 * MiB  # per-chunk hand-off costs ~5-10 us: keep pieces >= ~50 us
 _MIN_PIECE = 64 * KiB
 _CHUNKS = 4  # enough for both ends to copy in parallel (double buffering, plus slack)
 
-YIELD_BYTES = 8 * MiB  # most bytes copied between yields to the loop (loop latency)
+# Most time spent copying between yields to the loop, as the tcp transport's
+# callbacks: a 1 GiB payload must not stall the loop's other tasks.
+SLICE_SECONDS = 0.5e-3
 _VERSION = 1  # of the set-up messages below
 _NAME = re.compile(re.escape(NAME_PREFIX) + r"[0-9a-f]{1,64}")
 
