@@ -56,3 +56,15 @@ def _has_uvloop() -> bool:
     except ImportError:
         return False
     return True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_broadcast_workers_answer_every_step() -> None:
+    result = run_example("broadcast_workers.py", "--workers", "2", timeout=150)
+    report = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, report
+    assert re.search(r"ring 'aiokv_\w+' with 2 readers, 20 steps", result.stdout), report
+    latency = re.search(r"broadcast -> 2 answers: p50 ([\d.]+) ms, max ([\d.]+) ms", result.stdout)
+    assert latency is not None and 0 < float(latency[1]) <= float(latency[2]), report
+    assert "OK: every worker answered every step correctly (2 workers)" in result.stdout, report
