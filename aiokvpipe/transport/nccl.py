@@ -29,6 +29,7 @@ to destroy too, and nothing is left in flight to abort.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -168,12 +169,14 @@ async def create_endpoint(
     the host on connection set-up.
     """
     stream = ops.new_stream()
+    built: list[Any] = []  # the communicator, as soon as it exists
 
     def build() -> Any:
         if ops.device.type == "cuda":
             torch.cuda.set_device(ops.device)
         with cuda_errors(f"{what}: ncclCommInitRank (rank {rank} of {world_size})"):
             comm = new_communicator(nccl, world_size, uid, rank)
+        built.append(comm)
         try:
             if warmup is not None:
                 warmup(NcclEndpoint(nccl, comm, stream, ops, what))
@@ -184,9 +187,19 @@ async def create_endpoint(
             raise
         return comm
 
-    comm = await run_blocking(
-        build, timeout=timeout, what="NCCL communicator set-up", on_abandoned=_abort_quietly
-    )
+    try:
+        comm = await run_blocking(
+            build, timeout=timeout, what="NCCL communicator set-up", on_abandoned=_abort_quietly
+        )
+    except BaseException:
+        if built:
+            # Abandoned while the warm-up waits on a peer that is gone: abort
+            # now (from a thread: ncclCommAbort may block) so the set-up
+            # thread's synchronize returns instead of parking forever.
+            threading.Thread(
+                target=_abort_quietly, args=(built[0],), name="aiokvpipe: abort set-up", daemon=True
+            ).start()
+        raise
     return NcclEndpoint(nccl, comm, stream, ops, what)
 
 
