@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port(args.host)
     print(
         f"aiokvpipe demo: rank 0 (pid {os.getpid()}) <-> rank 1 (child), "
-        f"tcp on {args.host}:{port}, token required, event loop: {loop_name}"
+        f"rendezvous on {args.host}:{port}, token required, event loop: {loop_name}"
     )
     cfg = PipeConfig(
         rank=0,
