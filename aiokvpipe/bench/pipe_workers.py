@@ -1,0 +1,328 @@
+"""Worker processes of ``python -m aiokvpipe.bench pipe``: the pipe and its baselines.
+
+Each worker is a module-level function ``worker(rank, queue, ...)`` so that a
+spawned process can import it; it reports one dict through ``queue``
+(see :mod:`aiokvpipe.bench.procs`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .procs import cpu_seconds, report, run_loop
+
+# ----------------------------------------------------------------- the pipe
+
+
+def _pipe_worker(
+    rank: int,
+    queue: Any,
+    mode: str,
+    port: int,
+    size: int,
+    count: int,
+    loop_name: str,
+    transport: str,
+    window: int,
+) -> None:
+    from ..config import PipeConfig
+    from ..pipe import Pipe
+
+    async def main() -> dict[str, Any]:
+        cfg = PipeConfig(
+            rank=rank,
+            port=port,
+            transport=transport,  # type: ignore[arg-type]
+            buffer_bytes=window,
+            connect_timeout=60,
+        )
+        async with await Pipe.connect(cfg) as pipe:
+            out: dict[str, Any] = {f"transport{rank}": pipe.send_transport}
+            if mode == "throughput":
+                if rank == 0:
+                    payload = torch.ones(size // 4, dtype=torch.float32)
+                    for _ in range(count + 2):
+                        await pipe.send(payload)
+                    await pipe.flush()
+                    await pipe.recv()  # done marker
+                else:
+                    await pipe.recv()
+                    await pipe.recv()  # warm-up
+                    start = time.perf_counter()
+                    for _ in range(count):
+                        await pipe.recv()
+                    out["seconds"] = time.perf_counter() - start
+                    await pipe.send(None)
+            elif mode == "rtt":
+                payload = torch.ones(size // 4, dtype=torch.float32)
+                if rank == 0:
+                    samples = []
+                    for i in range(count + 50):
+                        t0 = time.perf_counter()
+                        await pipe.send(payload)
+                        await pipe.recv()
+                        if i >= 50:
+                            samples.append(time.perf_counter() - t0)
+                    out["samples"] = samples
+                else:
+                    for _ in range(count + 50):
+                        await pipe.send(await pipe.recv())
+            elif mode == "lag":
+                big: torch.Tensor | None = (
+                    torch.ones(size, dtype=torch.uint8) if rank == 0 else None
+                )
+                lags: list[float] = []
+                stop = asyncio.Event()
+
+                async def ticker() -> None:
+                    while not stop.is_set():
+                        t0 = time.perf_counter()
+                        await asyncio.sleep(0.001)
+                        lags.append(time.perf_counter() - t0 - 0.001)
+
+                # Steady state: one warm-up transfer first. A fresh process's
+                # first touch of guest memory faults at ~0.5 GB/s on these
+                # VMs (single syscalls stall for ms); after it, the receive
+                # pool hands back warm blocks.
+                if rank == 0:
+                    await pipe.send(big)
+                else:
+                    await pipe.recv()
+                tick = asyncio.ensure_future(ticker())
+                if rank == 0:
+                    await pipe.recv()  # receiver ready
+                    start = time.perf_counter()
+                    for _ in range(count):
+                        await pipe.send(big)
+                    await pipe.flush()
+                    await pipe.recv()
+                    out["seconds"] = time.perf_counter() - start
+                else:
+                    await pipe.send(None)
+                    for _ in range(count):
+                        await pipe.recv()  # dropped at once: its block goes back to the pool
+                    await pipe.send(None)
+                stop.set()
+                await tick
+                out[f"lags{rank}"] = lags
+            elif mode == "idle":  # ``count`` seconds with a receiver waiting
+                if rank == 0:
+                    await pipe.recv()
+                    await asyncio.sleep(count)
+                    await pipe.send(None)
+                else:
+                    await pipe.send(None)
+                    cpu0, t0 = cpu_seconds(), time.perf_counter()
+                    await pipe.recv()
+                    out.update(idle_cpu=cpu_seconds() - cpu0, idle_wall=time.perf_counter() - t0)
+                    await pipe.send(None)
+                if rank == 0:
+                    await pipe.recv()
+            elif mode == "backpressure":
+                if rank == 0:
+                    payload = torch.ones(size, dtype=torch.uint8)
+                    peak = 0
+                    blocked_for = blocked_cpu = 0.0
+                    for _ in range(count):
+                        cpu0 = cpu_seconds()
+                        t0 = time.perf_counter()
+                        await pipe.send(payload)
+                        waited = time.perf_counter() - t0
+                        if waited > 0.2:  # this send waited for the stalled receiver
+                            blocked_for += waited
+                            blocked_cpu += cpu_seconds() - cpu0
+                        peak = max(peak, pipe.pending_bytes)
+                    out.update(peak=peak, blocked=blocked_for, cpu=blocked_cpu)
+                    await pipe.recv()
+                else:
+                    await asyncio.sleep(2.0)  # a receiver that stops reading
+                    for _ in range(count):
+                        await pipe.recv()
+                    await pipe.send(None)
+            return out
+
+    report(queue, lambda: run_loop(loop_name, main))
+
+
+# ----------------------------------------------------------------- baselines
+
+
+def _raw_socket_worker(rank: int, queue: Any, port: int, size: int, count: int) -> None:
+    def main() -> dict[str, Any]:
+        if rank == 1:
+            srv = socket.create_server(("127.0.0.1", port))
+            conn, _ = srv.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            buf = bytearray(size)
+            view = memoryview(buf)
+
+            def recv_one() -> None:
+                got = 0
+                while got < size:
+                    n = conn.recv_into(view[got:])
+                    if not n:
+                        raise ConnectionError("eof")
+                    got += n
+
+            recv_one()
+            start = time.perf_counter()
+            for _ in range(count):
+                recv_one()
+            seconds = time.perf_counter() - start
+            conn.sendall(b"x")
+            conn.close()
+            srv.close()
+            return {"seconds": seconds}
+        sock = _connect_retry(port)
+        payload = bytearray(b"\x01") * size  # real pages: bytes(size) would read the zero page
+        for _ in range(count + 1):
+            sock.sendall(payload)
+        sock.recv(1)
+        sock.close()
+        return {}
+
+    report(queue, main)
+
+
+def _connect_retry(port: int) -> socket.socket:
+    for _ in range(500):
+        try:
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        except ConnectionRefusedError:
+            time.sleep(0.01)
+    raise ConnectionRefusedError(f"nobody listens on {port}")
+
+
+def _asyncio_pingpong_worker(
+    rank: int, queue: Any, port: int, size: int, count: int, loop_name: str
+) -> None:
+    """Bare BufferedProtocol ping-pong: the floor for any asyncio design."""
+
+    class Echo(asyncio.BufferedProtocol):
+        def __init__(self, on_full: Callable[[], None]) -> None:
+            self.buf = bytearray(size)
+            self.got = 0
+            self.on_full = on_full
+            self.transport: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def get_buffer(self, sizehint: int) -> memoryview:
+            return memoryview(self.buf)[self.got :]
+
+        def buffer_updated(self, nbytes: int) -> None:
+            self.got += nbytes
+            if self.got == size:
+                self.got = 0
+                self.on_full()
+
+    async def main() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        payload = bytearray(b"\x01") * size  # real pages: bytes(size) would read the zero page
+        if rank == 1:
+            done = loop.create_future()
+            replies = 0
+
+            def echo() -> None:
+                nonlocal replies
+                proto.transport.write(payload)
+                replies += 1
+                if replies == count + 50 and not done.done():
+                    done.set_result(None)
+
+            proto = Echo(echo)
+            server = await loop.create_server(lambda: proto, "127.0.0.1", port)
+            await done
+            await asyncio.sleep(0.05)
+            server.close()
+            return {}
+        waiter: asyncio.Future[None] | None = None
+
+        def arrived() -> None:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+        client = Echo(arrived)
+        for _ in range(500):
+            try:
+                transport, _ = await loop.create_connection(lambda: client, "127.0.0.1", port)
+                break
+            except ConnectionRefusedError:
+                await asyncio.sleep(0.01)
+        samples = []
+        for i in range(count + 50):
+            waiter = loop.create_future()
+            t0 = time.perf_counter()
+            transport.write(payload)
+            await waiter
+            if i >= 50:
+                samples.append(time.perf_counter() - t0)
+        transport.close()
+        return {"samples": samples}
+
+    report(queue, lambda: run_loop(loop_name, main))
+
+
+def _gloo_worker(rank: int, queue: Any, mode: str, port: int, size: int, count: int) -> None:
+    def main() -> dict[str, Any]:
+        import torch.distributed as dist
+
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+        )
+        try:
+            payload = torch.ones(size // 4, dtype=torch.float32)
+            buf = torch.empty_like(payload)
+            if mode == "throughput":
+                if rank == 0:
+                    for _ in range(count + 1):
+                        dist.send(payload, 1)
+                    dist.recv(buf[:1], 1)
+                    return {}
+                dist.recv(buf, 0)
+                start = time.perf_counter()
+                for _ in range(count):
+                    dist.recv(buf, 0)
+                seconds = time.perf_counter() - start
+                dist.send(payload[:1], 0)
+                return {"seconds": seconds}
+            samples = []
+            for i in range(count + 20):
+                if rank == 0:
+                    t0 = time.perf_counter()
+                    dist.send(payload, 1)
+                    dist.recv(buf, 1)
+                    if i >= 20:
+                        samples.append(time.perf_counter() - t0)
+                else:
+                    dist.recv(buf, 0)
+                    dist.send(buf, 0)
+            return {"samples": samples} if rank == 0 else {}
+        finally:
+            dist.destroy_process_group()
+
+    report(queue, main)
+
+
+def memcpy_bandwidth(size: int, repeat: int = 10) -> float:
+    """Single-core memcpy of ``size`` bytes, bytes/second (best of ``repeat``)."""
+    src = torch.ones(size, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    torch.set_num_threads(1)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return size / best
