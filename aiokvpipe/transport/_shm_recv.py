@@ -28,6 +28,7 @@ from ..shm.ring import ShmRingBuffer
 from ..tensors import empty_for
 from ..wire import HEADER_SIZE, FrameKind, decode_header
 from ._shm_setup import HEADER_SLOT, SLICE_SECONDS, translate_error
+from ._waiters import WaiterSet
 from .base import Link, RecvChannel
 
 _POOL_MAX = 256 << 20  # idle receive blocks kept for reuse
@@ -54,7 +55,7 @@ class ShmRecvChannel(RecvChannel):
         self._max_frame_bytes = link.config.max_frame_bytes
         self._ready: deque[tuple[torch.Tensor | None, int]] = deque()
         self._queued_bytes = 0
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters = WaiterSet()
         self._space: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
         self._closed = False
@@ -89,13 +90,7 @@ class ShmRecvChannel(RecvChannel):
                 return tensor
             if self._error is not None:
                 raise self._error
-            fut = self._loop.create_future()
-            self._waiters.append(fut)
-            try:
-                await fut
-            finally:
-                if fut in self._waiters:
-                    self._waiters.remove(fut)
+            await self._waiters.wait()
 
     async def aclose(self) -> None:
         if not self._closed:
@@ -238,10 +233,7 @@ class ShmRecvChannel(RecvChannel):
         self._wake()
 
     def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        self._waiters.wake_all()
 
     def _unwatch(self) -> None:
         if self._watching:

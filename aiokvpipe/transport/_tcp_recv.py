@@ -22,6 +22,7 @@ from ..errors import (
 )
 from ..tensors import empty_for
 from ..wire import HEADER_SIZE, FrameKind, decode_header
+from ._waiters import WaiterSet
 from .base import Link, RecvChannel
 
 # Loop latency: one callback stops after ~_SLICE_SECONDS of copying (time,
@@ -145,7 +146,7 @@ class TcpRecvChannel(RecvChannel):
         self._device = link.config.device
         self._ready: deque[tuple[Any, int]] = deque()  # (tensor | None | Future, nbytes)
         self._queued_bytes = 0
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters = WaiterSet()
         self._error: BaseException | None = None
         self._closed = False
         self._stopped = False  # no more frames will be delivered
@@ -266,10 +267,7 @@ class TcpRecvChannel(RecvChannel):
         self._wake()
 
     def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        self._waiters.wake_all()
 
     # -- RecvChannel -----------------------------------------------------------
     async def recv(self) -> torch.Tensor | None:
@@ -290,13 +288,7 @@ class TcpRecvChannel(RecvChannel):
                 return item  # type: ignore[no-any-return]
             if self._error is not None:
                 raise self._error
-            fut = self._loop.create_future()
-            self._waiters.append(fut)
-            try:
-                await fut
-            finally:
-                if fut in self._waiters:
-                    self._waiters.remove(fut)
+            await self._waiters.wait()
 
     async def aclose(self) -> None:
         if self._closed:
