@@ -8,29 +8,10 @@ idle while blocked, every KV cache bit-exact).
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def run_example(name: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            [sys.executable, str(EXAMPLES / name), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:  # pragma: no cover - the failure report
-        pytest.fail(f"{name} did not finish in {timeout} s; output so far:\n{exc.stdout!r}")
+from test_examples import run_example
 
 
 @pytest.mark.slow
