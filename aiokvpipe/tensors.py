@@ -10,10 +10,9 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-import numpy
 import torch
 
-from .bufpool import RecvBufferPool
+from .bufpool import RecvBufferPool, allocate
 from .errors import UnsupportedTensorError
 from .wire import MAX_DIMS, FrameHeader, FrameKind, dtype_code, tensor_header
 
@@ -82,10 +81,11 @@ def empty_for(
     """Allocate the CPU destination of a tensor frame.
 
     Returns ``(tensor, dest)``: ``dest`` is a writable byte view of the
-    tensor's memory, into which the payload is received. numpy allocates
-    (cheaper than torch.empty per call, and it asks the kernel for huge pages
-    on big arrays), or ``pool`` recycles warm blocks for large frames; the
-    tensor shares the array's memory.
+    tensor's memory, into which the payload is received. ``bufpool.allocate``
+    allocates (cheaper than torch.empty per call, and without transparent
+    huge pages, whose whole-page faults stall the loop for ms), or ``pool``
+    recycles warm blocks for large frames; the tensor shares the array's
+    memory.
     """
     assert header.dtype is not None
     if header.nbytes == 0:
@@ -100,7 +100,7 @@ def empty_for(
     if pool is not None:
         array = pool.take(header.nbytes)
     else:
-        array = numpy.empty(header.nbytes, dtype=numpy.uint8)
+        array = allocate(header.nbytes)
     raw = torch.from_numpy(array)
     tensor = raw if header.dtype is torch.uint8 else raw.view(header.dtype)
     if tensor.dim() != len(header.shape) or tuple(tensor.shape) != header.shape:

@@ -27,7 +27,7 @@ from .base import Link, RecvChannel
 
 # Loop latency: one callback stops after ~_SLICE_SECONDS of copying (time,
 # not bytes: first-touch page faults can make a byte budget 20x slower).
-_SLICE_SECONDS = 0.5e-3
+_SLICE_SECONDS = 0.25e-3
 _READ_SLICE = 1 << 20  # most bytes one recv_into may take
 _MIN_READ_SLICE = 64 << 10
 _LOWAT_MAX = 1 << 20  # SO_RCVLOWAT while a large payload streams in
@@ -209,13 +209,16 @@ class TcpRecvChannel(RecvChannel):
                 self._protocol_failed(exc)
                 return
             now = clock()
+            took = now - started
             if n >= _MIN_READ_SLICE:
                 # Size the next read to take ~_SLICE_SECONDS at the rate just
                 # seen: fresh pages can copy 20x slower than warm ones.
-                rate = n / max(now - started, 1e-7)
+                rate = n / max(took, 1e-7)
                 self.read_slice = int(min(max(rate * _SLICE_SECONDS, _MIN_READ_SLICE), _READ_SLICE))
-            if n < len(buf) or now > until:
-                return  # drained (no EAGAIN round trip needed), or our slice is up
+            if n < len(buf) or now + took > until:
+                # Drained (no EAGAIN round trip needed), or another read like
+                # this one would overrun the slice: give the loop its turn.
+                return
 
     def _protocol_failed(self, exc: Exception) -> None:
         if isinstance(exc, AiokvpipeError):
