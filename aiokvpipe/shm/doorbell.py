@@ -28,10 +28,12 @@ import select
 import socket
 import sys
 import tempfile
+import time
 
+from .._timerfd import PreciseTimer, open_timer
 from ..errors import HandleError
 
-__all__ = ["CLOSED", "EXTRA", "RUNG", "TIMEOUT", "Doorbell", "doorbell_address"]
+__all__ = ["CLOSED", "EXTRA", "RUNG", "TIMEOUT", "TIMER", "Doorbell", "doorbell_address"]
 
 _ABSTRACT = sys.platform == "linux"
 _DRAIN_BYTES = 4096
@@ -54,6 +56,7 @@ def doorbell_address(ring_name: str, role: str, abstract: bool = _ABSTRACT) -> s
 RUNG = "rung"
 EXTRA = "extra"
 TIMEOUT = "timeout"
+TIMER = "timer"  # the precise wake-up asked for with ``wake_at``
 CLOSED = "closed"
 
 
@@ -84,6 +87,8 @@ class Doorbell:
         self._watched: list[int] = []
         self._fired: set[int] = set()
         self._fut: asyncio.Future[str] | None = None
+        self._timer: PreciseTimer | None = None
+        self._timer_tried = False
 
     @property
     def fileno(self) -> int:
@@ -140,6 +145,16 @@ class Doorbell:
             self._watched.remove(fd)
         self._wake(EXTRA)
 
+    def _on_timer(self) -> None:
+        if self._timer is not None and self._timer.clear():
+            self._wake(TIMER)
+
+    def _precise_timer(self) -> PreciseTimer | None:
+        if not self._timer_tried:
+            self._timer_tried = True
+            self._timer = open_timer()
+        return self._timer
+
     def _watch(self, loop: asyncio.AbstractEventLoop, extra_fd: int | None) -> None:
         # Registrations persist between waits: parking then costs no epoll_ctl.
         if self._loop is not loop:
@@ -149,6 +164,26 @@ class Doorbell:
         if extra_fd is not None and extra_fd not in self._watched and extra_fd not in self._fired:
             loop.add_reader(extra_fd, self._on_extra, extra_fd)
             self._watched.append(extra_fd)
+        timer = self._timer
+        if timer is not None and timer.fileno not in self._watched:
+            loop.add_reader(timer.fileno, self._on_timer)
+            self._watched.append(timer.fileno)
+
+    def _arm(self, wake_at: float | None, timeout: float) -> tuple[PreciseTimer | None, float]:
+        """Arm the precise timer for ``wake_at`` (monotonic); coarse fallback: a shorter timeout."""
+        if wake_at is None:
+            return None, timeout
+        timer = self._precise_timer()
+        if timer is None:
+            return None, min(timeout, max(0.0, wake_at - time.monotonic()))
+        timer.arm(wake_at)
+        return timer, timeout
+
+    @staticmethod
+    def _disarm(timer: PreciseTimer | None) -> None:
+        if timer is not None and timer.armed:
+            timer.disarm()
+            timer.clear()  # an expiry that raced the ring must not wake the next wait
 
     def _unwatch(self) -> None:
         loop, watched = self._loop, self._watched
@@ -157,18 +192,23 @@ class Doorbell:
             for fd in watched:
                 loop.remove_reader(fd)
 
-    async def wait(self, timeout: float, extra_fd: int | None = None) -> str:
+    async def wait(
+        self, timeout: float, extra_fd: int | None = None, wake_at: float | None = None
+    ) -> str:
         """Wait until rung, ``extra_fd`` is readable, ``timeout`` passes, or close.
 
-        Returns why: :data:`RUNG`, :data:`EXTRA`, :data:`TIMEOUT` or :data:`CLOSED`.
-        Stale rings (queued while nobody waited) may wake it early: callers
-        always recheck what they wait for.
+        ``wake_at`` (a ``time.monotonic()`` instant) also ends the wait, to
+        within microseconds where timerfd exists (loop timers round to ms).
+        Returns why: :data:`RUNG`, :data:`EXTRA`, :data:`TIMER`,
+        :data:`TIMEOUT` or :data:`CLOSED`. Stale rings (queued while nobody
+        waited) may wake it early: callers always recheck what they wait for.
         """
         if self._closed:
             return CLOSED
         if extra_fd is not None and extra_fd in self._fired:
             return EXTRA
         loop = asyncio.get_running_loop()
+        precise, timeout = self._arm(wake_at, timeout)
         self._watch(loop, extra_fd)
         fut: asyncio.Future[str] = loop.create_future()
         self._fut = fut
@@ -178,26 +218,36 @@ class Doorbell:
         finally:
             timer.cancel()
             self._fut = None
+            self._disarm(precise)
 
-    def wait_blocking(self, timeout: float, extra_fd: int | None = None) -> str:
+    def wait_blocking(
+        self, timeout: float, extra_fd: int | None = None, wake_at: float | None = None
+    ) -> str:
         """The same wait for non-async callers (blocks the calling thread)."""
         if self._closed:
             return CLOSED
         if extra_fd is not None and extra_fd in self._fired:
             return EXTRA
+        precise, timeout = self._arm(wake_at, timeout)
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
         if extra_fd is not None:
             poller.register(extra_fd, select.POLLIN)
+        if precise is not None:
+            poller.register(precise.fileno, select.POLLIN)
         try:
             events = poller.poll(max(0, int(timeout * 1000 + 0.999)))
         except InterruptedError:
-            return TIMEOUT
+            events = []
+        finally:
+            self._disarm(precise)
         reason = TIMEOUT
         for fd, _ in events:
             if fd == self._fd:
                 self.drain()
                 reason = RUNG
+            elif precise is not None and fd == precise.fileno:
+                reason = RUNG if reason == RUNG else TIMER
             else:
                 self._fired.add(fd)
                 return EXTRA
@@ -211,6 +261,8 @@ class Doorbell:
         self._unwatch()
         self._wake(CLOSED)
         self._sock.close()
+        if self._timer is not None:
+            self._timer.close()
         if isinstance(self.address, str):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.address)

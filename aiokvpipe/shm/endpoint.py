@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
 import time
 from collections.abc import Callable
 
 from ..backoff import Backoff
+from ..cadence import Cadence
 from ..errors import (
     HandleError,
     PipeClosedError,
@@ -41,16 +43,19 @@ from ..errors import (
     TransferTimeout,
     WriterGoneError,
 )
-from .doorbell import RUNG, Doorbell, doorbell_address
+from .doorbell import RUNG, TIMER, Doorbell, doorbell_address
 from .fence import fence
 from .liveness import ProcessIdentity, open_pidfd, pidfd_exited
 from .ring import (
     DESC,
+    DESC_BYTES,
+    DESC_STAMP,
     IDENTITY,
     READER_SLOTS_OFF,
     SLOT_BYTES,
     SLOT_ID,
     SLOT_PARKED,
+    SLOT_SPINNING,
     SLOT_STATE,
     STATE_ATTACHED,
     STATE_CLOSED,
@@ -63,10 +68,14 @@ from .ring import (
 
 __all__ = ["RingEndpoint", "deadline_after"]
 
-DESC_SIZE = DESC.size
+DESC_SIZE = DESC_BYTES  # stride of the descriptor table
 unpack_desc = DESC.unpack_from
-_pack_desc = DESC.pack_into
+_DESC_FULL = struct.Struct(DESC.format + DESC_STAMP.format.lstrip("<"))
+_pack_desc = _DESC_FULL.pack_into
+_OFFSET_AND_STAMP = struct.Struct("<Q8xQ")  # from byte 16: offset in message, (kind), stamp
+_unpack_offset_stamp = _OFFSET_AND_STAMP.unpack_from
 _monotonic = time.monotonic
+_monotonic_ns = time.monotonic_ns
 _perf_counter = time.perf_counter
 _sched_yield = getattr(os, "sched_yield", lambda: None)
 _WRITER_PARK_WORD = WRITER_PARKED_OFF // 4
@@ -91,6 +100,7 @@ class RingEndpoint:
         *,
         backoff: Backoff | None = None,
         owns_buffer: bool = False,
+        anticipate: bool = True,
     ) -> None:
         buffer._check_open()
         n = buffer.n_reader
@@ -117,6 +127,8 @@ class RingEndpoint:
         self._backoff = backoff or Backoff(spin_seconds=50e-6, initial_sleep=20e-3, max_sleep=50e-3)
         self._spin_base = self._backoff.spin_seconds
         self._spin_max = 8 * self._spin_base
+        # Readers learn the writer's rhythm to be awake when a message is due.
+        self._cadence = Cadence() if anticipate and reader_rank != -1 else None
         self._pidfd: int | None = None
         self._writer: ProcessIdentity | None = None
         name = buffer.name
@@ -133,6 +145,7 @@ class RingEndpoint:
             self._park_word = WRITER_PARKED_OFF // 4
             self._ones = b"\1" * n
             self._zeros = bytes(n)
+            self._spin_flags = [READER_SLOTS_OFF + SLOT_BYTES * r + SLOT_SPINNING for r in range(n)]
             self._reader_bells = [
                 (
                     r,
@@ -156,6 +169,8 @@ class RingEndpoint:
                     )
             self._bell = Doorbell(doorbell_address(name, f"r{reader_rank}"))
             self._park_word = (slot + SLOT_PARKED) // 4
+            self._spin_flag = slot + SLOT_SPINNING
+            self._hdr[self._spin_flag] = 0
             self._rflag = 1 + reader_rank
             self._writer_bell = doorbell_address(name, "w")
             self._rung_writer = 0
@@ -282,7 +297,7 @@ class RingEndpoint:
         return idx
 
     def _publish(self, idx: int, total: int, offset: int, kind: int) -> None:
-        _pack_desc(self._desc, idx * DESC_SIZE, self._seq, total, offset, kind)
+        _pack_desc(self._desc, idx * DESC_SIZE, self._seq, total, offset, kind, _monotonic_ns())
         fl = self._flags
         base = idx * self._nflag
         fl[base + 1 : base + self._nflag] = self._zeros
@@ -295,6 +310,14 @@ class RingEndpoint:
             if w & 1 and w != rung[r]:  # parked, and not yet rung during this park
                 rung[r] = w
                 self._bell.ring(address)
+        hdr = self._hdr
+        for off in self._spin_flags:
+            if hdr[off]:
+                # A reader is spinning for this message: if it shares this
+                # CPU (schedulers pack light processes onto one vCPU), let it
+                # run now rather than when this task next blocks (~20 us).
+                _sched_yield()
+                break
         self._seq += 1
 
     def _poll_readable(self) -> int | None:
@@ -308,6 +331,11 @@ class RingEndpoint:
         return None
 
     def _consume(self, idx: int) -> None:
+        cadence = self._cadence
+        if cadence is not None:
+            offset, stamp = _unpack_offset_stamp(self._desc, idx * DESC_SIZE + 16)
+            if offset == 0:  # a message's first chunk: its publish time is an arrival
+                cadence.arrived(stamp * 1e-9)
         fl = self._flags
         fence()  # finish reading the bytes before giving the chunk back
         fl[idx * self._nflag + self._rflag] = 1
@@ -342,48 +370,71 @@ class RingEndpoint:
         words, word, bell = self._words, self._park_word, self._bell
         reason: str | None = None
         parked_at = 0.0
-        while True:
-            delay = backoff.next_delay()
-            if delay == 0.0:
-                # Give the CPU to the peer if it waits on this core (a busy box,
-                # or a pinned pair): spinning in place would only delay it.
-                _sched_yield()
-                if not blocking:
-                    await asyncio.sleep(0)
-            else:
-                if not parked_at:
-                    parked_at = _perf_counter()
-                if deadline is not None:
-                    left = deadline - _monotonic()
-                    if left <= 0:
-                        raise self._timeout_error(timeout)
-                    delay = min(delay, left)
-                # Announce with a fresh odd value: peers ring once per park, not per chunk.
-                gen = self._park_gen = (self._park_gen + 1) & 0xFFFFFFFF
-                words[word] = gen
-                fence()  # announce, then recheck: the peer either sees us or we see it
-                try:
-                    idx = poll()
-                    if idx is not None:
-                        self._adapt_spin(_perf_counter() - parked_at)
-                        return idx
-                    self._check_peer(reason)
-                    if blocking:
-                        reason = bell.wait_blocking(delay, self._pidfd)
+        window = self._cadence.window() if self._cadence is not None else None
+        flagged = 0  # 1 while our "spinning for a message" hint is up
+        try:
+            while True:
+                delay = backoff.next_delay()
+                wake_at: float | None = None
+                if delay != 0.0 and window is not None:
+                    # Anticipation (see cadence.py): spin through the window in
+                    # which the next message is due; park until it opens.
+                    now = _monotonic()
+                    if now >= window[1]:
+                        window = None  # it passed empty: park until rung
+                        if flagged:
+                            self._hdr[self._spin_flag] = flagged = 0
+                    elif now >= window[0]:
+                        delay = 0.0
+                        if not flagged:
+                            self._hdr[self._spin_flag] = flagged = 1
                     else:
-                        reason = await bell.wait(delay, self._pidfd)
-                finally:
-                    if not (self._closed or self.buffer.closed):
-                        self._unpark()
-                if self._closed or self.buffer.closed:
-                    raise PipeClosedError(f"ring endpoint on {self.buffer.name!r} was closed")
-            idx = poll()
-            if idx is not None:
-                if parked_at:
-                    self._adapt_spin(_perf_counter() - parked_at)
-                return idx
-            if deadline is not None and _monotonic() >= deadline:
-                raise self._timeout_error(timeout)
+                        wake_at = window[0]
+                if delay == 0.0:
+                    # Give the CPU to the peer if it waits on this core (a busy box,
+                    # or a pinned pair): spinning in place would only delay it.
+                    _sched_yield()
+                    if not blocking:
+                        await asyncio.sleep(0)
+                else:
+                    if not parked_at:
+                        parked_at = _perf_counter()
+                    if deadline is not None:
+                        left = deadline - _monotonic()
+                        if left <= 0:
+                            raise self._timeout_error(timeout)
+                        delay = min(delay, left)
+                    # Announce with a fresh odd value: peers ring once per park, not per chunk.
+                    gen = self._park_gen = (self._park_gen + 1) & 0xFFFFFFFF
+                    words[word] = gen
+                    fence()  # announce, then recheck: the peer either sees us or we see it
+                    try:
+                        idx = poll()
+                        if idx is not None:
+                            self._adapt_spin(_perf_counter() - parked_at)
+                            return idx
+                        self._check_peer(reason)
+                        if blocking:
+                            reason = bell.wait_blocking(delay, self._pidfd, wake_at)
+                        else:
+                            reason = await bell.wait(delay, self._pidfd, wake_at)
+                        if reason == TIMER and wake_at is not None and self._cadence is not None:
+                            self._cadence.woke_late(_monotonic() - wake_at)
+                    finally:
+                        if not (self._closed or self.buffer.closed):
+                            self._unpark()
+                    if self._closed or self.buffer.closed:
+                        raise PipeClosedError(f"ring endpoint on {self.buffer.name!r} was closed")
+                idx = poll()
+                if idx is not None:
+                    if parked_at:
+                        self._adapt_spin(_perf_counter() - parked_at)
+                    return idx
+                if deadline is not None and _monotonic() >= deadline:
+                    raise self._timeout_error(timeout)
+        finally:
+            if flagged and not (self._closed or self.buffer.closed):
+                self._hdr[self._spin_flag] = 0
 
     def _adapt_spin(self, parked_for: float) -> None:
         """Spin longer after parks that were barely needed, back to base after real waits.

@@ -94,6 +94,13 @@ class ShmRingBufferIO(RingEndpoint):
     (bare yields to the loop), its growing sleeps are the safety intervals a
     parked call waits on the doorbell before rechecking on its own. The
     default spins 50 us, then parks for 20 ms growing to 50 ms.
+
+    ``anticipate`` (readers): learn the writer's rhythm from the publish
+    times of recent messages and spin through a short window around the next
+    expected one instead of sleeping through it (a parked reader's wake-up
+    costs 70-150 us on a VM). The window is capped at 20% of the gap (at
+    least 250 us, at most 1 ms), so while messages flow a reader uses at most
+    that share of a core, and nothing once they stop. ``False``: always park.
     """
 
     def __init__(
@@ -103,8 +110,11 @@ class ShmRingBufferIO(RingEndpoint):
         *,
         backoff: Backoff | None = None,
         owns_buffer: bool = False,
+        anticipate: bool = True,
     ) -> None:
-        super().__init__(buffer, reader_rank, backoff=backoff, owns_buffer=owns_buffer)
+        super().__init__(
+            buffer, reader_rank, backoff=backoff, owns_buffer=owns_buffer, anticipate=anticipate
+        )
         self._partial: _Assembly | None = None  # a multi-chunk message being gathered
 
     # -- construction helpers ------------------------------------------------

@@ -49,19 +49,26 @@ from .liveness import ProcessIdentity
 
 __all__ = [
     "LAYOUT_VERSION",
+    "DESC_BYTES",
+    "DESC_STAMP",
+    "DESC_STAMP_OFF",
     "NAME_PREFIX",
     "ShmRingBuffer",
     "ShmRingHandle",
 ]
 
 LAYOUT_MAGIC = b"AIOKVRNG"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: chunk descriptors carry the publish time
 NAME_PREFIX = "aiokv_"
 MAX_READERS = 4096
 
 _FIXED = struct.Struct("<8sIIQQ16s")  # magic, version, n_reader, chunk bytes, chunks, token
 IDENTITY = struct.Struct("<qQQ")  # pid, start time, pid namespace
 DESC = struct.Struct("<QQQB7x")  # chunk seq, message length, offset in message, kind
+# then the publish time (CLOCK_MONOTONIC ns), read by itself on the reader's hot path
+DESC_STAMP = struct.Struct("<Q")
+DESC_STAMP_OFF = DESC.size
+DESC_BYTES = DESC.size + DESC_STAMP.size
 CREATOR_OFF = 64
 WRITER_STATE_OFF = 128
 WRITER_ID_OFF = 136
@@ -71,6 +78,7 @@ SLOT_BYTES = 64
 SLOT_PARKED = 0  # u32 park word, as the writer's
 SLOT_STATE = 4
 SLOT_ID = 8
+SLOT_SPINNING = 32  # u8: 1 while the reader spins for a message it expects (a hint)
 
 # POSIX shm_open/shm_unlink without multiprocessing's resource tracker (no stubs ship for it).
 _posixshmem: Any = importlib.import_module("_posixshmem")
@@ -131,7 +139,7 @@ class _Layout:
 
     @property
     def total_bytes(self) -> int:
-        return _round_up(self.desc_offset + DESC.size * self.max_chunks, _PAGE)
+        return _round_up(self.desc_offset + DESC_BYTES * self.max_chunks, _PAGE)
 
 
 class _Mapping:
@@ -227,7 +235,7 @@ class ShmRingBuffer:
         self.header_words = mapping.view(0, layout.header_bytes, words=True)
         self.flags = mapping.view(layout.flags_offset, layout.flags_offset + n_flags)
         self.descriptors = mapping.view(
-            layout.desc_offset, layout.desc_offset + DESC.size * layout.max_chunks
+            layout.desc_offset, layout.desc_offset + DESC_BYTES * layout.max_chunks
         )
         first, stride = layout.header_bytes, layout.chunk_stride
         self.chunks = [
