@@ -32,7 +32,9 @@ class Cadence:
     50-125 us on a VM, as late as any other wake-up); ``tail`` keeps it open
     past the latest. ``budget`` caps the window at that fraction of
     the median gap, but never below ``min_window`` (short gaps are cheaper to
-    spin through than to park for) nor above ``max_window``. ``history``
+    spin through than to park for) nor above ``max_window``. A window opening
+    less than ``spin_ahead`` after a wait starts is spun from the start (a
+    timer wake-up would cost about as much as the wait). ``history``
     gaps are kept; ``min_history`` are needed before any prediction.
     """
 
@@ -41,6 +43,7 @@ class Cadence:
     tail: float = 100e-6
     min_window: float = 250e-6
     max_window: float = 1e-3
+    spin_ahead: float = 200e-6
     history: int = 16
     min_history: int = 4
     _gaps: deque[float] = field(init=False, repr=False)
@@ -51,8 +54,11 @@ class Cadence:
     def __post_init__(self) -> None:
         if not 0 < self.budget <= 1:
             raise ValueError(f"budget must be in (0, 1], got {self.budget}")
-        if min(self.lead, self.tail, self.min_window) < 0 or self.max_window < self.min_window:
-            raise ValueError("lead, tail, min_window must be >= 0 and max_window >= min_window")
+        spans = (self.lead, self.tail, self.min_window, self.spin_ahead)
+        if min(spans) < 0 or self.max_window < self.min_window:
+            raise ValueError(
+                "lead, tail, min_window, spin_ahead must be >= 0 and max_window >= min_window"
+            )
         if not 2 <= self.min_history <= self.history:
             raise ValueError("need 2 <= min_history <= history")
         self._gaps = deque(maxlen=self.history)
@@ -101,3 +107,14 @@ class Cadence:
         allowed = min(self.max_window, max(self.min_window, self.budget * median))
         self._window = (opens, min(closes, opens + allowed))
         return self._window
+
+    def plan(self, now: float) -> tuple[float, float] | None:
+        """``(spin_from, spin_until)`` for a wait starting at ``now``, or None: park.
+
+        ``spin_from > now`` means: park with a wake-up timer until then.
+        """
+        window = self.window()
+        if window is None or now >= window[1]:
+            return None
+        opens, closes = window
+        return (opens if opens - now > self.spin_ahead else now), closes

@@ -28,6 +28,13 @@ class PipeConfig:
     ephemeral port of ``bind_host`` (default: ``host`` on rank 0, the local
     address that routes to rank 0 elsewhere) — never on all interfaces unless
     you ask for ``"0.0.0.0"`` yourself.
+
+    ``anticipate``: a waiting ``recv`` learns the rhythm of arrivals and
+    spins (yielding to the loop) through a short window around the next
+    expected message instead of sleeping through it, since waking a sleeping
+    process costs 70-150 us on a VM. It costs at most ~20% of a core while
+    messages flow steadily and nothing when they stop (see
+    :mod:`aiokvpipe.cadence`); ``False`` always parks.
     """
 
     rank: int
@@ -43,6 +50,7 @@ class PipeConfig:
     close_timeout: float = 10.0
     token: str | bytes | None = None
     bind_host: str | None = None
+    anticipate: bool = True
 
     def __post_init__(self) -> None:
         _check_int(self.world_size, "world_size", minimum=2)
@@ -63,6 +71,8 @@ class PipeConfig:
         if self.transport not in TRANSPORTS:
             raise ConfigError("transport", f"{self.transport!r} is not one of {TRANSPORTS}")
         _check_device(self.device)
+        if not isinstance(self.anticipate, bool):
+            raise ConfigError("anticipate", f"must be True or False, got {self.anticipate!r}")
         _check_int(self.buffer_bytes, "buffer_bytes", minimum=1)
         _check_int(self.max_frame_bytes, "max_frame_bytes", minimum=1)
         _check_seconds(self.connect_timeout, "connect_timeout", optional=False)

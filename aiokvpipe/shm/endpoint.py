@@ -370,7 +370,7 @@ class RingEndpoint:
         words, word, bell = self._words, self._park_word, self._bell
         reason: str | None = None
         parked_at = 0.0
-        window = self._cadence.window() if self._cadence is not None else None
+        window = self._cadence.plan(_monotonic()) if self._cadence is not None else None
         flagged = 0  # 1 while our "spinning for a message" hint is up
         try:
             while True:
@@ -396,6 +396,8 @@ class RingEndpoint:
                     _sched_yield()
                     if not blocking:
                         await asyncio.sleep(0)
+                    if self._closed or self.buffer.closed:  # closed by another task mid-spin
+                        raise PipeClosedError(f"ring endpoint on {self.buffer.name!r} was closed")
                 else:
                     if not parked_at:
                         parked_at = _perf_counter()

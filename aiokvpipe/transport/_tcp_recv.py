@@ -146,7 +146,7 @@ class TcpRecvChannel(RecvChannel):
         self._device = link.config.device
         self._ready: deque[tuple[Any, int]] = deque()  # (tensor | None | Future, nbytes)
         self._queued_bytes = 0
-        self._waiters = WaiterSet()
+        self._waiters = WaiterSet(anticipate=link.config.anticipate)
         self._error: BaseException | None = None
         self._closed = False
         self._stopped = False  # no more frames will be delivered
@@ -237,6 +237,7 @@ class TcpRecvChannel(RecvChannel):
 
             item = asyncio.ensure_future(to_device(tensor, self._device))
         self._ready.append((item, nbytes))
+        self._waiters.arrived()
         self._queued_bytes += nbytes
         if self._queued_bytes >= self._limit:
             self._pause_reading()
@@ -291,7 +292,10 @@ class TcpRecvChannel(RecvChannel):
                 return item  # type: ignore[no-any-return]
             if self._error is not None:
                 raise self._error
-            await self._waiters.wait()
+            await self._waiters.wait_for(self._has_news)
+
+    def _has_news(self) -> bool:
+        return bool(self._ready) or self._error is not None or self._closed
 
     async def aclose(self) -> None:
         if self._closed:
@@ -299,6 +303,7 @@ class TcpRecvChannel(RecvChannel):
         self._closed = True
         self._stopped = True
         self._pause_reading()
+        self._waiters.close()
         for item, _ in self._ready:
             if isinstance(item, asyncio.Future):
                 item.cancel()
