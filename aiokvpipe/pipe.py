@@ -169,12 +169,13 @@ class Pipe:
         tensor until the returned Transfer completes. Raises
         UnsupportedTensorError (nothing accepted) for bad input.
         """
-        self._check_open()
-        self._raise_send_error()
+        if self._closed:
+            self._check_open()
+        if self._send_error is not None or self._sender.error is not None:
+            self._raise_send_error()
         checked = check_sendable(tensor)
         data = dense(checked) if checked is not None else None
-        header = header_for(0, data)
-        nbytes = header.nbytes
+        nbytes = 0 if data is None else data.numel() * data.element_size()
         if nbytes > self.config.max_frame_bytes:
             raise FrameTooLargeError(nbytes, self.config.max_frame_bytes, f"rank {self.rank} send")
         wait = self.config.op_timeout if timeout is _DEFAULT else timeout
@@ -189,7 +190,11 @@ class Pipe:
             self._raise_send_error()
         # Nothing below awaits: once the window is granted the message is
         # queued, so cancellation can only happen before acceptance.
-        header = header._replace(seq=self._next_seq)
+        try:
+            header = header_for(self._next_seq, data)
+        except BaseException:
+            self._window.release(nbytes)
+            raise
         self._next_seq += 1
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inflight.add(done)

@@ -104,6 +104,11 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 
 _ZERO_DIMS = (0,) * MAX_DIMS
+_SEQ_OFFSET = 8
+_pack_seq = struct.Struct("<Q").pack_into
+_MAX_TEMPLATES = 1024  # distinct (kind, dtype, shape) headers kept packed
+_TEMPLATES: dict[tuple[int, torch.dtype | None, tuple[int, ...]], bytes] = {}
+_KINDS: dict[int, FrameKind] = {int(k): k for k in FrameKind}
 
 
 class FrameHeader(NamedTuple):
@@ -116,19 +121,23 @@ class FrameHeader(NamedTuple):
     nbytes: int = 0
 
     def encode(self) -> bytes:
-        code = 0 if self.dtype is None else dtype_code(self.dtype)
-        ndim = len(self.shape)
-        return _HEADER.pack(
-            MAGIC,
-            WIRE_VERSION,
-            self.kind,
-            code,
-            ndim,
-            self.seq,
-            self.nbytes,
-            *self.shape,
-            *_ZERO_DIMS[ndim:],
-        )
+        # Everything but the sequence number repeats from message to message:
+        # pack it once per (kind, dtype, shape) and patch the seq in.
+        key = (self.kind, self.dtype, self.shape)
+        template = _TEMPLATES.get(key)
+        if template is None:
+            code = 0 if self.dtype is None else dtype_code(self.dtype)
+            ndim = len(self.shape)
+            template = _HEADER.pack(
+                MAGIC, WIRE_VERSION, self.kind, code, ndim, 0, self.nbytes,
+                *self.shape, *_ZERO_DIMS[ndim:],
+            )  # fmt: skip
+            if len(_TEMPLATES) >= _MAX_TEMPLATES:
+                _TEMPLATES.clear()
+            _TEMPLATES[key] = template
+        frame = bytearray(template)
+        _pack_seq(frame, _SEQ_OFFSET, self.seq)
+        return bytes(frame)
 
 
 def tensor_header(seq: int, dtype: torch.dtype, shape: tuple[int, ...]) -> FrameHeader:
@@ -167,10 +176,9 @@ def decode_header(
         raise UnsupportedVersionError(
             f"peer speaks wire version {version}, this build speaks {WIRE_VERSION}"
         )
-    try:
-        kind = FrameKind(kind_code)
-    except ValueError:
-        raise MalformedFrameError(f"unknown frame kind {kind_code}") from None
+    kind = _KINDS.get(kind_code)
+    if kind is None:
+        raise MalformedFrameError(f"unknown frame kind {kind_code}")
     if seq != expected_seq:
         raise SequenceError(f"frame sequence {seq} received, expected {expected_seq}")
     if kind is not FrameKind.TENSOR:
@@ -183,7 +191,7 @@ def decode_header(
     if ndim > MAX_DIMS:
         raise MalformedFrameError(f"ndim {ndim} exceeds {MAX_DIMS}")
     shape = tuple(dims[:ndim])
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise MalformedFrameError(f"negative dimension in shape {shape}")
     if any(dims[ndim:]):
         raise MalformedFrameError("non-zero dimensions beyond ndim")

@@ -70,9 +70,14 @@ class TcpSendChannel(SendChannel):
             message.done.set_exception(PipeClosedError(f"{self._link.describe}: channel closed"))
             return
         self._next_seq = message.header.seq + 1
-        self._idle.clear()
-        if not _is_cpu(message.tensor):
+        tensor = message.tensor
+        if not _is_cpu(tensor):
+            self._idle.clear()
             self._start_staging(message)
+        elif not (self._pending or self._segments or self._writer_registered):
+            self._send_now(message)  # the common case: nothing queued ahead
+            return
+        self._idle.clear()
         self._pending.append(message)
         if not self._writer_registered and not self._pump_scheduled:
             self._pump()
@@ -141,6 +146,41 @@ class TcpSendChannel(SendChannel):
             else:
                 self._segments.append((header, message))
         return True
+
+    def _send_now(self, message: OutgoingMessage) -> None:
+        """One ``sendmsg`` for a message with an empty queue ahead of it.
+
+        Small messages leave here whole (no queue, no segments); whatever
+        the kernel does not take is queued for the pump as usual.
+        """
+        header = memoryview(message.header.encode())
+        nbytes = message.header.nbytes
+        if nbytes == 0 or message.tensor is None:
+            buffers = [header]
+        else:
+            payload = byte_view(message.tensor)
+            buffers = [header, payload if nbytes <= _SEND_SLICE else payload[:_SEND_SLICE]]
+        try:
+            sent = self._sock.sendmsg(buffers)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._fail(PeerClosedError(f"{self._link.describe}: send failed: {exc}"), exc)
+            message.done.set_exception(self._error or exc)
+            return
+        if sent == len(header) + nbytes:
+            message.done.set_result(None)
+            return
+        self._idle.clear()
+        if sent < len(header):
+            self._segments.append((header[sent:], None if nbytes else message))
+            sent = 0
+        else:
+            sent -= len(header)
+        if nbytes:
+            assert message.tensor is not None
+            self._segments.append((byte_view(message.tensor)[sent:], message))
+        self._pump()
 
     def _pump(self) -> None:
         """Write as much as the kernel takes now; re-arm on EAGAIN."""
