@@ -11,7 +11,7 @@ Blocks are anonymous mappings marked ``MADV_NOHUGEPAGE``. numpy asks for
 transparent huge pages on big arrays, and a huge page is faulted in whole:
 one ``recv_into`` touching a fresh 2 MiB page zeroes (on these VMs, also
 host-faults) all of it, which measured as 4-5 ms event-loop stalls while a
-1 GiB tensor streamed in, against ~1 ms with 4 KiB pages (docs/design.md).
+1 GiB tensor streamed in, against ~1 ms with 4 KiB pages (docs/latency.md).
 The price of small pages is unmapping: one ``munmap`` of a 1 GiB block took
 60 ms here, so big blocks are given back in steps between loop callbacks.
 """
@@ -64,9 +64,9 @@ def _release_later(block: mmap.mmap) -> None:
 
 
 def _release_step(loop: asyncio.AbstractEventLoop, block: mmap.mmap, offset: int) -> None:
-    size = len(block)
-    end = min(offset + _RELEASE_STEP, size)
     try:
+        size = len(block)  # raises ValueError once the block was closed
+        end = min(offset + _RELEASE_STEP, size)
         block.madvise(mmap.MADV_DONTNEED, offset, end - offset)
         if end < size:
             loop.call_soon(_release_step, loop, block, end)

@@ -26,7 +26,7 @@ from .pipe_workers import (
     _raw_socket_worker,
     memcpy_bandwidth,
 )
-from .procs import free_port, percentile, run_pair
+from .procs import free_port, percentile, placements, run_pair
 from .report import Progress, Result
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> list[Result]:
     shm = transport == "shm"  # then also the tcp transport and memcpy, same run
     steps = len(sizes) * (1 + len(loops)) + 7 * len(loops) + 3
     steps += (len(sizes) + 1) * len(loops) if shm else 0
+    steps += (1 + len(loops) * (2 if shm else 1)) * max(0, len(placements()) - 1)
     progress = Progress(steps, "pipe")
     suite = f"pipe/{transport}"
     memcpy_bps = memcpy_bandwidth(64 * MiB) if shm else 0.0
@@ -167,73 +168,11 @@ def run(args: argparse.Namespace) -> list[Result]:
     # -- 4 KiB round trip
     if "rtt" in parts:
         n_rtt = 500 if quick else 3000
-        gloo_rtt = None
-        if not args.no_gloo:
-            gloo_rtt = statistics.median(
-                run_pair(_gloo_worker, "rtt", free_port(), 4 * KiB, n_rtt)["samples"]
-            )
-            progress.step("gloo rtt")
-        for loop_name in loops:
-            base = run_pair(_asyncio_pingpong_worker, free_port(), 4 * KiB, n_rtt, loop_name)[
-                "samples"
-            ]
-            got = run_pair(
-                _pipe_worker, "rtt", free_port(), 4 * KiB, n_rtt, loop_name, transport, 1 * GiB
-            )["samples"]
-            p50, base50 = statistics.median(got), statistics.median(base)
-            results.append(
-                Result(
-                    suite,
-                    f"4 KiB round trip p50 ({loop_name})",
-                    p50 * 1e6,
-                    "us",
-                    f"raw asyncio ping-pong ({loop_name})",
-                    base50 * 1e6,
-                    "<= 1.5x raw asyncio" if loop_name == "uvloop" else "",
-                    (p50 <= 1.5 * base50) if loop_name == "uvloop" else None,
-                )
-            )
-            results.append(
-                Result(
-                    suite,
-                    f"4 KiB round trip p99 ({loop_name})",
-                    percentile(got, 0.99) * 1e6,
-                    "us",
-                    f"raw asyncio ping-pong ({loop_name})",
-                    percentile(base, 0.99) * 1e6,
-                )
-            )
-            if shm:
-                tcp_rtt = run_pair(
-                    _pipe_worker, "rtt", free_port(), 4 * KiB, n_rtt, loop_name, "tcp", 1 * GiB
-                )["samples"]
-                results.append(
-                    Result(
-                        suite,
-                        f"4 KiB round trip p50 vs tcp transport ({loop_name})",
-                        p50 * 1e6,
-                        "us",
-                        f"tcp transport ({loop_name})",
-                        statistics.median(tcp_rtt) * 1e6,
-                        "<= 0.5x tcp",
-                        p50 <= 0.5 * statistics.median(tcp_rtt),
-                    )
-                )
-                progress.step(f"tcp rtt {loop_name}")
-            if gloo_rtt is not None:
-                results.append(
-                    Result(
-                        suite,
-                        f"4 KiB round trip p50 vs gloo ({loop_name})",
-                        p50 * 1e6,
-                        "us",
-                        "gloo send/recv",
-                        gloo_rtt * 1e6,
-                        "<= 0.5x gloo",
-                        p50 <= 0.5 * gloo_rtt,
-                    )
-                )
-            progress.step(f"rtt {loop_name}")
+        # The target rows pin both processes to separate cores, the way
+        # prefill and decode run; the shared-core rows are context (there the
+        # round trip is the sum of both sides' CPU time per message).
+        for where, pin in (placements() or {"unpinned": None}).items():
+            _rtt_cases(results, progress, suite, args, loops, transport, shm, n_rtt, where, pin)
 
     # -- event-loop responsiveness while 1 GiB moves
     if "lag" in parts:
@@ -327,6 +266,90 @@ def run(args: argparse.Namespace) -> list[Result]:
     )
     progress.step("memcpy")
     return results
+
+
+def _rtt_cases(
+    results: list[Result],
+    progress: Progress,
+    suite: str,
+    args: argparse.Namespace,
+    loops: list[str],
+    transport: str,
+    shm: bool,
+    n_rtt: int,
+    where: str,
+    pin: tuple[int, int] | None,
+) -> None:
+    """4 KiB round trips of the pipe and its baselines, all placed by ``pin``."""
+    targets = where != "one shared core"  # the shared-core rows are context
+    gloo_rtt = None
+    if not args.no_gloo:
+        gloo_rtt = statistics.median(
+            run_pair(_gloo_worker, "rtt", free_port(), 4 * KiB, n_rtt, pin=pin)["samples"]
+        )
+        progress.step(f"gloo rtt, {where}")
+    for loop_name in loops:
+        base = run_pair(_asyncio_pingpong_worker, free_port(), 4 * KiB, n_rtt, loop_name, pin=pin)[
+            "samples"
+        ]
+        got = run_pair(
+            _pipe_worker, "rtt", free_port(), 4 * KiB, n_rtt, loop_name, transport, 1 * GiB, pin=pin
+        )["samples"]
+        p50, base50 = statistics.median(got), statistics.median(base)
+        gated = targets and loop_name == "uvloop"
+        results.append(
+            Result(
+                suite,
+                f"4 KiB round trip p50, {where} ({loop_name})",
+                p50 * 1e6,
+                "us",
+                f"raw asyncio ping-pong ({loop_name})",
+                base50 * 1e6,
+                "<= 1.5x raw asyncio" if gated else "",
+                (p50 <= 1.5 * base50) if gated else None,
+            )
+        )
+        results.append(
+            Result(
+                suite,
+                f"4 KiB round trip p99, {where} ({loop_name})",
+                percentile(got, 0.99) * 1e6,
+                "us",
+                f"raw asyncio ping-pong ({loop_name})",
+                percentile(base, 0.99) * 1e6,
+            )
+        )
+        if shm:
+            tcp_rtt = run_pair(
+                _pipe_worker, "rtt", free_port(), 4 * KiB, n_rtt, loop_name, "tcp", 1 * GiB, pin=pin
+            )["samples"]
+            results.append(
+                Result(
+                    suite,
+                    f"4 KiB round trip p50 vs tcp transport, {where} ({loop_name})",
+                    p50 * 1e6,
+                    "us",
+                    f"tcp transport ({loop_name})",
+                    statistics.median(tcp_rtt) * 1e6,
+                    "<= 0.5x tcp" if targets else "",
+                    (p50 <= 0.5 * statistics.median(tcp_rtt)) if targets else None,
+                )
+            )
+            progress.step(f"tcp rtt {loop_name}, {where}")
+        if gloo_rtt is not None:
+            results.append(
+                Result(
+                    suite,
+                    f"4 KiB round trip p50 vs gloo, {where} ({loop_name})",
+                    p50 * 1e6,
+                    "us",
+                    "gloo send/recv",
+                    gloo_rtt * 1e6,
+                    "<= 0.5x gloo" if gated else "",
+                    (p50 <= 0.5 * gloo_rtt) if gated else None,
+                )
+            )
+        progress.step(f"rtt {loop_name}, {where}")
 
 
 def _shm_throughput(

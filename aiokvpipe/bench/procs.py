@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import os
 import resource
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,15 +22,45 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_pair(target: Callable[..., None], *args: Any, timeout: float = 300.0) -> dict[str, Any]:
+def placements() -> dict[str, tuple[int, int] | None]:
+    """CPU placements for latency pairs: separate cores, one shared core.
+
+    Latency between two processes depends on where the scheduler puts them
+    (on these VMs light processes get packed onto one vCPU, and waking an
+    idle vCPU costs 50-100 us), so latency cases pin both sides the same way
+    for the measured case and its baselines. Empty on a single-core machine.
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < 2:
+        return {}
+    return {"separate cores": (cpus[0], cpus[1]), "one shared core": (cpus[0], cpus[0])}
+
+
+def _pinned(cpu: int, target: Callable[..., None], *args: Any) -> None:
+    os.sched_setaffinity(0, {cpu})
+    target(*args)
+
+
+def run_pair(
+    target: Callable[..., None],
+    *args: Any,
+    timeout: float = 300.0,
+    pin: tuple[int, int] | None = None,
+) -> dict[str, Any]:
     """Run ``target(rank, queue, *args)`` for ranks 0 and 1 in spawned processes.
 
-    Returns the union of the dicts both put on the queue; raises RuntimeError
-    with the worker's message if either reported ``{"error": ...}``.
+    ``pin``: the CPU of each rank (see :func:`placements`). Returns the union
+    of the dicts both put on the queue; raises RuntimeError with the worker's
+    message if either reported ``{"error": ...}``.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(rank, queue, *args), daemon=True) for rank in (0, 1)]
+    procs = [
+        ctx.Process(target=target, args=(rank, queue, *args), daemon=True)
+        if pin is None
+        else ctx.Process(target=_pinned, args=(pin[rank], target, rank, queue, *args), daemon=True)
+        for rank in (0, 1)
+    ]
     for p in procs:
         p.start()
     results: dict[str, Any] = {}

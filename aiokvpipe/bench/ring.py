@@ -114,17 +114,24 @@ def ring_write(
 
 
 def ring_read(
-    conn: Connection, handle: ShmRingHandle, rank: int, loop_name: str, mode: str, n: int
+    conn: Connection,
+    handle: ShmRingHandle,
+    rank: int,
+    loop_name: str,
+    mode: str,
+    n: int,
+    anticipate: bool = True,
 ) -> Any:
-    io = ShmRingBufferIO.attach(handle, rank)
+    io = ShmRingBufferIO.attach(handle, rank, anticipate=anticipate)
 
     async def body() -> Any:
-        if mode == "stamped":
+        if mode == "stamped":  # latencies, then the reader's share of a core
             lat = []
+            cpu0, wall0 = time.process_time(), time.perf_counter()
             for _ in range(n):
                 msg = await io.dequeue(timeout=60)
                 lat.append(time.perf_counter_ns() - _STAMP.unpack_from(msg)[0])
-            return lat
+            return (lat, (time.process_time() - cpu0) / (time.perf_counter() - wall0))
         if mode == "idle":
             cpu0, wall0 = time.process_time(), time.perf_counter()
             await io.dequeue(timeout=120)
@@ -317,6 +324,7 @@ def _ring(
     chunk: int,
     chunks: int,
     interval: float = 0.0,
+    anticipate: bool = True,
 ) -> list[Any]:
     with ShmRingBuffer(len(readers), chunk, chunks) as ring:
         h = ring.export_handle()
@@ -324,7 +332,7 @@ def _ring(
             writer,
             readers,
             ("ring_write", h, loop, mode, n, size, interval),
-            [("ring_read", h, r, loop, mode, n) for r in range(len(readers))],
+            [("ring_read", h, r, loop, mode, n, anticipate) for r in range(len(readers))],
         )
 
 
@@ -419,9 +427,8 @@ def run(args: argparse.Namespace) -> list[Result]:
                 )
             progress.step(f"{loop} fd wake-up floor")
             for k in (1, 2):
-                lat = _flat(
-                    _ring(writer, readers[:k], loop, "stamped", sparse_n, 64, 4096, 16, 0.002)
-                )
+                got = _ring(writer, readers[:k], loop, "stamped", sparse_n, 64, 4096, 16, 0.002)
+                lat = _flat([lats for lats, _ in got])
                 p50, p99 = _pct(lat, 0.50), _pct(lat, 0.99)
                 b50, b99 = _pct(base_lat[k], 0.50), _pct(base_lat[k], 0.99)
                 what = f"{k} reader{'s' if k > 1 else ''}"
@@ -447,6 +454,36 @@ def run(args: argparse.Namespace) -> list[Result]:
                         b99,
                         "<= 100 us",
                         p99 <= 100.0,
+                    )
+                )
+                # The same stream with readers that only park: what
+                # anticipation buys, and what it costs in CPU.
+                parked = _ring(
+                    writer, readers[:k], loop, "stamped", sparse_n, 64, 4096, 16, 0.002, False
+                )
+                plat = _flat([lats for lats, _ in parked])
+                for q in (0.50, 0.99):
+                    results.append(
+                        Result(
+                            SUITE,
+                            f"{loop}: wake-up p{q * 100:.0f}, parked readers "
+                            f"(anticipate=False), {what}",
+                            _pct(plat, q),
+                            "us",
+                            f"mp.Pipe p{q * 100:.0f}",
+                            _pct(base_lat[k], q),
+                            "context",
+                        )
+                    )
+                results.append(
+                    Result(
+                        SUITE,
+                        f"{loop}: reader CPU while 64 B arrive every 2 ms, {what}",
+                        100.0 * max(cpu for _, cpu in got),
+                        "% core",
+                        "anticipate=False",
+                        100.0 * max(cpu for _, cpu in parked),
+                        "context",
                     )
                 )
                 progress.step(f"{loop} sparse {what}")
