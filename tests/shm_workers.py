@@ -60,6 +60,63 @@ def writer_send(
         conn.close()
 
 
+def rhythm_message(i: int) -> dict[str, Any]:
+    """The ``i``-th message of a rhythm test: small, and distinct in content and size."""
+    return {"i": i, "data": bytes([i % 251]) * (8 + i % 40)}
+
+
+def writer_rhythm(handle: ShmRingHandle, count: int, gap: float, conn: Connection) -> None:
+    """Attach as the writer; on "go" publish ``count`` messages ``gap`` apart (a
+    steady rhythm, as a scheduler's steps), report "sent", then publish what it
+    is sent until told "exit"."""
+    io = ShmRingBufferIO.attach(handle, -1)
+    try:
+        conn.send("attached")
+        conn.recv()
+        start = time.monotonic()
+        for i in range(count):
+            io.enqueue_sync(rhythm_message(i), timeout=20)
+            delay = start + (i + 1) * gap - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        conn.send("sent")
+        # Still attached: a reader waiting now times out, not "writer gone".
+        while (extra := conn.recv()) != "exit":
+            io.enqueue_sync(extra, timeout=20)  # one more message, when the test asks
+            conn.send("sent")
+    finally:
+        io.close()
+        conn.close()
+
+
+def reader_rhythm(
+    handle: ShmRingHandle,
+    rank: int,
+    loop_name: str,
+    count: int,
+    anticipate: bool,
+    conn: Connection,
+) -> None:
+    """Reader ``rank``: dequeue ``count`` messages; send them back, whether a
+    rhythm was learned, and this reader's spinning byte before it closes."""
+    from aiokvpipe.shm.ring import READER_SLOTS_OFF, SLOT_BYTES, SLOT_SPINNING
+
+    io = ShmRingBufferIO.attach(handle, rank, anticipate=anticipate)
+    try:
+        conn.send("attached")
+
+        async def body() -> list[Any]:
+            return [await io.dequeue(timeout=20) for _ in range(count)]
+
+        got = run_loop(loop_name, body())
+        learned = io._cadence is not None and io._cadence.window() is not None
+        flag = io.buffer.header[READER_SLOTS_OFF + SLOT_BYTES * rank + SLOT_SPINNING]
+        conn.send((got, learned, flag))
+    finally:
+        io.close()
+        conn.close()
+
+
 def writer_send_then_hang(handle: ShmRingHandle, messages: list[Any], conn: Connection) -> None:
     """Send ``messages`` and then wait to be killed (a writer that crashes)."""
     io = ShmRingBufferIO.attach(handle, -1)

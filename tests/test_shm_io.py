@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import os
 import random
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
 from aiokvpipe.backoff import Backoff
+from aiokvpipe.cadence import Cadence
 from aiokvpipe.errors import (
     HandleError,
     PipeClosedError,
@@ -28,7 +31,14 @@ from aiokvpipe.errors import (
     WriterGoneError,
 )
 from aiokvpipe.shm import ShmRingBuffer, ShmRingBufferIO
-from aiokvpipe.shm.ring import READER_SLOTS_OFF, SLOT_BYTES, SLOT_PARKED, WRITER_PARKED_OFF
+from aiokvpipe.shm.doorbell import RUNG, TIMEOUT, TIMER, Doorbell, doorbell_address
+from aiokvpipe.shm.ring import (
+    READER_SLOTS_OFF,
+    SLOT_BYTES,
+    SLOT_PARKED,
+    SLOT_SPINNING,
+    WRITER_PARKED_OFF,
+)
 
 # Only the doorbell may wake a parked call: a lost wake-up then shows as a hang.
 NO_SAFETY_NET = Backoff(spin_seconds=20e-6, initial_sleep=30.0, max_sleep=30.0)
@@ -36,7 +46,11 @@ NO_SAFETY_NET = Backoff(spin_seconds=20e-6, initial_sleep=30.0, max_sleep=30.0)
 
 @contextlib.asynccontextmanager
 async def ring_of(
-    n_reader: int = 1, chunk: int = 256, chunks: int = 4, backoff: Backoff | None = None
+    n_reader: int = 1,
+    chunk: int = 256,
+    chunks: int = 4,
+    backoff: Backoff | None = None,
+    anticipate: bool = True,
 ) -> AsyncIterator[tuple[ShmRingBufferIO, list[ShmRingBufferIO]]]:
     ring = ShmRingBuffer(n_reader, chunk, chunks)
     writer = ShmRingBufferIO(ring, -1, backoff=backoff, owns_buffer=True)
@@ -48,12 +62,20 @@ async def ring_of(
                 if backoff is None
                 else Backoff(backoff.spin_seconds, backoff.initial_sleep, backoff.max_sleep)
             )
-            readers.append(ShmRingBufferIO.attach(writer.export_handle(), r, backoff=rb))
+            readers.append(
+                ShmRingBufferIO.attach(writer.export_handle(), r, backoff=rb, anticipate=anticipate)
+            )
         yield writer, readers
     finally:
         for endpoint in readers:
             await endpoint.aclose()
         await writer.aclose()
+
+
+def spinning(io: ShmRingBufferIO, ring: ShmRingBuffer | None = None) -> int:
+    """Reader ``io``'s SLOT_SPINNING byte (through ``ring`` once io's own mapping is closed)."""
+    header = (ring or io.buffer).header
+    return int(header[READER_SLOTS_OFF + SLOT_BYTES * io.reader_rank + SLOT_SPINNING])
 
 
 def parked(io: ShmRingBufferIO) -> int:
@@ -422,10 +444,6 @@ def test_blocking_api() -> None:
 
 
 def test_filesystem_doorbells(tmp_path: Any) -> None:
-    import os
-
-    from aiokvpipe.shm.doorbell import Doorbell, doorbell_address
-
     addr = doorbell_address("aiokv_fs_test", "w", abstract=False)
     assert isinstance(addr, str)
     bell, other = Doorbell(addr), Doorbell(doorbell_address("aiokv_fs_test", "r0", abstract=False))
@@ -451,3 +469,305 @@ async def test_spin_window_adapts_to_streams_and_resets_for_sparse_traffic() -> 
         assert reader._backoff.spin_seconds == 8 * base, "streams stop parking"
         reader._adapt_spin(0.002)  # a real wait, as between sparse messages
         assert reader._backoff.spin_seconds == base
+
+
+# -- the doorbell's precise wake-up (wake_at) -----------------------------------
+
+
+@contextlib.contextmanager
+def doorbell_pair() -> Iterator[tuple[Doorbell, Doorbell]]:
+    """A doorbell and a peer that rings it (abstract sockets on Linux)."""
+    name = f"aiokv_bell_{os.getpid()}_{next(_bell_ids)}"
+    bell = Doorbell(doorbell_address(name, "r0"))
+    try:
+        peer = Doorbell(doorbell_address(name, "w"))
+        try:
+            yield bell, peer
+        finally:
+            peer.close()
+    finally:
+        bell.close()
+
+
+_bell_ids = itertools.count()
+
+
+@pytest.mark.timeout(20)
+async def test_doorbell_wake_at_returns_timer_when_nobody_rings() -> None:
+    with doorbell_pair() as (bell, _peer):
+        for _ in range(3):  # the timer is re-armed for every wait
+            wake_at = time.monotonic() + 0.005
+            assert await bell.wait(10.0, wake_at=wake_at) == TIMER
+            assert time.monotonic() >= wake_at
+        assert await bell.wait(10.0, wake_at=time.monotonic() - 1.0) == TIMER  # already due
+
+
+@pytest.mark.timeout(20)
+async def test_doorbell_ring_before_wake_at_and_no_stale_timer_later() -> None:
+    # The wake_at instants are far behind the rings, so even a loop stalled
+    # for a while on a loaded box sees the ring first.
+    with doorbell_pair() as (bell, peer):
+        # A ring queued before the wait.
+        wake_at = time.monotonic() + 0.5
+        peer.ring(bell.address)
+        assert await bell.wait(10.0, wake_at=wake_at) == RUNG
+        # A ring during the wait.
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.01, peer.ring, bell.address)
+        wake_at2 = time.monotonic() + 0.5
+        assert await bell.wait(10.0, wake_at=wake_at2) == RUNG
+        # Both wake_at instants pass during this wait: neither may end it.
+        last = max(wake_at, wake_at2)
+        assert await bell.wait(last + 0.2 - time.monotonic()) == TIMEOUT
+        assert time.monotonic() >= last
+        assert bell._timer is not None and not bell._timer.clear()
+
+
+@pytest.mark.timeout(20)
+def test_doorbell_wait_blocking_wake_at() -> None:
+    with doorbell_pair() as (bell, peer):
+        wake_at = time.monotonic() + 0.005
+        assert bell.wait_blocking(10.0, wake_at=wake_at) == TIMER
+        assert time.monotonic() >= wake_at
+        wake_at = time.monotonic() + 0.2
+        peer.ring(bell.address)
+        assert bell.wait_blocking(10.0, wake_at=wake_at) == RUNG
+        timeout = wake_at + 0.2 - time.monotonic()
+        assert bell.wait_blocking(timeout) == TIMEOUT, "the first wait's timer must not fire later"
+        assert time.monotonic() >= wake_at
+        assert bell._timer is not None and not bell._timer.clear()
+        assert bell.wait_blocking(0.01, wake_at=time.monotonic() + 5.0) == TIMEOUT
+
+
+@pytest.mark.timeout(20)
+def test_doorbell_wait_blocking_ring_from_another_thread_beats_wake_at() -> None:
+    import threading
+
+    with doorbell_pair() as (bell, peer):
+        ringer = threading.Timer(0.02, peer.ring, (bell.address,))
+        ringer.start()
+        try:
+            wake_at = time.monotonic() + 1.0
+            assert bell.wait_blocking(10.0, wake_at=wake_at) == RUNG
+        finally:
+            ringer.join()
+        assert bell.wait_blocking(wake_at + 0.2 - time.monotonic()) == TIMEOUT
+        assert time.monotonic() >= wake_at
+        assert bell._timer is not None and not bell._timer.clear()
+
+
+@pytest.mark.timeout(20)
+async def test_doorbell_without_timerfd_wakes_on_its_coarse_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aiokvpipe.shm import doorbell as doorbell_module
+
+    monkeypatch.setattr(doorbell_module, "open_timer", lambda: None)  # as on a non-Linux box
+    with doorbell_pair() as (bell, _peer):
+        wake_at = time.monotonic() + 0.02
+        assert await bell.wait(10.0, wake_at=wake_at) == TIMEOUT
+        assert bell.wait_blocking(10.0, wake_at=time.monotonic() + 0.02) == TIMEOUT
+        assert bell._timer is None
+
+
+# -- readers anticipating the writer's rhythm -----------------------------------
+
+
+def expect_next_in(reader: ShmRingBufferIO, due: float, width: float) -> tuple[float, float]:
+    """Give ``reader`` a rhythm whose next window opens ``due`` from now, ``width`` wide.
+
+    A real Cadence fed the arrivals of a steady stream that ended now; the
+    window is far wider than the defaults, so even a very late timer wake-up
+    on a loaded VM lands inside it. Returns the window.
+    """
+    cadence = reader._cadence = Cadence(
+        budget=1.0, lead=0.0, tail=width, min_window=width, max_window=width
+    )
+    now = time.monotonic()
+    for k in range(4, -1, -1):
+        cadence.arrived(now - k * due)
+    window = cadence.window()
+    assert window is not None
+    return window
+
+
+@contextlib.asynccontextmanager
+async def flag_watch(*readers: ShmRingBufferIO) -> AsyncIterator[list[int]]:
+    """Sample the readers' spinning bytes on every loop iteration; yields [seen up]."""
+    ring = readers[0].buffer
+    seen = [0]
+
+    async def watch() -> None:
+        while True:
+            for r in readers:
+                seen[0] |= spinning(r, ring)
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(watch())
+    try:
+        yield seen
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def until_spinning(reader: ShmRingBufferIO, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not spinning(reader):
+        assert time.monotonic() < deadline, "the reader never spun in its window"
+        await asyncio.sleep(0.001)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("anticipate", [True, False], ids=["anticipate", "park"])
+async def test_readers_follow_an_in_process_rhythm(anticipate: bool) -> None:
+    async with ring_of(n_reader=2, chunks=4, anticipate=anticipate) as (writer, readers):
+        msgs = [b"%02d:" % i + bytes(range(i % 50)) for i in range(40)]
+
+        async def produce() -> None:
+            for m in msgs:
+                await writer.enqueue(m, timeout=10)
+                await asyncio.sleep(0.002)
+
+        async def consume(r: ShmRingBufferIO) -> list[bytes]:
+            return [await r.dequeue(timeout=10) for _ in msgs]
+
+        async with flag_watch(*readers) as seen:
+            producer = asyncio.create_task(produce())
+            got = await asyncio.gather(*(consume(r) for r in readers))
+            await producer
+        assert got == [msgs, msgs]
+        for r in readers:
+            assert spinning(r) == 0
+            assert parked(r) == 0
+            if anticipate:
+                assert r._cadence is not None and r._cadence.window() is not None
+            else:
+                assert r._cadence is None
+        if not anticipate:
+            assert seen == [0], "a reader that does not anticipate never raises the flag"
+
+
+@pytest.mark.timeout(30)
+async def test_writer_keeps_publishing_while_a_reader_spins() -> None:
+    async with ring_of(n_reader=2) as (writer, (spinner, other)):
+        expect_next_in(spinner, 0.01, 5.0)
+        task = asyncio.create_task(spinner.dequeue(timeout=10))
+        await until_spinning(spinner)
+        for i in range(3):  # the hand-off yield must not stall or reorder the writer
+            await writer.enqueue(b"m%d" % i, timeout=5)
+        assert await task == b"m0"
+        assert spinning(spinner) == 0
+        assert [await spinner.dequeue(timeout=5) for _ in range(2)] == [b"m1", b"m2"]
+        assert [await other.dequeue(timeout=5) for _ in range(3)] == [b"m0", b"m1", b"m2"]
+
+
+@pytest.mark.timeout(30)
+async def test_timeout_inside_the_window_clears_the_spinning_flag() -> None:
+    async with ring_of() as (writer, (reader,)):
+        _opens, closes = expect_next_in(reader, 0.02, 5.0)
+        async with flag_watch(reader) as seen:
+            with pytest.raises(TransferTimeout):
+                await reader.dequeue(timeout=0.3)  # the deadline falls inside the window
+        assert time.monotonic() < closes
+        assert seen == [1], "the reader spun in its window"
+        assert spinning(reader) == 0
+        assert parked(reader) == 0
+        await writer.enqueue(b"later", timeout=1)
+        assert await reader.dequeue(timeout=1) == b"later"
+
+
+@pytest.mark.timeout(30)
+async def test_timeout_after_the_window_clears_the_spinning_flag() -> None:
+    async with ring_of() as (writer, (reader,)):
+        _opens, closes = expect_next_in(reader, 0.02, 0.02)
+        started = time.monotonic()
+        with pytest.raises(TransferTimeout):
+            await reader.dequeue(timeout=0.25)
+        assert time.monotonic() - started >= 0.249, "a passing window does not end the wait"
+        assert time.monotonic() > closes
+        assert spinning(reader) == 0
+        assert parked(reader) == 0
+        await writer.enqueue(b"later", timeout=1)
+        assert await reader.dequeue(timeout=1) == b"later"
+
+
+@pytest.mark.timeout(30)
+async def test_cancelled_while_spinning_then_read_again() -> None:
+    async with ring_of(backoff=NO_SAFETY_NET) as (writer, (reader,)):
+        expect_next_in(reader, 0.01, 5.0)
+        task = asyncio.create_task(reader.dequeue(timeout=20))
+        await until_spinning(reader)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert spinning(reader) == 0
+        assert parked(reader) == 0
+        await writer.enqueue(b"next", timeout=1)
+        assert await reader.dequeue(timeout=1) == b"next"
+        # Cancelled again while spinning, then a message published while nobody waits.
+        expect_next_in(reader, 0.01, 5.0)
+        task = asyncio.create_task(reader.dequeue(timeout=20))
+        await until_spinning(reader)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert spinning(reader) == 0
+        await writer.enqueue(b"after", timeout=1)
+        await writer.enqueue(b"and more", timeout=1)
+        assert [await reader.dequeue(timeout=1) for _ in range(2)] == [b"after", b"and more"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("own_mapping", [True, False], ids=["attached", "shared-mapping"])
+async def test_closed_while_spinning(own_mapping: bool) -> None:
+    # Found by this test: a reader closed by another task mid-spin went on
+    # spinning, on released memory (ValueError) or until its deadline
+    # (TransferTimeout), and left its flag up for the writer for good.
+    async with ring_of(n_reader=2) as (writer, (attached, other)):
+        if own_mapping:
+            reader = attached
+        else:  # an endpoint on the writer's own mapping: closing it leaves the memory mapped
+            await attached.aclose()
+            reader = ShmRingBufferIO(writer.buffer, 0)
+        expect_next_in(reader, 0.01, 5.0)
+        task = asyncio.create_task(reader.dequeue(timeout=20))
+        await until_spinning(reader)
+        await reader.aclose()
+        with pytest.raises(PipeClosedError):
+            await asyncio.wait_for(task, 2)
+        assert spinning(reader, writer.buffer) == 0
+        await writer.enqueue(b"still flowing", timeout=1)
+        assert await other.dequeue(timeout=1) == b"still flowing"
+
+
+@pytest.mark.timeout(30)
+def test_blocking_dequeue_timing_out_in_the_window_clears_the_flag() -> None:
+    import threading
+
+    ring = ShmRingBuffer(1, 128, 2)
+    with (
+        ShmRingBufferIO(ring, -1, owns_buffer=True) as writer,
+        ShmRingBufferIO.attach(writer.export_handle(), 0) as reader,
+    ):
+        seen, stop = [0], threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                seen[0] |= spinning(reader, ring)
+                time.sleep(0.0005)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            expect_next_in(reader, 0.02, 5.0)
+            with pytest.raises(TransferTimeout):
+                reader.dequeue_sync(timeout=0.3)
+        finally:
+            stop.set()
+            watcher.join()
+        assert seen == [1]
+        assert spinning(reader) == 0
+        writer.enqueue_sync(b"sync")
+        assert reader.dequeue_sync(timeout=1) == b"sync"

@@ -8,6 +8,7 @@ so each test spawns as few as it can and starts them together.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -16,8 +17,9 @@ import numpy as np
 import pytest
 import shm_workers
 
-from aiokvpipe.errors import SlowReaderError, WriterGoneError
+from aiokvpipe.errors import SlowReaderError, TransferTimeout, WriterGoneError
 from aiokvpipe.shm import ShmRingBuffer, ShmRingBufferIO
+from aiokvpipe.shm.ring import READER_SLOTS_OFF, SLOT_BYTES, SLOT_PARKED, SLOT_SPINNING
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -118,3 +120,113 @@ def test_create_from_process_group(tmp_path: Path) -> None:
     assert results[0] == expected and results[2] == expected
     assert results[1][:3] == expected  # the writer (rank 1) gets its own objects back
     assert results[1][3] is False, "the writer unlinks the name once every reader attached"
+
+
+# -- readers anticipating a writer process's rhythm ----------------------------
+
+RHYTHM_GAP = 0.002  # the writer publishes a small message every 2 ms
+
+
+def _slot_byte(ring: ShmRingBuffer, rank: int, field: int) -> int:
+    return int(ring.header[READER_SLOTS_OFF + SLOT_BYTES * rank + field])
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("n_reader", "anticipate"),
+    [(1, True), (2, True), (2, False)],
+    ids=["1-reader", "2-readers", "2-readers-park"],
+)
+async def test_readers_follow_a_writer_process_rhythm(n_reader: int, anticipate: bool) -> None:
+    loop, count = _loop_name(), 50
+    expected = [shm_workers.rhythm_message(i) for i in range(count)]
+    with ShmRingBuffer(n_reader, 256, 4) as ring:
+        handle = ring.export_handle()
+        with contextlib.ExitStack() as stack:
+            _, wconn = stack.enter_context(
+                shm_workers.child(shm_workers.writer_rhythm, handle, count, RHYTHM_GAP)
+            )
+            rconns = [
+                stack.enter_context(
+                    shm_workers.child(
+                        shm_workers.reader_rhythm, handle, rank, loop, count, anticipate
+                    )
+                )[1]
+                for rank in range(1, n_reader)
+            ]
+            async with ShmRingBufferIO(ring, 0, anticipate=anticipate) as me:
+                assert await _recv(wconn) == "attached"
+                for rconn in rconns:
+                    assert await _recv(rconn) == "attached"
+                wconn.send("go")
+                mine = [await me.dequeue(timeout=30) for _ in range(count)]
+                assert _slot_byte(ring, 0, SLOT_SPINNING) == 0, "the flag is down after each wait"
+                assert _slot_byte(ring, 0, SLOT_PARKED) & 1 == 0
+                learned = me._cadence is not None and me._cadence.window() is not None
+                theirs = [await _recv(rconn) for rconn in rconns]
+                assert await _recv(wconn) == "sent"
+                wconn.send("exit")
+        assert mine == expected
+        assert learned == anticipate, "an anticipating reader learns the 2 ms rhythm"
+        for got, their_learned, their_flag in theirs:  # type: ignore[misc]
+            assert got == expected
+            assert their_learned == anticipate
+            assert their_flag == 0
+        for rank in range(n_reader):
+            assert _slot_byte(ring, rank, SLOT_SPINNING) == 0
+
+
+@pytest.mark.timeout(90)
+async def test_reader_cancelled_in_a_rhythm_keeps_its_place() -> None:
+    count = 60
+    expected = [shm_workers.rhythm_message(i) for i in range(count)]
+    with (
+        ShmRingBuffer(1, 256, 4) as ring,
+        shm_workers.child(shm_workers.writer_rhythm, ring.export_handle(), count, RHYTHM_GAP) as (
+            _,
+            wconn,
+        ),
+    ):
+        async with ShmRingBufferIO(ring, 0) as me:
+            assert await _recv(wconn) == "attached"
+            wconn.send("go")
+            got = [await me.dequeue(timeout=30) for _ in range(10)]
+            assert me._cadence is not None and me._cadence.window() is not None
+            # Tiny deadlines: calls are cancelled between messages (every other
+            # one aimed just past the opening of the window the reader spins in).
+            aim = False
+            while len(got) < count:
+                tiny = 0.0005
+                window = me._cadence.window()
+                if aim and window is not None:
+                    tiny = max(0.0001, window[0] + 0.0001 - time.monotonic())
+                aim = not aim
+                try:
+                    got.append(await asyncio.wait_for(me.dequeue(timeout=30), tiny))
+                except asyncio.TimeoutError:
+                    assert _slot_byte(ring, 0, SLOT_SPINNING) == 0
+                    assert _slot_byte(ring, 0, SLOT_PARKED) & 1 == 0
+            assert got == expected, "no message lost, repeated or reordered"
+            # The writer stopped but is still attached: the rhythm predicts the
+            # next message, and every call is cancelled, before, in or after its window.
+            for _ in range(8):
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(me.dequeue(timeout=30), 0.0005)
+                assert _slot_byte(ring, 0, SLOT_SPINNING) == 0
+                assert _slot_byte(ring, 0, SLOT_PARKED) & 1 == 0
+            assert await _recv(wconn) == "sent"
+            # Deadlines too: waits time out, not "writer gone", and lower the flag.
+            for timeout in (0.0005, 0.0019, 0.003, 0.05):
+                with pytest.raises(TransferTimeout) as info:
+                    await me.dequeue(timeout=timeout)
+                assert not isinstance(info.value, WriterGoneError)
+                assert _slot_byte(ring, 0, SLOT_SPINNING) == 0
+            extra = shm_workers.rhythm_message(count)
+            wconn.send(extra)
+            assert await me.dequeue(timeout=30) == extra, (
+                "the next message, after all those cancels"
+            )
+            assert await _recv(wconn) == "sent"
+            wconn.send("exit")
+            with pytest.raises(WriterGoneError):
+                await me.dequeue(timeout=10)

@@ -103,6 +103,18 @@ def test_segment_of_another_layout_version_is_refused() -> None:
             ShmRingBuffer.attach(ring.export_handle())
 
 
+def test_segment_of_layout_version_1_is_refused() -> None:
+    # Version 1 descriptors have no publish stamp: a version 2 endpoint would
+    # misread their table, so a ring left by an older release is refused.
+    assert LAYOUT_VERSION == 2
+    with ShmRingBuffer(1, 64, 2) as ring:
+        with pytest.raises(HandleError, match="layout version 1"):
+            ShmRingBuffer.attach(replace(ring.export_handle(), version=1))  # an old handle
+        ring.header[8:12] = (1).to_bytes(4, "little")
+        with pytest.raises(HandleError, match="layout version 1"):
+            ShmRingBuffer.attach(ring.export_handle())  # an old segment
+
+
 def test_close_is_idempotent_and_final() -> None:
     ring = ShmRingBuffer(1, 64, 2)
     ring.close()

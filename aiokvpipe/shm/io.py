@@ -29,6 +29,7 @@ from .fence import fence
 from .ring import (
     READER_SLOTS_OFF,
     SLOT_BYTES,
+    SLOT_SPINNING,
     SLOT_STATE,
     STATE_CLOSED,
     WRITER_STATE_OFF,
@@ -326,6 +327,7 @@ class ShmRingBufferIO(RingEndpoint):
                         self._bell.ring(address)
                 else:
                     slot = READER_SLOTS_OFF + SLOT_BYTES * self.reader_rank
+                    hdr[slot + SLOT_SPINNING] = 0  # a call closed mid-spin cannot clear it
                     hdr[slot + SLOT_STATE] = STATE_CLOSED
         finally:
             self._bell.close()
