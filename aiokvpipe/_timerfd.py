@@ -82,16 +82,23 @@ class PreciseTimer:
                 raise OSError(err, os.strerror(err))
         self.armed = True
 
-    def disarm(self) -> None:
-        """Cancel a pending expiry (an expiry already queued stays readable)."""
+    def disarm(self) -> bool:
+        """Cancel the timer; True if it had fired already (that expiry is consumed).
+
+        Either way nothing stays readable: re-setting a timerfd also drops an
+        expiry that was not read.
+        """
         if not self.armed:
-            return
+            return False
+        if self.clear():
+            return True
         if self._libc is None:
             os.timerfd_settime_ns(self.fileno, initial=0)  # type: ignore[attr-defined]
         else:
             spec = _Itimerspec(_Timespec(0, 0), _Timespec(0, 0))
             self._libc.timerfd_settime(self.fileno, 0, ctypes.byref(spec), None)
         self.armed = False
+        return False
 
     def clear(self) -> bool:
         """Consume an expiry; True if the timer had fired."""

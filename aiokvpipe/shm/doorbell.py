@@ -181,9 +181,8 @@ class Doorbell:
 
     @staticmethod
     def _disarm(timer: PreciseTimer | None) -> None:
-        if timer is not None and timer.armed:
-            timer.disarm()
-            timer.clear()  # an expiry that raced the ring must not wake the next wait
+        if timer is not None:
+            timer.disarm()  # also drops an expiry that raced the ring
 
     def _unwatch(self) -> None:
         loop, watched = self._loop, self._watched

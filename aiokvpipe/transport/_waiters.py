@@ -121,8 +121,7 @@ class WaiterSet:
             return False
         if not timer.armed:
             return True  # consumed by _on_timer
-        timer.disarm()
-        return timer.clear()
+        return timer.disarm()
 
     def _on_timer(self) -> None:
         if self._timer is not None and self._timer.clear():
