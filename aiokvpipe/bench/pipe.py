@@ -319,6 +319,24 @@ def _rtt_cases(
                 percentile(base, 0.99) * 1e6,
             )
         )
+        if targets:
+            # The same pipe with receivers that always park: anticipation
+            # spends CPU to be awake when the reply lands; this is without it.
+            parked = run_pair(
+                _pipe_worker, "rtt", free_port(), 4 * KiB, n_rtt, loop_name, transport, 1 * GiB,
+                False, pin=pin,
+            )["samples"]  # fmt: skip
+            results.append(
+                Result(
+                    suite,
+                    f"4 KiB round trip p50, anticipate=False, {where} ({loop_name})",
+                    statistics.median(parked) * 1e6,
+                    "us",
+                    f"raw asyncio ping-pong ({loop_name})",
+                    base50 * 1e6,
+                    "context",
+                )
+            )
         if shm:
             tcp_rtt = run_pair(
                 _pipe_worker, "rtt", free_port(), 4 * KiB, n_rtt, loop_name, "tcp", 1 * GiB, pin=pin

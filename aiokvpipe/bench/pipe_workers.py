@@ -30,6 +30,7 @@ def _pipe_worker(
     loop_name: str,
     transport: str,
     window: int,
+    anticipate: bool = True,
 ) -> None:
     from ..config import PipeConfig
     from ..pipe import Pipe
@@ -41,6 +42,7 @@ def _pipe_worker(
             transport=transport,  # type: ignore[arg-type]
             buffer_bytes=window,
             connect_timeout=60,
+            anticipate=anticipate,
         )
         async with await Pipe.connect(cfg) as pipe:
             out: dict[str, Any] = {f"transport{rank}": pipe.send_transport}
