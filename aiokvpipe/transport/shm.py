@@ -87,7 +87,7 @@ class ShmTransport(Transport):
         message = await recv_control(link.sock, what)
         try:
             handle = decode_handle(message.get("ring"), what)
-            io = ShmRingBufferIO.attach(handle, 0)
+            io = ShmRingBufferIO.attach(handle, 0, anticipate=link.config.anticipate)
         except AiokvpipeError as exc:
             with contextlib.suppress(AiokvpipeError):
                 await send_control(link.sock, {"attached": False, "error": str(exc)}, what)
