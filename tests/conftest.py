@@ -8,6 +8,7 @@ tasks, ``/dev/shm`` segments, or lets an exception reach the loop's handler.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import socket
@@ -163,3 +164,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+async def connect_beside(config: Any, proc: Any) -> Any:
+    """``Pipe.connect(config)`` while the peer runs in ``proc`` (a Popen).
+
+    Fails the test with the child's stderr if it exits before the pipe is up,
+    instead of waiting out ``connect_timeout``.
+    """
+    from aiokvpipe.pipe import Pipe
+
+    connect = asyncio.ensure_future(Pipe.connect(config))
+    while not connect.done():
+        if proc.poll() is not None:
+            connect.cancel()
+            with contextlib.suppress(BaseException):
+                await connect
+            pytest.fail(f"peer exited early: {proc.communicate()[1].decode()}")
+        await asyncio.wait({connect}, timeout=0.05)
+    return connect.result()

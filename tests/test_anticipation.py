@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import connect_beside, free_port
 from transport_conformance import (
     assert_all_same,
     assert_same,
@@ -476,15 +476,7 @@ async def echo_peer(anticipate: bool) -> AsyncIterator[tuple[Pipe, subprocess.Po
         config = PipeConfig(
             rank=0, port=port, connect_timeout=30.0, transport="tcp", anticipate=anticipate
         )
-        connect = asyncio.ensure_future(Pipe.connect(config))
-        while not connect.done():
-            if proc.poll() is not None:
-                connect.cancel()
-                with contextlib.suppress(BaseException):
-                    await connect
-                pytest.fail(f"peer exited early: {proc.communicate()[1].decode()}")
-            await asyncio.wait({connect}, timeout=0.05)
-        pipe = connect.result()
+        pipe = await connect_beside(config, proc)
         yield pipe, proc
     finally:
         if pipe is not None:

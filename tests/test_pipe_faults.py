@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import connect_beside, free_port
 from transport_conformance import (
     TRANSPORTS,
     MakePipes,
@@ -401,15 +401,7 @@ async def peer_process(
         config = PipeConfig(
             rank=0, port=port, connect_timeout=30.0, buffer_bytes=1 << 20, transport=transport
         )
-        connect = asyncio.ensure_future(Pipe.connect(config))
-        while not connect.done():
-            if proc.poll() is not None:
-                connect.cancel()
-                with contextlib.suppress(BaseException):
-                    await connect
-                pytest.fail(f"peer exited early: {proc.communicate()[1].decode()}")
-            await asyncio.wait({connect}, timeout=0.05)
-        survivor = connect.result()
+        survivor = await connect_beside(config, proc)
         yield survivor, proc
     finally:
         if proc.poll() is None:

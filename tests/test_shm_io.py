@@ -78,6 +78,16 @@ def spinning(io: ShmRingBufferIO, ring: ShmRingBuffer | None = None) -> int:
     return int(header[READER_SLOTS_OFF + SLOT_BYTES * io.reader_rank + SLOT_SPINNING])
 
 
+async def assert_settled_then_reads(
+    writer: ShmRingBufferIO, reader: ShmRingBufferIO, message: bytes
+) -> None:
+    """The reader's spinning hint and park word are down, and it reads on."""
+    assert spinning(reader) == 0
+    assert parked(reader) == 0
+    await writer.enqueue(message, timeout=1)
+    assert await reader.dequeue(timeout=1) == message
+
+
 def parked(io: ShmRingBufferIO) -> int:
     """1 while the endpoint is parked (its park word is odd)."""
     if io.is_writer:
@@ -672,10 +682,7 @@ async def test_timeout_inside_the_window_clears_the_spinning_flag() -> None:
                 await reader.dequeue(timeout=0.3)  # the deadline falls inside the window
         assert time.monotonic() < closes
         assert seen == [1], "the reader spun in its window"
-        assert spinning(reader) == 0
-        assert parked(reader) == 0
-        await writer.enqueue(b"later", timeout=1)
-        assert await reader.dequeue(timeout=1) == b"later"
+        await assert_settled_then_reads(writer, reader, b"later")
 
 
 @pytest.mark.timeout(30)
@@ -687,10 +694,7 @@ async def test_timeout_after_the_window_clears_the_spinning_flag() -> None:
             await reader.dequeue(timeout=0.25)
         assert time.monotonic() - started >= 0.249, "a passing window does not end the wait"
         assert time.monotonic() > closes
-        assert spinning(reader) == 0
-        assert parked(reader) == 0
-        await writer.enqueue(b"later", timeout=1)
-        assert await reader.dequeue(timeout=1) == b"later"
+        await assert_settled_then_reads(writer, reader, b"later")
 
 
 @pytest.mark.timeout(30)
@@ -702,10 +706,7 @@ async def test_cancelled_while_spinning_then_read_again() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert spinning(reader) == 0
-        assert parked(reader) == 0
-        await writer.enqueue(b"next", timeout=1)
-        assert await reader.dequeue(timeout=1) == b"next"
+        await assert_settled_then_reads(writer, reader, b"next")
         # Cancelled again while spinning, then a message published while nobody waits.
         expect_next_in(reader, 0.01, 5.0)
         task = asyncio.create_task(reader.dequeue(timeout=20))
