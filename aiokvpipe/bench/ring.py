@@ -30,6 +30,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ..shm import ShmRingBuffer, ShmRingBufferIO, ShmRingHandle
+from ..shm.endpoint import DESC_SIZE
+from ..shm.ring import DESC_STAMP, DESC_STAMP_OFF
 from .report import Progress, Result
 
 SUITE = "ring"
@@ -125,13 +127,20 @@ def ring_read(
     io = ShmRingBufferIO.attach(handle, rank, anticipate=anticipate)
 
     async def body() -> Any:
-        if mode == "stamped":  # latencies, then the reader's share of a core
-            lat = []
+        if mode == "stamped":
+            # Latency from the writer's enqueue call, the reader's share of a
+            # core, and latency from the publish (the chunk's own timestamp).
+            lat, woke = [], []
+            desc, stride, chunks = io._desc, DESC_SIZE, io.buffer.max_chunks
             cpu0, wall0 = time.process_time(), time.perf_counter()
             for _ in range(n):
                 msg = await io.dequeue(timeout=60)
-                lat.append(time.perf_counter_ns() - _STAMP.unpack_from(msg)[0])
-            return (lat, (time.process_time() - cpu0) / (time.perf_counter() - wall0))
+                done, now = time.perf_counter_ns(), time.monotonic_ns()
+                lat.append(done - _STAMP.unpack_from(msg)[0])
+                at = ((io._seq - 1) % chunks) * stride + DESC_STAMP_OFF
+                woke.append(now - DESC_STAMP.unpack_from(desc, at)[0])
+            cpu = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+            return (lat, cpu, woke)
         if mode == "idle":
             cpu0, wall0 = time.process_time(), time.perf_counter()
             await io.dequeue(timeout=120)
@@ -428,7 +437,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             progress.step(f"{loop} fd wake-up floor")
             for k in (1, 2):
                 got = _ring(writer, readers[:k], loop, "stamped", sparse_n, 64, 4096, 16, 0.002)
-                lat = _flat([lats for lats, _ in got])
+                lat = _flat([lats for lats, _, _ in got])
                 p50, p99 = _pct(lat, 0.50), _pct(lat, 0.99)
                 b50, b99 = _pct(base_lat[k], 0.50), _pct(base_lat[k], 0.99)
                 what = f"{k} reader{'s' if k > 1 else ''}"
@@ -456,12 +465,28 @@ def run(args: argparse.Namespace) -> list[Result]:
                         p99 <= 100.0,
                     )
                 )
+                # The wake-up alone: from the chunk's publish (its descriptor
+                # timestamp) to dequeue returning, without the writer's own
+                # enqueue work before the publish.
+                woke = _flat([w for _, _, w in got])
+                for q in (0.50, 0.99):
+                    results.append(
+                        Result(
+                            SUITE,
+                            f"{loop}: publish -> dequeue p{q * 100:.0f}, {what}",
+                            _pct(woke, q),
+                            "us",
+                            f"mp.Pipe p{q * 100:.0f}",
+                            _pct(base_lat[k], q),
+                            "context",
+                        )
+                    )
                 # The same stream with readers that only park: what
                 # anticipation buys, and what it costs in CPU.
                 parked = _ring(
                     writer, readers[:k], loop, "stamped", sparse_n, 64, 4096, 16, 0.002, False
                 )
-                plat = _flat([lats for lats, _ in parked])
+                plat = _flat([lats for lats, _, _ in parked])
                 for q in (0.50, 0.99):
                     results.append(
                         Result(
@@ -479,10 +504,10 @@ def run(args: argparse.Namespace) -> list[Result]:
                     Result(
                         SUITE,
                         f"{loop}: reader CPU while 64 B arrive every 2 ms, {what}",
-                        100.0 * max(cpu for _, cpu in got),
+                        100.0 * max(cpu for _, cpu, _ in got),
                         "% core",
                         "anticipate=False",
-                        100.0 * max(cpu for _, cpu in parked),
+                        100.0 * max(cpu for _, cpu, _ in parked),
                         "context",
                     )
                 )
