@@ -2,9 +2,9 @@
 
 Every figure comes from real processes (spawn start method): a writer process
 and one or two reader processes attached to a ring this process creates.
-Workers are spawned once and run one scenario after another (a spawned
-interpreter takes seconds to import the package), each scenario on a fresh
-ring. Baselines come from the same run:
+Workers (:mod:`aiokvpipe.bench.ring_workers`) are spawned once and run one
+scenario after another (a spawned interpreter takes seconds to import the
+package), each scenario on a fresh ring. Baselines come from the same run:
 
 * wake-up latency and 64 B message rate: a ``multiprocessing.Pipe`` between
   the same kind of processes (blocking ``send_bytes``/``recv_bytes``); and,
@@ -19,24 +19,19 @@ ring. Baselines come from the same run:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import multiprocessing as mp
 import os
 import statistics
-import struct
 import time
-from collections.abc import Callable, Coroutine
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..shm import ShmRingBuffer, ShmRingBufferIO, ShmRingHandle
-from ..shm.endpoint import DESC_SIZE
-from ..shm.ring import DESC_STAMP, DESC_STAMP_OFF
+from ..shm import ShmRingBuffer
 from .report import Progress, Result
+from .ring_workers import serve
 
 SUITE = "ring"
 MIB = 1 << 20
-_STAMP = struct.Struct("<q")
 _ctx = mp.get_context("spawn")
 
 
@@ -67,219 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# -- inside the worker processes ---------------------------------------------
-
-
-def _run_loop(loop_name: str, coro: Coroutine[Any, Any, Any]) -> Any:
-    loop: asyncio.AbstractEventLoop
-    if loop_name == "uvloop":
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
-
-
-def ring_write(
-    conn: Connection,
-    handle: ShmRingHandle,
-    loop_name: str,
-    mode: str,
-    n: int,
-    size: int,
-    interval: float,
-) -> str:
-    io = ShmRingBufferIO.attach(handle, -1)
-
-    async def body() -> None:
-        if mode in ("stamped", "idle"):  # one stamped message every `interval`
-            pad = bytes(size - _STAMP.size)
-            for _ in range(n):
-                await asyncio.sleep(interval)
-                await io.enqueue(_STAMP.pack(time.perf_counter_ns()) + pad, timeout=60)
-        else:  # back to back
-            payload = os.urandom(size)
-            for _ in range(n):
-                await io.enqueue(payload, timeout=60)
-
-    try:
-        conn.send("ready")
-        conn.recv()  # go
-        _run_loop(loop_name, body())
-    finally:
-        io.close()
-    return "done"
-
-
-def ring_read(
-    conn: Connection,
-    handle: ShmRingHandle,
-    rank: int,
-    loop_name: str,
-    mode: str,
-    n: int,
-    anticipate: bool = True,
-) -> Any:
-    io = ShmRingBufferIO.attach(handle, rank, anticipate=anticipate)
-
-    async def body() -> Any:
-        if mode == "stamped":
-            # Latency from the writer's enqueue call, the reader's share of a
-            # core, and latency from the publish (the chunk's own timestamp).
-            lat, woke = [], []
-            desc, stride, chunks = io._desc, DESC_SIZE, io.buffer.max_chunks
-            cpu0, wall0 = time.process_time(), time.perf_counter()
-            for _ in range(n):
-                msg = await io.dequeue(timeout=60)
-                done, now = time.perf_counter_ns(), time.monotonic_ns()
-                lat.append(done - _STAMP.unpack_from(msg)[0])
-                at = ((io._seq - 1) % chunks) * stride + DESC_STAMP_OFF
-                woke.append(now - DESC_STAMP.unpack_from(desc, at)[0])
-            cpu = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-            return (lat, cpu, woke)
-        if mode == "idle":
-            cpu0, wall0 = time.process_time(), time.perf_counter()
-            await io.dequeue(timeout=120)
-            return (time.process_time() - cpu0, time.perf_counter() - wall0)
-        await io.dequeue(timeout=60)  # the clock starts at the first message
-        t0, nbytes = time.perf_counter(), 0
-        for _ in range(n - 1):
-            nbytes += len(await io.dequeue(timeout=60))
-        elapsed = time.perf_counter() - t0
-        return ((n - 1) / elapsed, nbytes / elapsed)
-
-    try:
-        conn.send("ready")
-        return _run_loop(loop_name, body())
-    finally:
-        io.close()
-
-
-def pipe_write(
-    conn: Connection, pipes: list[Connection], to: int, mode: str, n: int, interval: float
-) -> str:
-    conn.send("ready")
-    conn.recv()
-    payload = bytes(64)
-    targets = pipes[:to]
-    for _ in range(n):
-        if mode == "stamped":
-            time.sleep(interval)
-            payload = _STAMP.pack(time.perf_counter_ns()) + bytes(64 - _STAMP.size)
-        for c in targets:
-            c.send_bytes(payload)
-    return "done"
-
-
-def pipe_read(conn: Connection, pipes: list[Connection], mode: str, n: int) -> Any:
-    (pipe,) = pipes
-    conn.send("ready")
-    if mode == "stamped":
-        lat = []
-        for _ in range(n):
-            sent = _STAMP.unpack_from(pipe.recv_bytes())[0]
-            lat.append(time.perf_counter_ns() - sent)
-        return lat
-    pipe.recv_bytes()
-    t0 = time.perf_counter()
-    for _ in range(n - 1):
-        pipe.recv_bytes()
-    return ((n - 1) / (time.perf_counter() - t0), 0.0)
-
-
-def poll_idle(conn: Connection, flag_name: str, seconds: float) -> tuple[float, float]:
-    """The reference ring's waiting: poll a shared flag, sleeping 0.1 us between."""
-    conn.send("ready")
-    with ShmRingBuffer(0, 64, 1, name=flag_name) as ring:
-        flags = ring.flags
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        deadline = wall0 + seconds
-        while not flags[0] and time.perf_counter() < deadline:
-            time.sleep(1e-7)
-        result = (time.process_time() - cpu0, time.perf_counter() - wall0)
-        del flags
-    return result
-
-
-def floor_read(conn: Connection, address: bytes, loop_name: str, n: int) -> list[int]:
-    """The environment's floor: a task awaiting a datagram, no ring at all."""
-    import socket
-
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(address)
-    sock.setblocking(False)
-
-    async def body() -> list[int]:
-        loop = asyncio.get_running_loop()
-        lat: list[int] = []
-        fut: asyncio.Future[None] | None = None
-
-        def on_readable() -> None:
-            sent = _STAMP.unpack(sock.recv(64)[: _STAMP.size])[0]
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-            lat.append(sent)
-
-        loop.add_reader(sock.fileno(), on_readable)
-        try:
-            conn.send("ready")
-            for _ in range(n):
-                fut = loop.create_future()
-                await fut
-                lat[-1] = time.perf_counter_ns() - lat[-1]
-        finally:
-            loop.remove_reader(sock.fileno())
-        return lat
-
-    try:
-        return list(_run_loop(loop_name, body()))
-    finally:
-        sock.close()
-
-
-def floor_write(conn: Connection, address: bytes, loop_name: str, n: int, interval: float) -> str:
-    import socket
-
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-
-    async def body() -> None:
-        for _ in range(n):
-            await asyncio.sleep(interval)
-            sock.sendto(_STAMP.pack(time.perf_counter_ns()), address)
-
-    try:
-        conn.send("ready")
-        conn.recv()
-        _run_loop(loop_name, body())
-    finally:
-        sock.close()
-    return "done"
-
-
-_COMMANDS: dict[str, Callable[..., Any]] = {
-    f.__name__: f
-    for f in (ring_write, ring_read, pipe_write, pipe_read, poll_idle, floor_read, floor_write)
-}
-
-
-def _serve(conn: Connection, pipes: list[Connection]) -> None:
-    """Worker main: run commands until told to stop."""
-    while (cmd := conn.recv()) is not None:
-        name, args = cmd
-        conn.send(("result", _COMMANDS[name](conn, *([pipes] if "pipe_" in name else []), *args)))
-
-
 # -- orchestration -------------------------------------------------------------
 
 
 class _Worker:
     def __init__(self, pipes: list[Connection] | None = None) -> None:
         self.conn, theirs = _ctx.Pipe()
-        self.proc = _ctx.Process(target=_serve, args=(theirs, pipes or []), daemon=True)
+        self.proc = _ctx.Process(target=serve, args=(theirs, pipes or []), daemon=True)
         self.proc.start()
         theirs.close()
 
