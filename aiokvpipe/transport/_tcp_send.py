@@ -155,10 +155,10 @@ class TcpSendChannel(SendChannel):
         """
         header = memoryview(message.header.encode())
         nbytes = message.header.nbytes
-        if nbytes == 0 or message.tensor is None:
+        payload = byte_view(message.tensor) if nbytes and message.tensor is not None else None
+        if payload is None:
             buffers = [header]
         else:
-            payload = byte_view(message.tensor)
             buffers = [header, payload if nbytes <= _SEND_SLICE else payload[:_SEND_SLICE]]
         try:
             sent = self._sock.sendmsg(buffers)
@@ -173,13 +173,12 @@ class TcpSendChannel(SendChannel):
             return
         self._idle.clear()
         if sent < len(header):
-            self._segments.append((header[sent:], None if nbytes else message))
+            self._segments.append((header[sent:], None if payload is not None else message))
             sent = 0
         else:
             sent -= len(header)
-        if nbytes:
-            assert message.tensor is not None
-            self._segments.append((byte_view(message.tensor)[sent:], message))
+        if payload is not None:
+            self._segments.append((payload[sent:], message))
         self._pump()
 
     def _pump(self) -> None:
