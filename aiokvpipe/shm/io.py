@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
@@ -358,24 +358,49 @@ class ShmRingBufferIO(RingEndpoint):
         return f"<ShmRingBufferIO {role} of {self.buffer.name!r} seq={self._seq}>"
 
 
-class _WriteSlot:
+class _Slot:
+    """One chunk held by an ``async with``: claimed on enter, released on exit."""
+
     __slots__ = ("_idx", "_io", "_timeout", "_view")
+    _idx: int
+    _view: memoryview
 
     def __init__(self, io: ShmRingBufferIO, timeout: float | None) -> None:
         self._io = io
         self._timeout = timeout
 
-    async def __aenter__(self) -> memoryview:
+    async def _take(self, writer: bool, poll: Callable[[], int | None]) -> int:
+        """The chunk index ``poll`` yields, waiting for it; the endpoint is busy after."""
         io, timeout = self._io, self._timeout
-        io._enter(True)
+        io._enter(writer)
         try:
-            idx = io._try_claim()
+            idx = poll()
             if idx is None:
-                idx = await io._wait(io._try_claim, timeout, deadline_after(timeout), False)
+                idx = await io._wait(poll, timeout, deadline_after(timeout), False)
         except BaseException:
             io._leave()
             raise
         self._idx = idx
+        return idx
+
+    def _give(self, done: Callable[[int], None] | None) -> None:
+        """Release the view; ``done(idx)`` unless the block raised or the ring closed."""
+        io = self._io
+        try:
+            with contextlib.suppress(BufferError):  # the caller kept a slice of it
+                self._view.release()
+            if done is not None and not io._closed:
+                done(self._idx)
+        finally:
+            io._leave()
+
+
+class _WriteSlot(_Slot):
+    __slots__ = ()
+
+    async def __aenter__(self) -> memoryview:
+        io = self._io
+        idx = await self._take(True, io._try_claim)
         self._view = io._chunks[idx][:]
         return self._view
 
@@ -383,46 +408,25 @@ class _WriteSlot:
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         io = self._io
-        try:
-            with contextlib.suppress(BufferError):  # the caller kept a slice of it
-                self._view.release()
-            # On error the chunk stays claimed-but-unwritten; the next claim reuses it.
-            if et is None and not io._closed:
-                io._publish(self._idx, io._cap, 0, codec.RAW)
-        finally:
-            io._leave()
+        # On error the chunk stays claimed-but-unwritten; the next claim reuses it.
+        self._give(None if et is not None else lambda idx: io._publish(idx, io._cap, 0, codec.RAW))
 
 
-class _ReadSlot:
-    __slots__ = ("_idx", "_io", "_timeout", "_view")
-
-    def __init__(self, io: ShmRingBufferIO, timeout: float | None) -> None:
-        self._io = io
-        self._timeout = timeout
+class _ReadSlot(_Slot):
+    __slots__ = ()
 
     async def __aenter__(self) -> memoryview:
-        io, timeout = self._io, self._timeout
-        io._enter(False)
+        io = self._io
+        idx = await self._take(False, io._poll_readable)
         try:
-            idx = io._poll_readable()
-            if idx is None:
-                idx = await io._wait(io._poll_readable, timeout, deadline_after(timeout), False)
             total, offset, _ = io._descriptor(idx)
         except BaseException:
             io._leave()
             raise
-        self._idx = idx
         self._view = io._chunks[idx][: min(io._cap, total - offset)]
         return self._view
 
     async def __aexit__(
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        io = self._io
-        try:
-            with contextlib.suppress(BufferError):  # the caller kept a slice of it
-                self._view.release()
-            if et is None and not io._closed:
-                io._consume(self._idx)
-        finally:
-            io._leave()
+        self._give(None if et is not None else self._io._consume)
