@@ -63,11 +63,7 @@ class TcpSendChannel(SendChannel):
         return self._error
 
     def submit(self, message: OutgoingMessage) -> None:
-        if self._error is not None:
-            message.done.set_exception(self._error)
-            return
-        if self._closed:
-            message.done.set_exception(PipeClosedError(f"{self._link.describe}: channel closed"))
+        if self._refused(message, self._closed, self._link.describe):
             return
         self._next_seq = message.header.seq + 1
         tensor = message.tensor

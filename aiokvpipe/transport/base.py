@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
+from ..errors import PipeClosedError
 from ..wire import FrameHeader
 
 if TYPE_CHECKING:
@@ -84,6 +85,17 @@ class SendChannel(abc.ABC):
 
         Failures are reported through ``message.done`` and :attr:`error`.
         """
+
+    def _refused(self, message: OutgoingMessage, closed: bool, describe: str) -> bool:
+        """Fail ``message`` at once if this channel broke or was closed (True if it did)."""
+        error = self.error
+        if error is not None:
+            message.done.set_exception(error)
+            return True
+        if closed:
+            message.done.set_exception(PipeClosedError(f"{describe}: channel closed"))
+            return True
+        return False
 
     @property
     @abc.abstractmethod
