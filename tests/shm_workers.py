@@ -6,15 +6,15 @@ cheaply and without collecting tests. Children report over a Connection.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
+from aiokvpipe.bench.procs import run_loop
 from aiokvpipe.shm import ShmRingBuffer, ShmRingBufferIO, ShmRingHandle
 
 
@@ -24,20 +24,6 @@ def start_resource_tracker() -> None:
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()
-
-
-def run_loop(loop_name: str, coro: Coroutine[Any, Any, Any]) -> Any:
-    loop: asyncio.AbstractEventLoop
-    if loop_name == "uvloop":
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
 
 
 def writer_send(
@@ -53,7 +39,7 @@ def writer_send(
             for m in messages:
                 await io.enqueue(m, timeout=20)
 
-        run_loop(loop_name, body())
+        run_loop(loop_name, body)
         conn.send("sent")
     finally:
         io.close()
@@ -108,7 +94,7 @@ def reader_rhythm(
         async def body() -> list[Any]:
             return [await io.dequeue(timeout=20) for _ in range(count)]
 
-        got = run_loop(loop_name, body())
+        got = run_loop(loop_name, body)
         learned = io._cadence is not None and io._cadence.window() is not None
         flag = io.buffer.header[READER_SLOTS_OFF + SLOT_BYTES * rank + SLOT_SPINNING]
         conn.send((got, learned, flag))
@@ -161,7 +147,7 @@ def reader_collect(
         async def body() -> list[Any]:
             return [await io.dequeue(timeout=20) for _ in range(count)]
 
-        conn.send(run_loop(loop_name, body()))
+        conn.send(run_loop(loop_name, body))
     finally:
         io.close()
         conn.close()
@@ -200,7 +186,7 @@ def process_group_rank(
                     got.append(io.buffer.name in os.listdir("/dev/shm"))
             return got
 
-        got = run_loop(loop_name, body())
+        got = run_loop(loop_name, body)
         dist.barrier()
         conn.send([g.tolist() if isinstance(g, torch.Tensor) else g for g in got])
     finally:

@@ -13,7 +13,9 @@ import os
 import resource
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -78,16 +80,16 @@ def run_pair(
     return results
 
 
-def run_loop(loop_name: str, main: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+def run_loop(loop_name: str, main: Callable[[], Awaitable[T]]) -> T:
     """Run ``main()`` on a fresh asyncio or uvloop event loop."""
 
-    async def wrapped() -> dict[str, Any]:
+    async def wrapped() -> T:
         return await main()
 
     if loop_name == "uvloop":
         import uvloop
 
-        result: dict[str, Any] = uvloop.run(wrapped())
+        result: T = uvloop.run(wrapped())
         return result
     return asyncio.run(wrapped())
 

@@ -11,29 +11,16 @@ import asyncio
 import os
 import struct
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
 from ..shm import ShmRingBuffer, ShmRingBufferIO, ShmRingHandle
 from ..shm.endpoint import DESC_SIZE
 from ..shm.ring import DESC_STAMP, DESC_STAMP_OFF
+from .procs import run_loop
 
 STAMP = struct.Struct("<q")  # the writer's clock reading, first in each stamped message
-
-
-def _run_loop(loop_name: str, coro: Coroutine[Any, Any, Any]) -> Any:
-    loop: asyncio.AbstractEventLoop
-    if loop_name == "uvloop":
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
 
 
 def ring_write(
@@ -61,7 +48,7 @@ def ring_write(
     try:
         conn.send("ready")
         conn.recv()  # go
-        _run_loop(loop_name, body())
+        run_loop(loop_name, body)
     finally:
         io.close()
     return "done"
@@ -106,7 +93,7 @@ def ring_read(
 
     try:
         conn.send("ready")
-        return _run_loop(loop_name, body())
+        return run_loop(loop_name, body)
     finally:
         io.close()
 
@@ -188,7 +175,7 @@ def floor_read(conn: Connection, address: bytes, loop_name: str, n: int) -> list
         return lat
 
     try:
-        return list(_run_loop(loop_name, body()))
+        return list(run_loop(loop_name, body))
     finally:
         sock.close()
 
@@ -206,7 +193,7 @@ def floor_write(conn: Connection, address: bytes, loop_name: str, n: int, interv
     try:
         conn.send("ready")
         conn.recv()
-        _run_loop(loop_name, body())
+        run_loop(loop_name, body)
     finally:
         sock.close()
     return "done"
