@@ -28,8 +28,10 @@ class Cadence:
     """Arrival-rhythm predictor; one per waiter, fed with arrival times.
 
     ``lead`` starts the window that long before the earliest recent gap
-    predicts, plus how late recent timer wake-ups were (:meth:`woke_late`:
-    50-125 us on a VM, as late as any other wake-up); ``tail`` keeps it open
+    predicts, plus how late recent timer wake-ups typically were
+    (:meth:`woke_late`, the median: 50-125 us on a VM, as late as any other
+    wake-up; a waiter woken later spins as long as planned from its actual
+    wake-up, so the budget is never lost to a late timer); ``tail`` keeps it open
     past the latest. ``budget`` caps the window at that fraction of
     the median gap, but never below ``min_window`` (short gaps are cheaper to
     spin through than to park for) nor above ``max_window``. A window opening
@@ -69,6 +71,14 @@ class Cadence:
         self._lateness.append(min(max(seconds, 0.0), self.max_window))
         self._window = None
 
+    def woke(self, planned: tuple[float, float], now: float) -> float:
+        """A timer for the window ``planned`` fired at ``now``: record how late
+        it was, and return when to stop spinning (the close, pushed back by
+        that lateness: the budget is spin time, and a late timer spent none)."""
+        late = max(now - planned[0], 0.0)
+        self.woke_late(late)
+        return planned[1] + min(late, self.max_window)
+
     def arrived(self, at: float) -> None:
         """Record an arrival (any monotonic clock, seconds; non-decreasing)."""
         last = self._last
@@ -100,11 +110,15 @@ class Cadence:
         ordered = sorted(gaps)
         median = ordered[len(ordered) // 2]
         late = sorted(self._lateness)
-        # the second-latest recent wake-up: one outlier must not widen every window
-        lead = self.lead + (late[-2] if len(late) >= 2 else late[0] if late else 0.0)
-        opens = self._last + ordered[0] - lead
-        closes = self._last + ordered[-1] + self.tail
+        # The typical recent lateness: a wake-up later than that still spins for
+        # the whole budget (the waiter extends the close by its own lateness).
+        lead = self.lead + (late[len(late) // 2] if late else 0.0)
         allowed = min(self.max_window, max(self.min_window, self.budget * median))
+        first = ordered[0]
+        if ordered[-1] + self.tail - (first - lead) > allowed:
+            first = _densest_start(ordered, allowed - lead)
+        opens = self._last + first - lead
+        closes = self._last + ordered[-1] + self.tail
         self._window = (opens, min(closes, opens + allowed))
         return self._window
 
@@ -118,3 +132,15 @@ class Cadence:
             return None
         opens, closes = window
         return (opens if opens - now > self.spin_ahead else now), closes
+
+
+def _densest_start(ordered: list[float], span: float) -> float:
+    """The earliest gap ``g`` of ``ordered`` (sorted) maximising how many gaps
+    lie in ``[g, g + span]``."""
+    best, best_count, hi = ordered[0], 0, 0
+    for lo, start in enumerate(ordered):
+        while hi < len(ordered) and ordered[hi] <= start + span:
+            hi += 1
+        if hi - lo > best_count:
+            best, best_count = start, hi - lo
+    return best

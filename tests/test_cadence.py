@@ -100,10 +100,22 @@ def test_woke_late_widens_the_lead() -> None:
     assert base == pytest.approx(last + 2 * MS - 100 * US)
     cadence.woke_late(60 * US)  # one measurement: used as it is
     assert cadence.window()[0] == pytest.approx(base - 60 * US)  # type: ignore[index]
-    cadence.woke_late(80 * US)  # two: the second-latest (60 us)
+    cadence.woke_late(40 * US)  # two: the upper median (60 us)
     assert cadence.window()[0] == pytest.approx(base - 60 * US)  # type: ignore[index]
-    cadence.woke_late(90 * US)  # [60, 80, 90]: the second-latest is 80 us
-    assert cadence.window()[0] == pytest.approx(base - 80 * US)  # type: ignore[index]
+    cadence.woke_late(30 * US)  # [30, 40, 60]: the median is 40 us
+    assert cadence.window()[0] == pytest.approx(base - 40 * US)  # type: ignore[index]
+
+
+def test_a_late_timer_still_spins_for_the_whole_window() -> None:
+    cadence = Cadence(lead=100 * US, max_window=1 * MS)
+    fed(cadence, 0.0, [2 * MS] * 4)
+    opens, closes = cadence.window()  # type: ignore[misc]
+    assert cadence.woke((opens, closes), opens + 300 * US) == pytest.approx(closes + 300 * US)
+    assert cadence._lateness[-1] == pytest.approx(300 * US)
+    early = cadence.woke((opens, closes), opens - 5 * US)
+    assert early == pytest.approx(closes), "an early wake-up spins as planned"
+    # a wake-up very late (the host ran something else) extends by at most max_window
+    assert cadence.woke((opens, closes), opens + 1.0) == pytest.approx(closes + 1 * MS)
 
 
 def test_one_late_outlier_does_not_widen_every_window() -> None:
@@ -141,6 +153,28 @@ def test_one_outlier_gap_does_not_move_the_opening() -> None:
     t += 10 * MS
     cadence.arrived(t)
     assert cadence.window()[0] == pytest.approx(t + 10 * MS - 100 * US)  # type: ignore[index]
+
+
+def test_one_short_gap_does_not_pull_the_window_early() -> None:
+    # A writer that once published 1.1 ms after the previous message (the
+    # rest ~2.1-2.2 ms apart): a window opened at the shortest gap would end
+    # before every later arrival for the next `history` messages.
+    cadence = Cadence(lead=100 * US, tail=100 * US, budget=0.2)
+    gaps = [2.10 * MS, 2.15 * MS, 1.10 * MS, 2.20 * MS, 2.12 * MS, 2.18 * MS]
+    last = fed(cadence, 0.0, gaps)
+    opens, closes = cadence.window()  # type: ignore[misc]
+    assert opens == pytest.approx(last + 2.10 * MS - 100 * US), "placed on the bulk of the gaps"
+    assert closes == pytest.approx(last + 2.20 * MS + 100 * US), "every usual gap is covered"
+    assert closes - opens <= 0.2 * 2.15 * MS  # within the budget
+
+
+def test_the_budget_goes_where_most_gaps_are() -> None:
+    # Two clusters: one early arrival, four late ones; the cut window covers the four.
+    cadence = Cadence(lead=0.0, tail=0.0, budget=0.1, min_window=0.0, max_window=50 * MS)
+    last = fed(cadence, 0.0, [8 * MS, 10 * MS, 10.2 * MS, 10.4 * MS, 10.6 * MS])
+    opens, closes = cadence.window()  # type: ignore[misc]
+    assert opens == pytest.approx(last + 10 * MS)
+    assert closes == pytest.approx(last + 10.6 * MS)
 
 
 def test_only_the_last_history_gaps_count() -> None:

@@ -420,8 +420,8 @@ class RingEndpoint:
                             reason = bell.wait_blocking(delay, self._pidfd, wake_at)
                         else:
                             reason = await bell.wait(delay, self._pidfd, wake_at)
-                        if reason == TIMER and wake_at is not None and self._cadence is not None:
-                            self._cadence.woke_late(_monotonic() - wake_at)
+                        if reason == TIMER and window is not None and self._cadence is not None:
+                            window = (window[0], self._cadence.woke(window, _monotonic()))
                     finally:
                         if not (self._closed or self.buffer.closed):
                             self._unpark()

@@ -65,7 +65,7 @@ class WaiterSet:
             if now < opens:
                 return  # woken before the window (closed, another caller took it): recheck
             if fired and cadence is not None:
-                cadence.woke_late(now - opens)
+                closes = cadence.woke((opens, closes), now)
             if ready():
                 return
         while _monotonic() < closes:
