@@ -15,6 +15,10 @@ Chunk protocol, per chunk flags ``[written, read_0 .. read_{n-1}]``:
   a **fence** it reads the descriptor and bytes, **fences**, sets its read
   flag, **fences**, and rings the writer if the writer is parked.
 
+Only the fences before reading a park word (store, then load) are real
+barriers on x86; the others order what TSO already orders and are skipped
+there (``ORDERING_FENCE_NEEDED`` in :mod:`aiokvpipe.shm.fence`).
+
 Waiting: spin with ``sched_yield()`` + ``asyncio.sleep(0)`` for the spin
 window (50 us, adaptive: see ``_adapt_spin``); then announce "parked", fence,
 recheck, and only then wait on the doorbell fd (plus the writer's pidfd, for
@@ -44,7 +48,7 @@ from ..errors import (
     WriterGoneError,
 )
 from .doorbell import RUNG, TIMER, Doorbell, doorbell_address
-from .fence import fence
+from .fence import ORDERING_FENCE_NEEDED, fence
 from .liveness import ProcessIdentity, open_pidfd, pidfd_exited
 from .ring import (
     DESC,
@@ -79,6 +83,7 @@ _monotonic_ns = time.monotonic_ns
 _perf_counter = time.perf_counter
 _sched_yield = getattr(os, "sched_yield", lambda: None)
 _WRITER_PARK_WORD = WRITER_PARKED_OFF // 4
+_ORDERING_FENCE = ORDERING_FENCE_NEEDED  # publish/observe fences (none on x86, see fence.py)
 
 
 def deadline_after(timeout: float | None) -> float | None:
@@ -145,12 +150,13 @@ class RingEndpoint:
             self._park_word = WRITER_PARKED_OFF // 4
             self._ones = b"\1" * n
             self._zeros = bytes(n)
-            self._spin_flags = [READER_SLOTS_OFF + SLOT_BYTES * r + SLOT_SPINNING for r in range(n)]
-            self._reader_bells = [
+            # per reader: rank, park word index, doorbell address, spinning-hint offset
+            self._readers = [
                 (
                     r,
                     (READER_SLOTS_OFF + SLOT_BYTES * r + SLOT_PARKED) // 4,
                     doorbell_address(name, f"r{r}"),
+                    READER_SLOTS_OFF + SLOT_BYTES * r + SLOT_SPINNING,
                 )
                 for r in range(n)
             ]
@@ -292,33 +298,35 @@ class RingEndpoint:
         base = idx * self._nflag
         if fl[base] and fl[base + 1 : base + self._nflag] != self._ones:
             return None
-        fence()  # observe the read flags before overwriting what they guard
+        if _ORDERING_FENCE:
+            fence()  # observe the read flags before overwriting what they guard
         fl[base] = 0
         return idx
 
     def _publish(self, idx: int, total: int, offset: int, kind: int) -> None:
-        _pack_desc(self._desc, idx * DESC_SIZE, self._seq, total, offset, kind, _monotonic_ns())
+        seq = self._seq
+        _pack_desc(self._desc, idx * DESC_SIZE, seq, total, offset, kind, _monotonic_ns())
         fl = self._flags
         base = idx * self._nflag
         fl[base + 1 : base + self._nflag] = self._zeros
-        fence()  # bytes, descriptor and cleared read flags before "written"
+        if _ORDERING_FENCE:
+            fence()  # bytes, descriptor and cleared read flags before "written"
         fl[base] = 1
         fence()  # "written" before reading park words (pairs with the reader's park)
-        words, rung = self._words, self._rung
-        for r, word, address in self._reader_bells:
+        self._seq = seq + 1
+        words, rung, hdr = self._words, self._rung, self._hdr
+        spinning = 0
+        for r, word, address, spin_flag in self._readers:
             w = words[word]
             if w & 1 and w != rung[r]:  # parked, and not yet rung during this park
                 rung[r] = w
                 self._bell.ring(address)
-        hdr = self._hdr
-        for off in self._spin_flags:
-            if hdr[off]:
-                # A reader is spinning for this message: if it shares this
-                # CPU (schedulers pack light processes onto one vCPU), let it
-                # run now rather than when this task next blocks (~20 us).
-                _sched_yield()
-                break
-        self._seq += 1
+            spinning |= hdr[spin_flag]
+        if spinning:
+            # A reader is spinning for this message: if it shares this CPU
+            # (schedulers pack light processes onto one vCPU), let it run now
+            # rather than when this task next blocks (~20 us).
+            _sched_yield()
 
     def _poll_readable(self) -> int | None:
         """Reader: the index of the next chunk if it is published and unread."""
@@ -326,7 +334,8 @@ class RingEndpoint:
         fl = self._flags
         base = idx * self._nflag
         if fl[base] and not fl[base + self._rflag]:
-            fence()  # observe "written" before the bytes it guards
+            if _ORDERING_FENCE:
+                fence()  # observe "written" before the bytes it guards
             return idx
         return None
 
@@ -337,7 +346,8 @@ class RingEndpoint:
             if offset == 0:  # a message's first chunk: its publish time is an arrival
                 cadence.arrived(stamp * 1e-9)
         fl = self._flags
-        fence()  # finish reading the bytes before giving the chunk back
+        if _ORDERING_FENCE:
+            fence()  # finish reading the bytes before giving the chunk back
         fl[idx * self._nflag + self._rflag] = 1
         fence()  # read flag before reading the park word (pairs with the writer's park)
         w = self._words[_WRITER_PARK_WORD]

@@ -25,6 +25,14 @@ Python has no fence primitive, but a lock round trip contains one:
 
 Where the fence is weaker than assumed the ring stays correct, because every
 parked waiter also rechecks on a slow safety timer; only latency would suffer.
+
+Only the Dekker case needs a fence on x86: TSO already keeps stores in order
+with stores and loads in order with loads and later stores, so there the
+publish/observe orderings cost nothing. :data:`ORDERING_FENCE_NEEDED` says
+whether a publish/observe point must call :func:`fence` (False on x86). The
+C compiler cannot move the flag accesses either way: each is a separate
+opaque call made by the interpreter. Skipping them matters on VMs, where a
+cold fence on a hot path costs a microsecond or more.
 """
 
 from __future__ import annotations
@@ -32,9 +40,10 @@ from __future__ import annotations
 import platform
 import threading
 
-__all__ = ["STRONGLY_ORDERED", "fence"]
+__all__ = ["ORDERING_FENCE_NEEDED", "STRONGLY_ORDERED", "fence"]
 
 STRONGLY_ORDERED = platform.machine().lower() in {"x86_64", "amd64", "i386", "i686", "x86"}
+ORDERING_FENCE_NEEDED = not STRONGLY_ORDERED  # store-store / load-load / load-store
 
 _lock = threading.Lock()
 _acquire = _lock.acquire
