@@ -99,8 +99,9 @@ class _Worker:
 
 def _scenario(
     writer: _Worker, readers: list[_Worker], wcall: tuple[Any, ...], rcalls: list[tuple[Any, ...]]
-) -> list[Any]:
-    """Start readers, then the writer; go once all are attached; collect."""
+) -> tuple[list[Any], Any]:
+    """Start readers, then the writer; go once all are attached; collect
+    (each reader's result, the writer's)."""
     for reader, call in zip(readers, rcalls, strict=True):
         reader.start(*call)
     writer.start(*wcall)
@@ -108,8 +109,12 @@ def _scenario(
         w.expect_ready()
     writer.conn.send("go")
     results = [r.result() for r in readers]
-    writer.result()
-    return results
+    return results, writer.result()
+
+
+def _latencies(sent: list[int], got: list[tuple[int, int]]) -> list[int]:
+    """Send-call-to-receive-return times (ns), pairing each receipt with its send."""
+    return [done - sent[i] for i, done in got]
 
 
 def _ring(
@@ -124,14 +129,18 @@ def _ring(
     interval: float = 0.0,
     anticipate: bool = True,
 ) -> list[Any]:
+    """Each reader's result; a stamped run's receipts become latencies (ns)."""
     with ShmRingBuffer(len(readers), chunk, chunks) as ring:
         h = ring.export_handle()
-        return _scenario(
+        results, sent = _scenario(
             writer,
             readers,
             ("ring_write", h, loop, mode, n, size, interval),
             [("ring_read", h, r, loop, mode, n, anticipate) for r in range(len(readers))],
         )
+    if mode == "stamped":
+        return [(_latencies(sent, got), cpu, woke) for got, cpu, woke in results]
+    return results
 
 
 def _memcpy_bandwidth(size: int, count: int) -> float:
@@ -179,21 +188,20 @@ def run(args: argparse.Namespace) -> list[Result]:
     try:
         base_lat = {}
         for k in (1, 2):
-            base_lat[k] = _flat(
-                _scenario(
-                    pwriter,
-                    preaders[:k],
-                    ("pipe_write", k, "stamped", sparse_n, 0.002),
-                    [("pipe_read", "stamped", sparse_n)] * k,
-                )
+            got, sent = _scenario(
+                pwriter,
+                preaders[:k],
+                ("pipe_write", k, "stamped", sparse_n, 0.002),
+                [("pipe_read", "stamped", sparse_n)] * k,
             )
+            base_lat[k] = _flat([_latencies(sent, g) for g in got])
         progress.step("pipe latency baseline")
         base_rate = _scenario(
             pwriter,
             preaders[:1],
             ("pipe_write", 1, "rate", small_n, 0.0),
             [("pipe_read", "rate", small_n)],
-        )[0][0]
+        )[0][0][0]
         with ShmRingBuffer(0, 64, 1) as flag:
             readers[0].start("poll_idle", flag.name, min(idle_s, 1.0))
             readers[0].expect_ready()
@@ -205,12 +213,13 @@ def run(args: argparse.Namespace) -> list[Result]:
 
         for loop in loops:
             address = f"\0aiokv_bench_floor_{os.getpid()}".encode()
-            lat = _scenario(
+            (got,), sent = _scenario(
                 writer,
                 readers[:1],
                 ("floor_write", address, loop, sparse_n, 0.002),
                 [("floor_read", address, loop, sparse_n)],
-            )[0]
+            )
+            lat = _latencies(sent, got)
             for q in (0.50, 0.99):
                 results.append(
                     Result(

@@ -20,7 +20,21 @@ from ..shm.endpoint import DESC_SIZE
 from ..shm.ring import DESC_STAMP, DESC_STAMP_OFF
 from .procs import run_loop
 
-STAMP = struct.Struct("<q")  # the writer's clock reading, first in each stamped message
+SEQ = struct.Struct("<q")  # a stamped message's index, first in its bytes
+
+# Latency runs: the sender reads the clock right before its send call, on a
+# message built beforehand (building it is the benchmark's work, not the
+# transport's), and returns those readings; a receiver returns the index and
+# its clock reading after each receive returned. The orchestrator pairs them.
+
+
+def _stamped(n: int, size: int) -> list[bytes]:
+    pad = bytes(size - SEQ.size)
+    return [SEQ.pack(i) + pad for i in range(n)]
+
+
+def _received(msg: bytes, now: int, into: list[tuple[int, int]]) -> None:
+    into.append((SEQ.unpack_from(msg)[0], now))
 
 
 def ring_write(
@@ -31,27 +45,30 @@ def ring_write(
     n: int,
     size: int,
     interval: float,
-) -> str:
+) -> list[int]:
     io = ShmRingBufferIO.attach(handle, -1)
+    clock = time.perf_counter_ns
 
-    async def body() -> None:
+    async def body() -> list[int]:
+        sent = [0] * n
         if mode in ("stamped", "idle"):  # one stamped message every `interval`
-            pad = bytes(size - STAMP.size)
-            for _ in range(n):
+            messages = _stamped(n, size)
+            for i in range(n):
                 await asyncio.sleep(interval)
-                await io.enqueue(STAMP.pack(time.perf_counter_ns()) + pad, timeout=60)
+                sent[i] = clock()
+                await io.enqueue(messages[i], timeout=60)
         else:  # back to back
             payload = os.urandom(size)
             for _ in range(n):
                 await io.enqueue(payload, timeout=60)
+        return sent
 
     try:
         conn.send("ready")
         conn.recv()  # go
-        run_loop(loop_name, body)
+        return list(run_loop(loop_name, body))
     finally:
         io.close()
-    return "done"
 
 
 def ring_read(
@@ -69,17 +86,19 @@ def ring_read(
         if mode == "stamped":
             # Latency from the writer's enqueue call, the reader's share of a
             # core, and latency from the publish (the chunk's own timestamp).
-            lat, woke = [], []
+            got: list[tuple[int, int]] = []
+            woke = []
             desc, stride, chunks = io._desc, DESC_SIZE, io.buffer.max_chunks
+            clock, monotonic_ns = time.perf_counter_ns, time.monotonic_ns
             cpu0, wall0 = time.process_time(), time.perf_counter()
             for _ in range(n):
                 msg = await io.dequeue(timeout=60)
-                done, now = time.perf_counter_ns(), time.monotonic_ns()
-                lat.append(done - STAMP.unpack_from(msg)[0])
+                done, now = clock(), monotonic_ns()
+                _received(msg, done, got)
                 at = ((io._seq - 1) % chunks) * stride + DESC_STAMP_OFF
                 woke.append(now - DESC_STAMP.unpack_from(desc, at)[0])
             cpu = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-            return (lat, cpu, woke)
+            return (got, cpu, woke)
         if mode == "idle":
             cpu0, wall0 = time.process_time(), time.perf_counter()
             await io.dequeue(timeout=120)
@@ -100,29 +119,36 @@ def ring_read(
 
 def pipe_write(
     conn: Connection, pipes: list[Connection], to: int, mode: str, n: int, interval: float
-) -> str:
+) -> list[int]:
     conn.send("ready")
     conn.recv()
-    payload = bytes(64)
     targets = pipes[:to]
-    for _ in range(n):
-        if mode == "stamped":
+    sent = [0] * n
+    if mode == "stamped":
+        messages, clock = _stamped(n, 64), time.perf_counter_ns
+        for i in range(n):
             time.sleep(interval)
-            payload = STAMP.pack(time.perf_counter_ns()) + bytes(64 - STAMP.size)
-        for c in targets:
-            c.send_bytes(payload)
-    return "done"
+            sent[i] = clock()
+            for c in targets:
+                c.send_bytes(messages[i])
+    else:
+        payload = bytes(64)
+        for _ in range(n):
+            for c in targets:
+                c.send_bytes(payload)
+    return sent
 
 
 def pipe_read(conn: Connection, pipes: list[Connection], mode: str, n: int) -> Any:
     (pipe,) = pipes
     conn.send("ready")
     if mode == "stamped":
-        lat = []
+        got: list[tuple[int, int]] = []
+        clock = time.perf_counter_ns
         for _ in range(n):
-            sent = STAMP.unpack_from(pipe.recv_bytes())[0]
-            lat.append(time.perf_counter_ns() - sent)
-        return lat
+            msg = pipe.recv_bytes()
+            _received(msg, clock(), got)
+        return got
     pipe.recv_bytes()
     t0 = time.perf_counter()
     for _ in range(n - 1):
@@ -144,7 +170,7 @@ def poll_idle(conn: Connection, flag_name: str, seconds: float) -> tuple[float, 
     return result
 
 
-def floor_read(conn: Connection, address: bytes, loop_name: str, n: int) -> list[int]:
+def floor_read(conn: Connection, address: bytes, loop_name: str, n: int) -> list[tuple[int, int]]:
     """The environment's floor: a task awaiting a datagram, no ring at all."""
     import socket
 
@@ -152,27 +178,27 @@ def floor_read(conn: Connection, address: bytes, loop_name: str, n: int) -> list
     sock.bind(address)
     sock.setblocking(False)
 
-    async def body() -> list[int]:
+    async def body() -> list[tuple[int, int]]:
         loop = asyncio.get_running_loop()
-        lat: list[int] = []
-        fut: asyncio.Future[None] | None = None
+        got: list[tuple[int, int]] = []
+        clock = time.perf_counter_ns
+        fut: asyncio.Future[bytes] | None = None
 
         def on_readable() -> None:
-            sent = STAMP.unpack(sock.recv(64)[: STAMP.size])[0]
+            msg = sock.recv(64)
             if fut is not None and not fut.done():
-                fut.set_result(None)
-            lat.append(sent)
+                fut.set_result(msg)
 
         loop.add_reader(sock.fileno(), on_readable)
         try:
             conn.send("ready")
             for _ in range(n):
                 fut = loop.create_future()
-                await fut
-                lat[-1] = time.perf_counter_ns() - lat[-1]
+                msg = await fut
+                _received(msg, clock(), got)
         finally:
             loop.remove_reader(sock.fileno())
-        return lat
+        return got
 
     try:
         return list(run_loop(loop_name, body))
@@ -180,23 +206,27 @@ def floor_read(conn: Connection, address: bytes, loop_name: str, n: int) -> list
         sock.close()
 
 
-def floor_write(conn: Connection, address: bytes, loop_name: str, n: int, interval: float) -> str:
+def floor_write(
+    conn: Connection, address: bytes, loop_name: str, n: int, interval: float
+) -> list[int]:
     import socket
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 
-    async def body() -> None:
-        for _ in range(n):
+    async def body() -> list[int]:
+        sent, messages, clock = [0] * n, _stamped(n, 64), time.perf_counter_ns
+        for i in range(n):
             await asyncio.sleep(interval)
-            sock.sendto(STAMP.pack(time.perf_counter_ns()), address)
+            sent[i] = clock()
+            sock.sendto(messages[i], address)
+        return sent
 
     try:
         conn.send("ready")
         conn.recv()
-        run_loop(loop_name, body)
+        return list(run_loop(loop_name, body))
     finally:
         sock.close()
-    return "done"
 
 
 _COMMANDS: dict[str, Callable[..., Any]] = {
