@@ -9,18 +9,23 @@ other fd (``loop.add_reader``, ``poll``), so no thread is involved.
 Python 3.13 has ``os.timerfd_create``; on older versions the same two libc
 calls go through ctypes. Where neither exists (not Linux), :func:`open_timer`
 returns None and callers fall back to their coarse timers.
+
+:class:`LoopTimer` is what waiters hold: a timer opened on first use and
+watched by whichever loop arms it, calling back when it fires.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
 import os
 import sys
 import time
+from collections.abc import Callable
 
-__all__ = ["PreciseTimer", "open_timer"]
+__all__ = ["LoopTimer", "PreciseTimer", "open_timer"]
 
 _CLOCK_MONOTONIC = 1
 _TFD_TIMER_ABSTIME = 1
@@ -127,3 +132,73 @@ def open_timer() -> PreciseTimer | None:
     if fd < 0:
         return None
     return PreciseTimer(fd, libc)
+
+
+class LoopTimer:
+    """A :class:`PreciseTimer` opened on first use and watched by the loop that arms it.
+
+    ``on_fire`` runs as a loop callback once the armed instant has passed.
+    A waiter (a ring doorbell, a receive channel's waiter set) holds one for
+    its life and may be used from several loops in turn: the fd follows the
+    loop it was last armed from. Arming without a loop (a blocking caller
+    that polls :attr:`timer`'s fd itself) leaves any registration alone.
+    """
+
+    def __init__(self, on_fire: Callable[[], None]) -> None:
+        self._on_fire = on_fire
+        self.timer: PreciseTimer | None = None
+        self._tried = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending = False  # armed, and not disarmed since
+
+    @property
+    def available(self) -> bool:
+        """Whether a timerfd can be had here (opens it on first use)."""
+        return self._open() is not None
+
+    def _open(self) -> PreciseTimer | None:
+        if not self._tried:
+            self._tried = True
+            self.timer = open_timer()
+        return self.timer
+
+    def arm(self, at: float, loop: asyncio.AbstractEventLoop | None = None) -> bool:
+        """Fire at monotonic time ``at``; False (nothing armed) where there is no timerfd."""
+        timer = self._open()
+        if timer is None:
+            return False
+        if loop is not None and self._loop is not loop:
+            self._unwatch()
+            loop.add_reader(timer.fileno, self._fired)
+            self._loop = loop
+        timer.arm(at)
+        self._pending = True
+        return True
+
+    def disarm(self) -> bool:
+        """Cancel the armed instant; True if it had passed (consumed either way)."""
+        timer = self.timer
+        if not self._pending or timer is None:
+            return False
+        self._pending = False
+        if not timer.armed:
+            return True  # fired, and the loop callback consumed it
+        return timer.disarm()
+
+    def _fired(self) -> None:
+        timer = self.timer
+        if timer is not None and timer.clear():
+            self._on_fire()
+
+    def _unwatch(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None and not loop.is_closed() and self.timer is not None:
+            loop.remove_reader(self.timer.fileno)
+
+    def close(self) -> None:
+        """Stop watching and close the fd; a closed LoopTimer never arms again."""
+        self._unwatch()
+        self._pending, self._tried = False, True
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None

@@ -39,10 +39,10 @@ from aiokvpipe import (
     PipeClosedError,
     PipeConfig,
     TransferTimeout,
+    _timerfd,
 )
 from aiokvpipe.cadence import Cadence
 from aiokvpipe.pipe import Pipe
-from aiokvpipe.transport import _waiters
 from aiokvpipe.transport._waiters import WaiterSet
 
 # --------------------------------------------------------------------- helpers
@@ -78,7 +78,7 @@ def parked(ws: WaiterSet) -> bool:
 
 
 def timer_armed(ws: WaiterSet) -> bool:
-    return ws._timer is not None and ws._timer.armed
+    return ws._timer.timer is not None and ws._timer.timer.armed
 
 
 # --------------------------------------------------------------------- WaiterSet.wait_for
@@ -120,10 +120,10 @@ async def test_wait_for_follows_a_steady_producer(anticipate: bool) -> None:
         assert ws._futures == []
         if anticipate:
             assert ws.cadence is not None and ws.cadence.window() is not None
-            assert ws._timer is not None, "a 3 ms rhythm never armed the wake-up timer"
+            assert ws._timer.timer is not None, "a 3 ms rhythm never armed the wake-up timer"
             assert timerfds() == fds + 1
         else:
-            assert ws.cadence is None and ws._timer is None
+            assert ws.cadence is None and ws._timer.timer is None
             assert timerfds() == fds
     finally:
         ws.close()
@@ -169,7 +169,7 @@ async def test_wait_for_cancelled_while_parked_on_the_timer() -> None:
     await until(lambda: parked(ws), "a closed set still parks")
     ws.wake_all()
     await asyncio.wait_for(waiter, 5)
-    assert ws._timer is None and timerfds() == fds
+    assert ws._timer.timer is None and timerfds() == fds
 
 
 @pytest.mark.timeout(20)
@@ -186,11 +186,11 @@ async def test_wait_for_cancelled_while_spinning() -> None:
         for _ in range(20):
             await asyncio.sleep(0)
         assert not waiter.done()
-        assert ws._futures == [] and ws._timer is None, "expected a spinning waiter"
+        assert ws._futures == [] and ws._timer.timer is None, "expected a spinning waiter"
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
-        assert ws._futures == [] and ws._timer is None
+        assert ws._futures == [] and ws._timer.timer is None
 
         waiter = asyncio.ensure_future(ws.wait_for(lambda: ready))
         await asyncio.sleep(0.01)
@@ -263,7 +263,7 @@ async def test_close_while_parked_on_the_timer_releases_it() -> None:
     try:
         await until(lambda: parked(ws) and timer_armed(ws), "the waiter parks on the timer")
         ws.close()
-        assert timerfds() == fds and ws._timer is None
+        assert timerfds() == fds and ws._timer.timer is None
         await asyncio.sleep(0.01)
         assert not waiter.done()
         ws.wake_all()
@@ -287,7 +287,7 @@ async def test_without_anticipation_no_timer_is_ever_opened() -> None:
             await asyncio.sleep(0.001)
         waiter = asyncio.ensure_future(ws.wait_for(lambda: False))
         await until(lambda ws=ws: parked(ws), "a non-anticipating waiter parks")
-        assert ws._timer is None and timerfds() == fds
+        assert ws._timer.timer is None and timerfds() == fds
         ws.wake_all()
         await asyncio.wait_for(waiter, 5)
         ws.close()
@@ -305,7 +305,7 @@ async def test_a_stale_rhythm_parks_without_a_timer() -> None:
     waiter = asyncio.ensure_future(ws.wait_for(lambda: False))
     try:
         await until(lambda: parked(ws), "the waiter parks")
-        assert ws._timer is None and timerfds() == fds
+        assert ws._timer.timer is None and timerfds() == fds
         ws.wake_all()
         await asyncio.wait_for(waiter, 5)
     finally:
@@ -320,13 +320,13 @@ async def test_without_a_precise_timer_the_waiter_parks_instead_of_spinning(
     """Where no timerfd can be had (``open_timer()`` is None: not Linux), a
     window due 2 s ahead must not be spun towards: the waiter parks, and
     anticipation is switched off for good."""
-    monkeypatch.setattr(_waiters, "open_timer", lambda: None)
+    monkeypatch.setattr(_timerfd, "open_timer", lambda: None)
     ws = WaiterSet(anticipate=True)
     learn(ws, gap=2.0, last=time.monotonic())
     waiter = asyncio.ensure_future(ws.wait_for(lambda: False))
     try:
         await until(lambda: parked(ws), "the waiter parks", limit=1.0)
-        assert ws.cadence is None and ws._timer is None
+        assert ws.cadence is None and ws._timer.timer is None
         ws.wake_all()
         await asyncio.wait_for(waiter, 5)
     finally:

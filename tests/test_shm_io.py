@@ -530,7 +530,7 @@ async def test_doorbell_ring_before_wake_at_and_no_stale_timer_later() -> None:
         last = max(wake_at, wake_at2)
         assert await bell.wait(last + 0.2 - time.monotonic()) == TIMEOUT
         assert time.monotonic() >= last
-        assert bell._timer is not None and not bell._timer.clear()
+        assert bell._timer.timer is not None and not bell._timer.timer.clear()
 
 
 @pytest.mark.timeout(20)
@@ -545,7 +545,7 @@ def test_doorbell_wait_blocking_wake_at() -> None:
         timeout = wake_at + 0.2 - time.monotonic()
         assert bell.wait_blocking(timeout) == TIMEOUT, "the first wait's timer must not fire later"
         assert time.monotonic() >= wake_at
-        assert bell._timer is not None and not bell._timer.clear()
+        assert bell._timer.timer is not None and not bell._timer.timer.clear()
         assert bell.wait_blocking(0.01, wake_at=time.monotonic() + 5.0) == TIMEOUT
 
 
@@ -563,21 +563,21 @@ def test_doorbell_wait_blocking_ring_from_another_thread_beats_wake_at() -> None
             ringer.join()
         assert bell.wait_blocking(wake_at + 0.2 - time.monotonic()) == TIMEOUT
         assert time.monotonic() >= wake_at
-        assert bell._timer is not None and not bell._timer.clear()
+        assert bell._timer.timer is not None and not bell._timer.timer.clear()
 
 
 @pytest.mark.timeout(20)
 async def test_doorbell_without_timerfd_wakes_on_its_coarse_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from aiokvpipe.shm import doorbell as doorbell_module
+    from aiokvpipe import _timerfd
 
-    monkeypatch.setattr(doorbell_module, "open_timer", lambda: None)  # as on a non-Linux box
+    monkeypatch.setattr(_timerfd, "open_timer", lambda: None)  # as on a non-Linux box
     with doorbell_pair() as (bell, _peer):
         wake_at = time.monotonic() + 0.02
         assert await bell.wait(10.0, wake_at=wake_at) == TIMEOUT
         assert bell.wait_blocking(10.0, wake_at=time.monotonic() + 0.02) == TIMEOUT
-        assert bell._timer is None
+        assert bell._timer.timer is None
 
 
 # -- readers anticipating the writer's rhythm -----------------------------------

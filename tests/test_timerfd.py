@@ -182,3 +182,106 @@ def test_os_path_is_used_from_python_3_13() -> None:
         assert made._libc is None
     finally:
         made.close()
+
+
+# -- LoopTimer: the timer a waiter holds ------------------------------------
+
+
+def _timerfds() -> int:
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if "timerfd" in os.readlink(f"/proc/self/fd/{name}"):
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+async def test_loop_timer_calls_back_from_the_loop_that_armed_it() -> None:
+    loop = asyncio.get_running_loop()
+    fired = asyncio.Event()
+    lt = _timerfd.LoopTimer(fired.set)
+    try:
+        at = time.monotonic() + 0.01
+        assert lt.arm(at, loop)
+        await asyncio.wait_for(fired.wait(), GENEROUS)
+        assert time.monotonic() >= at
+        assert lt.disarm(), "it had fired (the callback consumed the expiry)"
+        assert not lt.disarm(), "nothing is armed any more"
+    finally:
+        lt.close()
+
+
+async def test_loop_timer_disarmed_in_time_never_calls_back() -> None:
+    calls: list[None] = []
+    lt = _timerfd.LoopTimer(lambda: calls.append(None))
+    try:
+        assert lt.arm(time.monotonic() + 0.02, asyncio.get_running_loop())
+        assert not lt.disarm(), "it had not fired"
+        await asyncio.sleep(0.05)
+        assert calls == []
+    finally:
+        lt.close()
+
+
+def test_loop_timer_follows_the_loop_it_is_armed_from() -> None:
+    # Two loops in turn (a ring endpoint used by two asyncio.run calls).
+    loops: list[asyncio.AbstractEventLoop] = []
+    fired: list[asyncio.AbstractEventLoop] = []
+    events: list[asyncio.Event] = []
+
+    def on_fire() -> None:
+        fired.append(asyncio.get_running_loop())
+        events[-1].set()
+
+    lt = _timerfd.LoopTimer(on_fire)
+
+    async def once() -> None:
+        loops.append(asyncio.get_running_loop())
+        events.append(asyncio.Event())
+        assert lt.arm(time.monotonic() + 0.005, asyncio.get_running_loop())
+        await asyncio.wait_for(events[-1].wait(), GENEROUS)
+
+    try:
+        asyncio.run(once())
+        asyncio.run(once())
+        assert fired == loops, "each loop ran the callback of the arm made from it"
+    finally:
+        lt.close()
+
+
+def test_loop_timer_armed_without_a_loop_is_polled_by_its_caller() -> None:
+    calls: list[None] = []
+    lt = _timerfd.LoopTimer(lambda: calls.append(None))
+    try:
+        assert lt.arm(time.monotonic() + 0.005)
+        assert lt.timer is not None
+        assert readable(lt.timer.fileno, GENEROUS)
+        assert lt.disarm(), "fired: disarm consumes the expiry"
+        assert not readable(lt.timer.fileno, 0.0)
+        assert calls == [], "no loop watches it: the caller polls"
+    finally:
+        lt.close()
+
+
+async def test_loop_timer_close_releases_the_fd_and_never_arms_again() -> None:
+    before = _timerfds()
+    lt = _timerfd.LoopTimer(lambda: None)
+    assert lt.timer is None, "opened on first use only"
+    assert lt.arm(time.monotonic() + 10, asyncio.get_running_loop())
+    assert _timerfds() == before + 1
+    lt.close()
+    assert _timerfds() == before and lt.timer is None
+    assert not lt.arm(time.monotonic() + 10, asyncio.get_running_loop())
+    assert not lt.available and _timerfds() == before
+    lt.close()  # idempotent
+
+
+async def test_loop_timer_where_there_is_no_timerfd(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_timerfd, "open_timer", lambda: None)  # as on a non-Linux box
+    lt = _timerfd.LoopTimer(lambda: None)
+    assert not lt.available
+    assert not lt.arm(time.monotonic() + 0.01, asyncio.get_running_loop())
+    assert not lt.disarm()
+    lt.close()

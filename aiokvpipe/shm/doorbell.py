@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from .._timerfd import PreciseTimer, open_timer
+from .._timerfd import LoopTimer
 from ..errors import HandleError
 
 __all__ = ["CLOSED", "EXTRA", "RUNG", "TIMEOUT", "TIMER", "Doorbell", "doorbell_address"]
@@ -87,8 +87,7 @@ class Doorbell:
         self._watched: list[int] = []
         self._fired: set[int] = set()
         self._fut: asyncio.Future[str] | None = None
-        self._timer: PreciseTimer | None = None
-        self._timer_tried = False
+        self._timer = LoopTimer(self._on_timer)
 
     @property
     def fileno(self) -> int:
@@ -146,14 +145,7 @@ class Doorbell:
         self._wake(EXTRA)
 
     def _on_timer(self) -> None:
-        if self._timer is not None and self._timer.clear():
-            self._wake(TIMER)
-
-    def _precise_timer(self) -> PreciseTimer | None:
-        if not self._timer_tried:
-            self._timer_tried = True
-            self._timer = open_timer()
-        return self._timer
+        self._wake(TIMER)
 
     def _watch(self, loop: asyncio.AbstractEventLoop, extra_fd: int | None) -> None:
         # Registrations persist between waits: parking then costs no epoll_ctl.
@@ -164,25 +156,16 @@ class Doorbell:
         if extra_fd is not None and extra_fd not in self._watched and extra_fd not in self._fired:
             loop.add_reader(extra_fd, self._on_extra, extra_fd)
             self._watched.append(extra_fd)
-        timer = self._timer
-        if timer is not None and timer.fileno not in self._watched:
-            loop.add_reader(timer.fileno, self._on_timer)
-            self._watched.append(timer.fileno)
 
-    def _arm(self, wake_at: float | None, timeout: float) -> tuple[PreciseTimer | None, float]:
+    def _arm(
+        self, wake_at: float | None, timeout: float, loop: asyncio.AbstractEventLoop | None
+    ) -> tuple[bool, float]:
         """Arm the precise timer for ``wake_at`` (monotonic); coarse fallback: a shorter timeout."""
         if wake_at is None:
-            return None, timeout
-        timer = self._precise_timer()
-        if timer is None:
-            return None, min(timeout, max(0.0, wake_at - time.monotonic()))
-        timer.arm(wake_at)
-        return timer, timeout
-
-    @staticmethod
-    def _disarm(timer: PreciseTimer | None) -> None:
-        if timer is not None:
-            timer.disarm()  # also drops an expiry that raced the ring
+            return False, timeout
+        if self._timer.arm(wake_at, loop):
+            return True, timeout
+        return False, min(timeout, max(0.0, wake_at - time.monotonic()))
 
     def _unwatch(self) -> None:
         loop, watched = self._loop, self._watched
@@ -207,7 +190,7 @@ class Doorbell:
         if extra_fd is not None and extra_fd in self._fired:
             return EXTRA
         loop = asyncio.get_running_loop()
-        precise, timeout = self._arm(wake_at, timeout)
+        precise, timeout = self._arm(wake_at, timeout, loop)
         self._watch(loop, extra_fd)
         fut: asyncio.Future[str] = loop.create_future()
         self._fut = fut
@@ -217,7 +200,8 @@ class Doorbell:
         finally:
             timer.cancel()
             self._fut = None
-            self._disarm(precise)
+            if precise:
+                self._timer.disarm()  # also drops an expiry that raced the ring
 
     def wait_blocking(
         self, timeout: float, extra_fd: int | None = None, wake_at: float | None = None
@@ -227,25 +211,27 @@ class Doorbell:
             return CLOSED
         if extra_fd is not None and extra_fd in self._fired:
             return EXTRA
-        precise, timeout = self._arm(wake_at, timeout)
+        precise, timeout = self._arm(wake_at, timeout, None)
+        timer_fd = self._timer.timer.fileno if precise and self._timer.timer else -1
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
         if extra_fd is not None:
             poller.register(extra_fd, select.POLLIN)
-        if precise is not None:
-            poller.register(precise.fileno, select.POLLIN)
+        if precise:
+            poller.register(timer_fd, select.POLLIN)
         try:
             events = poller.poll(max(0, int(timeout * 1000 + 0.999)))
         except InterruptedError:
             events = []
         finally:
-            self._disarm(precise)
+            if precise:
+                self._timer.disarm()
         reason = TIMEOUT
         for fd, _ in events:
             if fd == self._fd:
                 self.drain()
                 reason = RUNG
-            elif precise is not None and fd == precise.fileno:
+            elif precise and fd == timer_fd:
                 reason = RUNG if reason == RUNG else TIMER
             else:
                 self._fired.add(fd)
@@ -260,8 +246,7 @@ class Doorbell:
         self._unwatch()
         self._wake(CLOSED)
         self._sock.close()
-        if self._timer is not None:
-            self._timer.close()
+        self._timer.close()
         if isinstance(self.address, str):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.address)

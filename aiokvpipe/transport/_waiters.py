@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Callable
 
-from .._timerfd import PreciseTimer, open_timer
+from .._timerfd import LoopTimer
 from ..cadence import Cadence
 
 _monotonic = time.monotonic
@@ -29,8 +29,7 @@ class WaiterSet:
     def __init__(self, anticipate: bool = False) -> None:
         self._futures: list[asyncio.Future[None]] = []
         self.cadence: Cadence | None = Cadence() if anticipate else None
-        self._timer: PreciseTimer | None = None
-        self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._timer = LoopTimer(self.wake_all)
 
     async def wait(self) -> None:
         """Return after the next :meth:`wake_all` (cancellable, leaves nothing behind)."""
@@ -60,7 +59,7 @@ class WaiterSet:
             try:
                 await self.wait()
             finally:
-                fired = self._disarm()
+                fired = self._timer.disarm()
             now = _monotonic()
             if now < opens:
                 return  # woken before the window (closed, another caller took it): recheck
@@ -89,40 +88,12 @@ class WaiterSet:
 
     def close(self) -> None:
         """Release the wake-up timer (the set itself stays usable, without one)."""
-        timer, loop = self._timer, self._timer_loop
-        self._timer, self._timer_loop, self.cadence = None, None, None
-        if timer is not None:
-            if loop is not None and not loop.is_closed():
-                loop.remove_reader(timer.fileno)
-            timer.close()
+        self.cadence = None
+        self._timer.close()
 
-    # -- the precise wake-up --------------------------------------------------
     def _arm(self, at: float) -> bool:
-        loop = asyncio.get_running_loop()
-        if self._timer is None:
-            if self.cadence is None:
-                return False
-            self._timer = open_timer()
-            if self._timer is None:
-                self.cadence = None  # no precise timer here: never anticipate
-                return False
-        if self._timer_loop is not loop:
-            if self._timer_loop is not None and not self._timer_loop.is_closed():
-                self._timer_loop.remove_reader(self._timer.fileno)
-            loop.add_reader(self._timer.fileno, self._on_timer)
-            self._timer_loop = loop
-        self._timer.arm(at)
-        return True
-
-    def _disarm(self) -> bool:
-        """Cancel the timer; True if it had fired."""
-        timer = self._timer
-        if timer is None:
-            return False
-        if not timer.armed:
-            return True  # consumed by _on_timer
-        return timer.disarm()
-
-    def _on_timer(self) -> None:
-        if self._timer is not None and self._timer.clear():
-            self.wake_all()
+        """Arm the precise wake-up; where there is none, stop anticipating."""
+        if self.cadence is not None and self._timer.arm(at, asyncio.get_running_loop()):
+            return True
+        self.cadence = None  # no precise timer here (or closed): never anticipate
+        return False
