@@ -292,7 +292,10 @@ class RingEndpoint:
     # -- the chunk protocol (hot path: keep lean) ------------------------------
 
     def _try_claim(self) -> int | None:
-        """Writer: the index of the next chunk if it is free (and mark it unwritten)."""
+        """Writer: the index of the next chunk if it is free (and mark it unwritten).
+
+        Inlined in ``ShmRingBufferIO.enqueue``'s fast path: change both together.
+        """
         idx = self._seq % self._nchunks
         fl = self._flags
         base = idx * self._nflag

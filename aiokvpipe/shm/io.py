@@ -25,7 +25,7 @@ from ..backoff import Backoff
 from ..errors import RingUsageError
 from . import codec
 from .endpoint import DESC_SIZE, RingEndpoint, deadline_after, unpack_desc
-from .fence import fence
+from .fence import ORDERING_FENCE_NEEDED, fence
 from .ring import (
     READER_SLOTS_OFF,
     SLOT_BYTES,
@@ -41,6 +41,7 @@ __all__ = ["ShmRingBufferIO"]
 
 T = TypeVar("T")
 _NOT_WHOLE = object()  # _take_whole: the chunk is part of a larger message
+_ORDERING_FENCE = ORDERING_FENCE_NEEDED
 
 
 def _run_blocking(coro: Coroutine[Any, Any, T]) -> T:
@@ -169,8 +170,16 @@ class ShmRingBufferIO(RingEndpoint):
         """
         if self._idle and self.is_writer and type(obj) is bytes and len(obj) <= self._cap:
             try:
-                idx = self._try_claim()
-                if idx is not None:  # fast path: a free chunk, nothing to wait for
+                # Fast path: the next chunk is free. This is _try_claim inlined
+                # (on a VM a cold call costs ~2 us, a tenth of a sparse
+                # message's latency; fences as there: none needed on x86).
+                idx = self._seq % self._nchunks
+                fl = self._flags
+                base = idx * self._nflag
+                if not fl[base] or fl[base + 1 : base + self._nflag] == self._ones:
+                    if _ORDERING_FENCE:
+                        fence()
+                    fl[base] = 0
                     n = len(obj)
                     self._chunks[idx][:n] = obj
                     self._publish(idx, n, 0, codec.BYTES)
