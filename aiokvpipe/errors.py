@@ -28,6 +28,7 @@ __all__ = [
     "PeerClosedError",
     "PipeClosedError",
     "ProtocolError",
+    "RingEmptyError",
     "RingUsageError",
     "SequenceError",
     "SlowReaderError",
@@ -122,6 +123,11 @@ class CudaUnavailableError(AiokvpipeError, RuntimeError):
 
 class CudaTransferError(AiokvpipeError, RuntimeError):
     """CUDA or NCCL reported an error while moving a tensor."""
+
+
+class RingEmptyError(AiokvpipeError):
+    """``dequeue_nowait`` found no complete message waiting (the ring is
+    fine: try again later, or ``await dequeue()``)."""
 
 
 class RingUsageError(AiokvpipeError, RuntimeError):

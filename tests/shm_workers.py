@@ -112,6 +112,30 @@ def writer_send_then_hang(handle: ShmRingHandle, messages: list[Any], conn: Conn
     time.sleep(60)
 
 
+def writer_nowait(handle: ShmRingHandle, messages: list[Any], conn: Connection) -> None:
+    """Send ``messages`` with enqueue_nowait, retrying while the ring is full;
+    report how often it was refused, then close (the readers see the writer go)."""
+    from aiokvpipe.errors import SlowReaderError
+
+    io = ShmRingBufferIO.attach(handle, -1)
+    try:
+        conn.send("attached")
+        conn.recv()  # go
+        refused = 0
+        for m in messages:
+            while True:
+                try:
+                    io.enqueue_nowait(m)
+                    break
+                except SlowReaderError:
+                    refused += 1
+                    time.sleep(0.0005)
+        conn.send(("sent", refused))
+    finally:
+        io.close()
+        conn.close()
+
+
 def create_and_hang(conn: Connection) -> None:
     """Create a ring plus its writer, publish one message, wait to be killed."""
     ring = ShmRingBuffer(1, 256, 4)

@@ -25,6 +25,7 @@ from aiokvpipe.cadence import Cadence
 from aiokvpipe.errors import (
     HandleError,
     PipeClosedError,
+    RingEmptyError,
     RingUsageError,
     SlowReaderError,
     TransferTimeout,
@@ -225,6 +226,105 @@ async def test_slow_reader_is_named_and_nothing_is_lost() -> None:
         assert [await readers[2].dequeue(timeout=1) for _ in range(4)] == [b"0", b"1", b"2", b"3"]
         await writer.enqueue(b"4", timeout=1)
         assert [await r.dequeue(timeout=1) for r in readers] == [b"4"] * 3
+
+
+# -- nowait ------------------------------------------------------------------------
+
+
+async def test_nowait_round_trip_of_every_kind() -> None:
+    async with ring_of(n_reader=2, chunk=256, chunks=16) as (writer, readers):
+        arr = np.arange(100, dtype=np.float32)  # 400 B and its header: several chunks
+        msgs: list[Any] = [b"raw", {"k": [1, 2]}, None, bytes(700)]
+        for m in [*msgs, arr]:
+            writer.enqueue_nowait(m)
+        for r in readers:
+            assert [r.dequeue_nowait() for _ in msgs] == msgs
+            np.testing.assert_array_equal(r.dequeue_nowait(), arr)
+            with pytest.raises(RingEmptyError, match=f"reader {r.reader_rank}"):
+                r.dequeue_nowait()
+        # the async calls go on from where the nowait ones left off
+        await writer.enqueue(b"after", timeout=1)
+        assert [await r.dequeue(timeout=1) for r in readers] == [b"after", b"after"]
+
+
+async def test_enqueue_nowait_on_a_full_ring_writes_nothing_and_names_the_readers() -> None:
+    async with ring_of(n_reader=2, chunk=256, chunks=4) as (writer, (fast, slow)):
+        for i in range(3):
+            writer.enqueue_nowait(b"%d" % i)
+            assert fast.dequeue_nowait() == b"%d" % i
+        # One chunk is free: a two-chunk message does not fit, a one-chunk one does.
+        with pytest.raises(SlowReaderError) as info:
+            writer.enqueue_nowait(bytes(300))
+        assert info.value.lagging_readers == (1,), "the chunk after the free one is slow's"
+        writer.enqueue_nowait(b"3")
+        with pytest.raises(SlowReaderError) as info:
+            writer.enqueue_nowait(b"4")
+        assert info.value.lagging_readers == (1,)
+        assert "readers [1]" in str(info.value)
+        # Nothing half-written: both readers see exactly 0..3, then the ring moves on.
+        assert fast.dequeue_nowait() == b"3"
+        assert [slow.dequeue_nowait() for _ in range(4)] == [b"0", b"1", b"2", b"3"]
+        writer.enqueue_nowait(bytes(300))
+        assert fast.dequeue_nowait() == slow.dequeue_nowait() == bytes(300)
+
+
+async def test_enqueue_nowait_refuses_a_message_bigger_than_the_ring() -> None:
+    async with ring_of(n_reader=1, chunk=256, chunks=2) as (writer, (reader,)):
+        with pytest.raises(RingUsageError, match=r"spans 3 chunks of 256 bytes.*has 2"):
+            writer.enqueue_nowait(bytes(600))
+        writer.enqueue_nowait(b"still fine")
+        assert reader.dequeue_nowait() == b"still fine"
+
+
+async def test_dequeue_nowait_keeps_the_part_of_a_message_that_arrived() -> None:
+    # A message bigger than the ring: the writer streams it as the reader takes
+    # chunks, and a reader polling with dequeue_nowait must not stall it.
+    async with ring_of(n_reader=1, chunk=256, chunks=2) as (writer, (reader,)):
+        payload = os.urandom(256 * 5 + 3)
+        sending = asyncio.create_task(writer.enqueue(payload, timeout=10))
+        empties = 0
+        while True:
+            try:
+                got = reader.dequeue_nowait()
+                break
+            except RingEmptyError:
+                empties += 1
+                await asyncio.sleep(0)
+        assert got == payload and empties > 0
+        await sending
+
+
+async def test_nowait_roles_and_closed_endpoints() -> None:
+    async with ring_of(n_reader=1) as (writer, (reader,)):
+        with pytest.raises(RingUsageError, match="cannot read"):
+            writer.dequeue_nowait()
+        with pytest.raises(RingUsageError, match="cannot write"):
+            reader.enqueue_nowait(b"x")
+        with pytest.raises(RingUsageError, match="cannot write"):
+            reader.enqueue_nowait({"not": "bytes"})
+        pending = asyncio.create_task(reader.dequeue(timeout=5))
+        await asyncio.sleep(0.01)  # parked in dequeue: the endpoint is busy
+        with pytest.raises(RingUsageError, match="another task"):
+            reader.dequeue_nowait()
+        writer.enqueue_nowait(b"for the parked one")
+        assert await pending == b"for the parked one"
+        writer.close()
+        with pytest.raises(PipeClosedError):
+            writer.enqueue_nowait(b"late")
+        with pytest.raises(PipeClosedError):
+            writer.enqueue_nowait([1, 2])
+        with pytest.raises(WriterGoneError):
+            reader.dequeue_nowait()
+        reader.close()
+        with pytest.raises(PipeClosedError):
+            reader.dequeue_nowait()
+
+
+async def test_enqueue_nowait_from_a_plain_loop_callback() -> None:
+    async with ring_of(n_reader=1) as (writer, (reader,)):
+        loop = asyncio.get_running_loop()
+        loop.call_soon(writer.enqueue_nowait, b"from a callback")
+        assert await reader.dequeue(timeout=1) == b"from a callback"
 
 
 async def test_reader_timeout_is_a_transfer_timeout() -> None:

@@ -12,12 +12,13 @@ import contextlib
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import shm_workers
 
-from aiokvpipe.errors import SlowReaderError, TransferTimeout, WriterGoneError
+from aiokvpipe.errors import RingEmptyError, SlowReaderError, TransferTimeout, WriterGoneError
 from aiokvpipe.shm import ShmRingBuffer, ShmRingBufferIO
 from aiokvpipe.shm.ring import READER_SLOTS_OFF, SLOT_BYTES, SLOT_PARKED, SLOT_SPINNING
 
@@ -61,6 +62,37 @@ async def test_writer_process_to_reader_processes() -> None:
         for got in (mine, theirs):
             assert got[:2] == msgs[:2] and got[3:] == msgs[3:]  # type: ignore[index]
             np.testing.assert_array_equal(got[2], msgs[2])  # type: ignore[index]
+
+
+async def test_nowait_calls_across_processes() -> None:
+    # A writer process that never waits and a reader here that never waits:
+    # every message arrives once, in order, whole, through a ring far smaller
+    # than the traffic; then the reader learns the writer is gone.
+    msgs: list[Any] = [b"%d" % i * (i % 7 + 1) for i in range(300)]
+    msgs += [{"n": i} for i in range(50)] + [np.arange(40, dtype=np.int64)]
+    with ShmRingBuffer(1, 512, 3) as ring:
+        handle = ring.export_handle()
+        with shm_workers.child(shm_workers.writer_nowait, handle, msgs) as (_, wconn):
+            async with ShmRingBufferIO(ring, 0) as me:
+                assert await _recv(wconn) == "attached"
+                wconn.send("go")
+                got: list[Any] = []
+                deadline = time.monotonic() + 30
+                while len(got) < len(msgs):
+                    try:
+                        got.append(me.dequeue_nowait())
+                    except RingEmptyError:
+                        assert time.monotonic() < deadline, f"stuck after {len(got)} messages"
+                        await asyncio.sleep(0.0002)
+                tag, refused = await _recv(wconn)  # type: ignore[misc]
+                assert tag == "sent" and refused > 0, "the ring never filled: a weak test"
+                with pytest.raises(WriterGoneError):
+                    for _ in range(1000):  # the writer closes right after reporting
+                        with contextlib.suppress(RingEmptyError):
+                            me.dequeue_nowait()
+                        await asyncio.sleep(0.005)
+        assert got[:-1] == msgs[:-1]
+        np.testing.assert_array_equal(got[-1], msgs[-1])
 
 
 async def test_writer_process_crash_is_detected_promptly() -> None:

@@ -263,14 +263,17 @@ class RingEndpoint:
     def _writer_gone(self, writer: ProcessIdentity) -> WriterGoneError:
         return WriterGoneError(f"the writer of ring {self.buffer.name!r} (pid {writer.pid}) exited")
 
-    def _timeout_error(self, timeout: float | None) -> TransferTimeout:
+    def _timeout_error(self, timeout: float | None, ahead: int = 0) -> TransferTimeout:
+        """What a wait that ran out says; a writer's names the readers that
+        hold chunk ``ahead`` chunks past the next one."""
         name = self.buffer.name
         if not self.is_writer:
             return TransferTimeout(
                 f"reader {self.reader_rank} of ring {name!r}: no message within {timeout:g} s"
             )
         fl, hdr = self._flags, self._hdr
-        base = (self._seq % self._nchunks) * self._nflag
+        seq = self._seq + ahead
+        base = (seq % self._nchunks) * self._nflag
         lagging = [r for r in range(self._nflag - 1) if not fl[base + 1 + r]]
         notes = []
         for r in lagging:
@@ -285,7 +288,7 @@ class RingEndpoint:
                 notes.append(f"reader {r}: pid {who.pid}{'' if who.is_alive() else ' exited'}")
         return SlowReaderError(
             f"ring {name!r}: no free chunk within {timeout:g} s; readers {lagging} have not "
-            f"consumed chunk #{self._seq - self._nchunks} ({'; '.join(notes)})",
+            f"consumed chunk #{seq - self._nchunks} ({'; '.join(notes)})",
             lagging,
         )
 
@@ -306,7 +309,12 @@ class RingEndpoint:
         fl[base] = 0
         return idx
 
-    def _publish(self, idx: int, total: int, offset: int, kind: int) -> None:
+    def _publish(
+        self, idx: int, total: int, offset: int, kind: int, data: bytes | None = None
+    ) -> None:
+        """Writer: make claimed chunk ``idx`` visible (copying ``data`` into it first)."""
+        if data is not None:
+            self._chunks[idx][: len(data)] = data
         seq = self._seq
         _pack_desc(self._desc, idx * DESC_SIZE, seq, total, offset, kind, _monotonic_ns())
         fl = self._flags

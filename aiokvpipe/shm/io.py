@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any, TypeVar, cast
 
 from ..backoff import Backoff
-from ..errors import RingUsageError
+from ..errors import RingEmptyError, RingUsageError
 from . import codec
 from .endpoint import DESC_SIZE, RingEndpoint, deadline_after, unpack_desc
 from .fence import ORDERING_FENCE_NEEDED, fence
@@ -55,12 +55,18 @@ def _run_blocking(coro: Coroutine[Any, Any, T]) -> T:
         raise RingUsageError(
             "the *_sync ring calls block; inside a running event loop await the async ones"
         )
+    return _run_now(coro)
+
+
+def _run_now(coro: Coroutine[Any, Any, T]) -> T:
+    """Drive a coroutine that finishes without suspending (the *_sync and
+    *_nowait paths) to its end."""
     try:
         coro.send(None)
     except StopIteration as stop:
         return cast(T, stop.value)
     coro.close()
-    raise RuntimeError("a blocking ring call tried to suspend")  # pragma: no cover
+    raise RuntimeError("a ring call that must not wait tried to suspend")  # pragma: no cover
 
 
 def _copy_parts(parts: list[codec.Part], lo: int, hi: int, dst: memoryview) -> None:
@@ -180,13 +186,60 @@ class ShmRingBufferIO(RingEndpoint):
                     if _ORDERING_FENCE:
                         fence()
                     fl[base] = 0
-                    n = len(obj)
-                    self._chunks[idx][:n] = obj
-                    self._publish(idx, n, 0, codec.BYTES)
+                    self._publish(idx, len(obj), 0, codec.BYTES, obj)
                     return
             except ValueError as exc:
                 raise self._released(exc) from exc
         await self._enqueue(obj, timeout, False)
+
+    def enqueue_nowait(self, obj: Any) -> None:
+        """Send ``obj`` now, or raise without writing anything.
+
+        Like ``asyncio.Queue.put_nowait``: no ``await``, so it also runs in
+        plain functions and loop callbacks (as fast as :meth:`enqueue`'s own
+        fast path: measured equal).
+        Raises SlowReaderError, naming the readers that hold the chunks,
+        when fewer chunks are free than the message needs; RingUsageError
+        when the message needs more chunks than the ring has (use
+        :meth:`enqueue`, which streams it as readers consume).
+        """
+        if self._idle and self.is_writer and type(obj) is bytes and len(obj) <= self._cap:
+            # One chunk, and nothing can interleave with a call that never
+            # awaits: no need to mark the endpoint busy.
+            try:
+                idx = self._try_claim()
+                if idx is not None:
+                    self._publish(idx, len(obj), 0, codec.BYTES, obj)
+                    return
+            except ValueError as exc:
+                raise self._released(exc) from exc
+            raise self._timeout_error(0)
+        self._enter(True)
+        try:
+            enc = codec.encode(obj)
+            need = max(1, -(-enc.total // self._cap))
+            if need > self._nchunks:
+                raise RingUsageError(
+                    f"a message of {enc.total} bytes spans {need} chunks of "
+                    f"{self._cap} bytes, but ring {self.buffer.name!r} has "
+                    f"{self._nchunks}: use enqueue(), which streams it"
+                )
+            held = self._first_held(need)
+            if held is not None:
+                raise self._timeout_error(0, held)
+            _run_now(self._write_message(enc, 0, False))
+        finally:
+            self._leave()
+
+    def _first_held(self, count: int) -> int | None:
+        """Writer: how far past the next chunk the first of the next ``count``
+        that readers still hold is (None: all ``count`` can be claimed now)."""
+        fl, nflag, ones, seq = self._flags, self._nflag, self._ones, self._seq
+        for k in range(count):
+            base = ((seq + k) % self._nchunks) * nflag
+            if fl[base] and fl[base + 1 : base + nflag] != ones:
+                return k
+        return None
 
     def enqueue_sync(self, obj: Any, timeout: float | None = None) -> None:
         """Blocking :meth:`enqueue` for non-async callers (never inside a loop)."""
@@ -201,9 +254,7 @@ class ShmRingBufferIO(RingEndpoint):
                     idx = await self._wait(
                         self._try_claim, timeout, deadline_after(timeout), blocking
                     )
-                n = len(obj)
-                self._chunks[idx][:n] = obj
-                self._publish(idx, n, 0, codec.BYTES)
+                self._publish(idx, len(obj), 0, codec.BYTES, obj)
                 return
             await self._write_message(codec.encode(obj), timeout, blocking)
         finally:
@@ -271,12 +322,28 @@ class ShmRingBufferIO(RingEndpoint):
         """Blocking :meth:`dequeue` for non-async callers (never inside a loop)."""
         return _run_blocking(self._dequeue(timeout, True))
 
-    async def _dequeue(self, timeout: float | None, blocking: bool) -> Any:
+    def dequeue_nowait(self) -> Any:
+        """The next message if all of it has arrived, without waiting.
+
+        Like ``asyncio.Queue.get_nowait``. Raises RingEmptyError when it has
+        not (chunks of a larger message that did arrive are taken and kept
+        for the next call, so a writer streaming it is never stuck), and
+        WriterGoneError once the writer is gone and everything was read.
+        """
+        return _run_now(self._dequeue(None, True, nowait=True))
+
+    async def _dequeue(self, timeout: float | None, blocking: bool, nowait: bool = False) -> Any:
         self._enter(False)
         try:
             deadline: float | None = None
             while True:
                 idx = self._poll_readable()
+                if idx is None and nowait:
+                    self._check_peer(None)  # the writer gone and all read: say so
+                    raise RingEmptyError(
+                        f"reader {self.reader_rank} of ring {self.buffer.name!r}: "
+                        "no complete message waiting"
+                    )
                 if idx is None:
                     if deadline is None:
                         deadline = deadline_after(timeout)
