@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 
 from .._timeouts import deadline
-from ..errors import AiokvpipeError, HandleError, PeerClosedError, PipeClosedError, ProtocolError
+from ..errors import AiokvpipeError, HandleError, PipeClosedError
 from ..shm.io import ShmRingBufferIO
 from ..tensors import byte_view
 from ..wire import HEADER_SIZE, FrameHeader, FrameKind
@@ -209,17 +209,9 @@ class ShmSendChannel(SendChannel):
     # -- failure -----------------------------------------------------------
     def _on_readable(self) -> None:
         """The receiver never writes after set-up: readable means EOF (or a bug)."""
-        try:
-            data = self._sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._fail(PeerClosedError(f"{self._link.describe}: connection broken: {exc}"), exc)
-            return
-        if data:
-            self._fail(ProtocolError(f"{self._link.describe}: receiver sent unexpected bytes"))
-        else:
-            self._fail(PeerClosedError(f"{self._link.describe}: peer closed the connection"))
+        news = self._receiver_spoke(self._sock, self._link.describe)
+        if news is not None:
+            self._fail(news[0], news[1])
 
     def _fail(self, error: BaseException, cause: BaseException | None = None) -> None:
         if self._error is not None or self._torn_down:

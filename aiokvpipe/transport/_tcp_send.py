@@ -17,7 +17,6 @@ from .._timeouts import deadline
 from ..errors import (
     PeerClosedError,
     PipeClosedError,
-    ProtocolError,
     TransferTimeout,
 )
 from ..tensors import byte_view
@@ -259,20 +258,14 @@ class TcpSendChannel(SendChannel):
 
     def _on_readable(self) -> None:
         """The receiver never writes: readable means EOF or a broken peer."""
-        try:
-            data = self._sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
+        news = self._receiver_spoke(self._sock, self._link.describe)
+        if news is None:
             return
-        except OSError as exc:
-            self._fail(PeerClosedError(f"{self._link.describe}: connection broken: {exc}"), exc)
+        error, cause, eof = news
+        if eof and self._closed:
+            self._loop.remove_reader(self._fd)
             return
-        if not data:
-            if self._closed:
-                self._loop.remove_reader(self._fd)
-                return
-            self._fail(PeerClosedError(f"{self._link.describe}: peer closed the connection"))
-        else:
-            self._fail(ProtocolError(f"{self._link.describe}: receiver sent unexpected bytes"))
+        self._fail(error, cause)
 
     def _fail(self, error: BaseException, cause: BaseException | None = None) -> None:
         if self._error is not None:

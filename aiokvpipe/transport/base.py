@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
-from ..errors import PipeClosedError
+from ..errors import PeerClosedError, PipeClosedError, ProtocolError
 from ..wire import FrameHeader
 
 if TYPE_CHECKING:
@@ -96,6 +96,26 @@ class SendChannel(abc.ABC):
             message.done.set_exception(PipeClosedError(f"{describe}: channel closed"))
             return True
         return False
+
+    @staticmethod
+    def _receiver_spoke(
+        sock: socket.socket, describe: str
+    ) -> tuple[BaseException, BaseException | None, bool] | None:
+        """Read what made a link readable whose receiver never writes to it.
+
+        None: nothing (a spurious wake-up). Otherwise the error that breaks
+        the channel, its cause, and whether it was a plain EOF (the peer
+        closed the connection).
+        """
+        try:
+            data = sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            return PeerClosedError(f"{describe}: connection broken: {exc}"), exc, False
+        if data:
+            return ProtocolError(f"{describe}: receiver sent unexpected bytes"), None, False
+        return PeerClosedError(f"{describe}: peer closed the connection"), None, True
 
     @property
     @abc.abstractmethod
