@@ -151,11 +151,6 @@ class LoopTimer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = False  # armed, and not disarmed since
 
-    @property
-    def available(self) -> bool:
-        """Whether a timerfd can be had here (opens it on first use)."""
-        return self._open() is not None
-
     def _open(self) -> PreciseTimer | None:
         if not self._tried:
             self._tried = True

@@ -274,14 +274,14 @@ async def test_loop_timer_close_releases_the_fd_and_never_arms_again() -> None:
     lt.close()
     assert _timerfds() == before and lt.timer is None
     assert not lt.arm(time.monotonic() + 10, asyncio.get_running_loop())
-    assert not lt.available and _timerfds() == before
+    assert lt.timer is None and _timerfds() == before, "arming a closed one opens nothing"
     lt.close()  # idempotent
 
 
 async def test_loop_timer_where_there_is_no_timerfd(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_timerfd, "open_timer", lambda: None)  # as on a non-Linux box
     lt = _timerfd.LoopTimer(lambda: None)
-    assert not lt.available
     assert not lt.arm(time.monotonic() + 0.01, asyncio.get_running_loop())
+    assert lt.timer is None
     assert not lt.disarm()
     lt.close()
