@@ -18,21 +18,31 @@ __all__ = [
     "AiokvpipeError",
     "AuthenticationError",
     "BadMagicError",
+    "BlockError",
+    "BlockIdError",
+    "BlockShapeError",
     "ConfigError",
     "CudaTransferError",
     "CudaUnavailableError",
     "FrameTooLargeError",
     "HandleError",
     "KVBufferError",
+    "LeaseCancelledError",
+    "LeaseCompletedError",
+    "LeaseError",
+    "LeaseExpiredError",
+    "LeaseNotGrantedError",
     "MalformedFrameError",
     "PeerClosedError",
     "PipeClosedError",
     "ProtocolError",
+    "RegionError",
     "RingEmptyError",
     "RingUsageError",
     "SequenceError",
     "SlowReaderError",
     "TransferTimeout",
+    "UnknownRegionError",
     "UnsupportedTensorError",
     "UnsupportedVersionError",
     "WriterGoneError",
@@ -143,3 +153,61 @@ class KVBufferError(AiokvpipeError, ValueError):
     def __init__(self, argument: str, message: str) -> None:
         self.argument = argument
         super().__init__(f"{argument}: {message}")
+
+
+# --------------------------------------------------------------- paged blocks
+
+
+class BlockError(AiokvpipeError):
+    """Root of the paged-block family: registration, block ids and leases."""
+
+
+class RegionError(BlockError, ValueError):
+    """``register`` got tensors it cannot serve (registered twice, block counts
+    that differ, memory it cannot address); the message names the tensor."""
+
+
+class UnknownRegionError(BlockError, LookupError):
+    """No region of this name is registered (here, or on the owner)."""
+
+    def __init__(self, name: str, where: str = "") -> None:
+        self.name = name
+        prefix = f"{where}: " if where else ""
+        super().__init__(f"{prefix}no block region named {name!r} is registered")
+
+
+class BlockIdError(BlockError, ValueError):
+    """Block ids or layers a call cannot use (out of range, duplicated, lists
+    of different lengths); ``argument`` names the parameter and ``values`` the
+    offending entries, so a caller need not parse the message."""
+
+    def __init__(self, argument: str, values: Sequence[int], message: str) -> None:
+        self.argument = argument
+        self.values = tuple(values)
+        super().__init__(f"{argument}: {message}")
+
+
+class BlockShapeError(BlockError, ValueError):
+    """The two sides registered blocks of different dtype or shape for the
+    same region, so a block of one cannot be a block of the other."""
+
+
+class LeaseError(BlockError):
+    """A transfer was refused (or a lease ended) because of what its lease grants."""
+
+
+class LeaseNotGrantedError(LeaseError):
+    """No lease grants this access: unknown request id, the wrong kind (read
+    vs write), or blocks and layers outside those granted."""
+
+
+class LeaseExpiredError(LeaseError, TransferTimeout):
+    """The lease's ``ttl`` ran out before its transfer completed."""
+
+
+class LeaseCompletedError(LeaseError):
+    """The lease already completed; its blocks may have been reused."""
+
+
+class LeaseCancelledError(LeaseError):
+    """The owner cancelled the lease (or closed the endpoint) before it completed."""
