@@ -36,9 +36,11 @@ __all__ = [
     "PeerClosedError",
     "PipeClosedError",
     "ProtocolError",
+    "ReaderGoneError",
     "RegionError",
     "RingEmptyError",
     "RingUsageError",
+    "RingViewError",
     "SequenceError",
     "SlowReaderError",
     "TransferTimeout",
@@ -107,6 +109,20 @@ class WriterGoneError(PeerClosedError):
     """The writer of a shared-memory ring exited or closed it."""
 
 
+class ReaderGoneError(PeerClosedError):
+    """A ring writer cannot go on: a reader that still holds the chunk it needs
+    closed its endpoint or its process exited, so the chunk will never free up.
+
+    ``rank`` is the first such reader; ``lagging_readers`` are all the readers
+    holding that chunk (as in :class:`SlowReaderError`), gone or merely slow.
+    """
+
+    def __init__(self, message: str, rank: int, lagging_readers: Sequence[int] = ()) -> None:
+        self.rank = rank
+        self.lagging_readers = tuple(lagging_readers) or (rank,)
+        super().__init__(message)
+
+
 class AuthenticationError(AiokvpipeError):
     """A connection could not prove (or verify) knowledge of the shared token."""
 
@@ -143,6 +159,13 @@ class RingEmptyError(AiokvpipeError):
 class RingUsageError(AiokvpipeError, RuntimeError):
     """A ring endpoint was used against its role (a reader writing, a writer
     reading) or by two tasks at once; both are programming errors."""
+
+
+class RingViewError(RingUsageError, BufferError):
+    """An ``acquire_read``/``acquire_write`` block ended while a view of its
+    chunk (a slice, a numpy array, a tensor) was still alive. The chunk is then
+    neither marked read nor published, so the writer cannot overwrite memory
+    the caller still sees: release the views and acquire again."""
 
 
 class KVBufferError(AiokvpipeError, ValueError):
