@@ -26,7 +26,7 @@ from ..errors import (
 from ..shm.io import ShmRingBufferIO
 from ..shm.ring import ShmRingBuffer
 from ..tensors import empty_for
-from ..wire import HEADER_SIZE, FrameKind, decode_header
+from ..wire import HEADER_SIZE, FrameKind, decode_header, message_charge
 from ._shm_setup import HEADER_SLOT, SLICE_SECONDS, translate_error
 from ._waiters import WaiterSet
 from .base import Link, RecvChannel
@@ -53,7 +53,7 @@ class ShmRecvChannel(RecvChannel):
         self._piece = piece
         self._limit = link.config.buffer_bytes
         self._max_frame_bytes = link.config.max_frame_bytes
-        self._ready: deque[tuple[torch.Tensor | None, int]] = deque()
+        self._ready: deque[tuple[torch.Tensor | None, int]] = deque()  # (tensor, charge)
         self._queued_bytes = 0
         self._waiters = WaiterSet()
         self._space: asyncio.Future[None] | None = None
@@ -82,8 +82,8 @@ class ShmRecvChannel(RecvChannel):
             if self._closed:
                 raise PipeClosedError(f"{self._link.describe}: pipe closed")
             if self._ready:
-                tensor, nbytes = self._ready.popleft()
-                self._queued_bytes -= nbytes
+                tensor, charge = self._ready.popleft()
+                self._queued_bytes -= charge
                 space = self._space
                 if space is not None and not space.done() and self._queued_bytes < self._limit:
                     space.set_result(None)
@@ -184,8 +184,11 @@ class ShmRecvChannel(RecvChannel):
             self._deliver(done, got)
 
     def _deliver(self, tensor: torch.Tensor | None, nbytes: int) -> None:
-        self._ready.append((tensor, nbytes))
-        self._queued_bytes += nbytes
+        # Charged like the sender's window: a None costs its bookkeeping too,
+        # so a flood of them stops the reader task instead of queueing forever.
+        charge = message_charge(nbytes)
+        self._ready.append((tensor, charge))
+        self._queued_bytes += charge
         self._wake()
 
     # -- the link socket and failure -------------------------------------

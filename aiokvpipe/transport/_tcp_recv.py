@@ -21,7 +21,7 @@ from ..errors import (
     ProtocolError,
 )
 from ..tensors import empty_for
-from ..wire import HEADER_SIZE, FrameKind, decode_header
+from ..wire import HEADER_SIZE, FrameKind, decode_header, message_charge
 from ._waiters import WaiterSet
 from .base import Link, RecvChannel
 
@@ -46,7 +46,8 @@ class _FrameParser:
         self._channel = channel
         self._staging = bytearray(_STAGING)
         self._staging_view = memoryview(self._staging)
-        self._have = 0  # valid bytes at the start of the staging buffer
+        self._have = 0  # end of the valid bytes in the staging buffer
+        self._start = 0  # start of the unparsed ones (non-zero only while paused)
         self._direct: memoryview | None = None  # payload being read in place
         self._direct_got = 0
         self._direct_tensor: torch.Tensor | None = None
@@ -74,15 +75,26 @@ class _FrameParser:
     def mid_frame(self) -> str | None:
         if self._direct is not None:
             return f"{self._direct_got} of {len(self._direct)} payload bytes"
-        if self._have:
-            return f"{self._have} header bytes"
+        if self._have - self._start:
+            return f"{self._have - self._start} header bytes"
         return None
+
+    def resume(self) -> None:
+        """Parse frames read before the channel paused; may raise ProtocolError."""
+        if self._direct is None and self._have - self._start >= HEADER_SIZE:
+            self._parse_staging()
 
     def _parse_staging(self) -> None:
         view = self._staging_view
-        pos = 0
+        pos = self._start
         channel = self._channel
         while self._have - pos >= HEADER_SIZE and not channel._stopped:
+            if not channel._reading:
+                # Paused: the receive queue holds buffer_bytes of charges. One
+                # read can bring thousands of tiny frames; leave the rest in
+                # staging, untouched, until recv() makes room (resume()).
+                self._start = pos
+                return
             header = decode_header(
                 view[pos : pos + HEADER_SIZE],
                 expected_seq=self._expected_seq,
@@ -92,7 +104,7 @@ class _FrameParser:
             pos += HEADER_SIZE
             if header.kind is FrameKind.CLOSE:
                 channel._peer_closed()
-                self._have = 0
+                self._have = self._start = 0
                 return
             if header.kind is FrameKind.NONE:
                 channel._deliver(None, 0)
@@ -108,7 +120,7 @@ class _FrameParser:
             # The payload continues past what we hold: copy that part, then
             # read the rest straight into the tensor.
             dest[:available] = view[pos : self._have]
-            self._have = 0
+            self._have = self._start = 0
             self._direct, self._direct_got, self._direct_tensor = dest, available, tensor
             # Wake only when a worthwhile piece (or the rest) has arrived: far
             # fewer loop iterations per large payload.
@@ -118,7 +130,7 @@ class _FrameParser:
         rest = self._have - pos
         if rest and pos:
             view[:rest] = view[pos : self._have]
-        self._have = rest
+        self._have, self._start = rest, 0
 
     def _finish_direct(self) -> None:
         self._channel._set_lowat(1)
@@ -144,7 +156,7 @@ class TcpRecvChannel(RecvChannel):
         self.max_frame_bytes = link.config.max_frame_bytes
         self._limit = link.config.buffer_bytes
         self._device = link.config.device
-        self._ready: deque[tuple[Any, int]] = deque()  # (tensor | None | Future, nbytes)
+        self._ready: deque[tuple[Any, int]] = deque()  # (tensor | None | Future, charge)
         self._queued_bytes = 0
         self._waiters = WaiterSet(anticipate=link.config.anticipate)
         self._error: BaseException | None = None
@@ -180,6 +192,12 @@ class TcpRecvChannel(RecvChannel):
         if not self._reading and not self._stopped:
             self._loop.add_reader(self._fd, self._on_readable)
             self._reading = True
+            # Frames already read when the queue filled up wait in staging;
+            # the socket may never be readable again to flush them out.
+            try:
+                self._parser.resume()
+            except Exception as exc:
+                self._protocol_failed(exc)
 
     def _pause_reading(self) -> None:
         if self._reading:
@@ -236,9 +254,12 @@ class TcpRecvChannel(RecvChannel):
             from ..cuda.staging import to_device  # lazy: only GPU users pay for it
 
             item = asyncio.ensure_future(to_device(tensor, self._device))
-        self._ready.append((item, nbytes))
+        # Charged like the sender's window: a None costs its bookkeeping too,
+        # so a flood of them pauses reading instead of queueing forever.
+        charge = message_charge(nbytes)
+        self._ready.append((item, charge))
         self._waiters.arrived()
-        self._queued_bytes += nbytes
+        self._queued_bytes += charge
         if self._queued_bytes >= self._limit:
             self._pause_reading()
         self._wake()
@@ -279,14 +300,14 @@ class TcpRecvChannel(RecvChannel):
             if self._closed:
                 raise PipeClosedError(f"{self._link.describe}: pipe closed")
             if self._ready:
-                item, nbytes = self._ready[0]
+                item, charge = self._ready[0]
                 if isinstance(item, asyncio.Future):
                     # Device copy in flight: wait without consuming, so a
                     # cancelled recv leaves the message at the head.
                     await asyncio.shield(item)
                     continue
                 self._ready.popleft()
-                self._queued_bytes -= nbytes
+                self._queued_bytes -= charge
                 if self._queued_bytes < self._limit:
                     self._resume_reading()
                 return item  # type: ignore[no-any-return]
