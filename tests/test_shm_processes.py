@@ -34,7 +34,7 @@ def _loop_name() -> str:
 
 async def _recv(conn: object, timeout: float = 30.0) -> object:
     """Connection.recv without blocking the loop."""
-    from aiokvpipe.shm.group import call_in_thread
+    from aiokvpipe.shm.threads import call_in_thread
 
     if not await call_in_thread(lambda: conn.poll(timeout)):  # type: ignore[attr-defined]
         raise TimeoutError("child did not answer")
