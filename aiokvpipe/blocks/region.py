@@ -1,0 +1,237 @@
+"""Registered paged memory: which bytes are block ``i`` of layer ``l``.
+
+A region is one tensor or a list of them (vLLM keeps one per layer), all
+with the same number of blocks on ``block_dim``. With vLLM's CPU layout
+``[2, num_blocks, block_size, kv_heads, head_dim]`` and ``block_dim=1``, a run
+of adjacent blocks in one tensor is ``prod(shape[:block_dim])`` (= 2: K and
+V) contiguous byte segments, which go to the kernel as they are: no gather.
+
+The byte stream of a transfer is fixed by the id list, not by memory:
+for each layer, for each outer index (K, V), the blocks in list order. Both
+sides agree on it without agreeing on where their blocks sit, so each side
+coalesces its own adjacent ids (:func:`aiokvpipe.blocks.runs.coalesce`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import (
+    BlockIdError,
+    BlockShapeError,
+    RegionError,
+    UnknownRegionError,
+    UnsupportedTensorError,
+)
+from ..tensors import byte_view
+from ..wire import CODE_DTYPES, dtype_code
+from .runs import as_ids, check_ids, coalesce
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """What both sides must agree on for one tensor of a region."""
+
+    dtype: torch.dtype
+    outer: tuple[int, ...]  # shape before block_dim
+    inner: tuple[int, ...]  # shape of one block
+
+    @property
+    def block_bytes(self) -> int:
+        return math.prod(self.inner) * self.dtype.itemsize
+
+    def describe(self) -> str:
+        dims = ", ".join(str(d) for d in (*self.outer, "N", *self.inner))
+        return f"{str(self.dtype).removeprefix('torch.')}[{dims}]"
+
+    def to_wire(self) -> list[Any]:
+        return [dtype_code(self.dtype), list(self.outer), list(self.inner)]
+
+
+@dataclass(frozen=True)
+class _BlockTensor:
+    tensor: torch.Tensor  # held so ``view`` stays valid
+    view: memoryview  # every byte of the tensor
+    layout: TensorLayout
+    outer_count: int  # prod(layout.outer)
+
+
+class BlockRegion:
+    """One registered region; built only through :meth:`RegionTable.register`."""
+
+    def __init__(self, name: str, tensors: Sequence[torch.Tensor], block_dim: int) -> None:
+        self.name = name
+        self.block_dim = block_dim
+        self.num_blocks = int(tensors[0].shape[block_dim])
+        self._tensors = tuple(self._prepare(t) for t in tensors)
+
+    @property
+    def num_layers(self) -> int:
+        """Tensors in the region; ``layers=`` indexes them."""
+        return len(self._tensors)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t.tensor for t in self._tensors)
+
+    def layout(self, layer: int) -> TensorLayout:
+        return self._tensors[layer].layout
+
+    def _prepare(self, tensor: torch.Tensor) -> _BlockTensor:
+        dim = self.block_dim
+        shape = tuple(int(d) for d in tensor.shape)
+        layout = TensorLayout(tensor.dtype, shape[:dim], shape[dim + 1 :])
+        view = byte_view(tensor)
+        return _BlockTensor(tensor, view, layout, math.prod(layout.outer))
+
+    # -- checks ------------------------------------------------------------
+    def check_blocks(self, argument: str, ids: Any) -> tuple[int, ...]:
+        """``ids`` as a tuple, or :class:`BlockIdError` naming ``argument``."""
+        out = as_ids(argument, ids)
+        check_ids(argument, out, self.num_blocks, f"region {self.name!r}")
+        return out
+
+    def check_layers(self, argument: str, layers: Any) -> tuple[int, ...]:
+        """``layers`` (None: all) as a tuple of valid tensor indexes."""
+        if layers is None:
+            return tuple(range(self.num_layers))
+        out = as_ids(argument, layers)
+        if not out:
+            raise BlockIdError(argument, (), "an empty list of layers moves nothing")
+        check_ids(
+            argument, out, self.num_layers, f"region {self.name!r}'s tensor list", noun="layer"
+        )
+        return out
+
+    def check_layouts(self, layers: Sequence[int], theirs: Sequence[TensorLayout]) -> None:
+        """Refuse a peer whose blocks differ from ours in dtype or shape."""
+        if len(theirs) != len(layers):
+            raise BlockShapeError(
+                f"region {self.name!r}: peer described {len(theirs)} layers for {len(layers)}"
+            )
+        for layer, other in zip(layers, theirs, strict=True):
+            mine = self._tensors[layer].layout
+            if mine != other:
+                raise BlockShapeError(
+                    f"region {self.name!r} layer {layer}: blocks here are {mine.describe()}, "
+                    f"the peer's are {other.describe()}"
+                )
+
+    # -- the byte stream ---------------------------------------------------
+    def nbytes(self, count: int, layers: Sequence[int]) -> int:
+        """Bytes of ``count`` blocks on ``layers``."""
+        return count * sum(
+            self._tensors[i].outer_count * self._tensors[i].layout.block_bytes for i in layers
+        )
+
+    def segments(self, ids: Sequence[int], layers: Sequence[int]) -> list[memoryview]:
+        """Views of the blocks, in stream order: layer, outer index, run."""
+        runs = coalesce(ids)
+        out: list[memoryview] = []
+        for layer in layers:
+            t = self._tensors[layer]
+            size = t.layout.block_bytes
+            if size == 0:
+                continue
+            stride = self.num_blocks * size
+            for o in range(t.outer_count):
+                base = o * stride
+                for start, length in runs:
+                    begin = base + start * size
+                    out.append(t.view[begin : begin + length * size])
+        return out
+
+
+def layout_from_wire(obj: Any) -> TensorLayout:
+    """A peer's layout description, validated (raises ValueError)."""
+    if not (isinstance(obj, list) and len(obj) == 3):
+        raise ValueError("layout must be [dtype code, outer dims, block dims]")
+    code, outer, inner = obj
+    if not isinstance(code, int) or isinstance(code, bool) or code not in CODE_DTYPES:
+        raise ValueError(f"unknown dtype code {code!r}")
+    dims = []
+    for part in (outer, inner):
+        if not isinstance(part, list) or len(part) > 14:
+            raise ValueError("layout dims must be a list of at most 14 ints")
+        for d in part:
+            if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d < 1 << 48:
+                raise ValueError(f"bad dim {d!r}")
+        dims.append(tuple(part))
+    return TensorLayout(CODE_DTYPES[code], dims[0], dims[1])
+
+
+def _check_tensor(name: str, index: int, tensor: Any, block_dim: int) -> None:
+    where = f"register({name!r}): tensor {index}"
+    if not isinstance(tensor, torch.Tensor):
+        raise RegionError(f"{where} is a {type(tensor).__name__}, not a torch.Tensor")
+    if tensor.device.type != "cpu":
+        raise RegionError(
+            f"{where} is on {tensor.device}; only CPU memory can be registered in this build"
+        )
+    if tensor.layout is not torch.strided:
+        raise RegionError(f"{where} has layout {tensor.layout}; only dense tensors hold blocks")
+    if not tensor.is_contiguous():
+        raise RegionError(
+            f"{where} is not contiguous (strides {tuple(tensor.stride())}); blocks are "
+            "moved as byte ranges, so register the tensor that owns the memory"
+        )
+    if tensor.is_conj() or tensor.is_neg():
+        raise RegionError(f"{where} has a lazy conj/neg bit; its bytes are not its values")
+    if not 0 <= block_dim < tensor.dim():
+        raise RegionError(
+            f"{where} has shape {tuple(tensor.shape)}: block_dim={block_dim} is not one of its dims"
+        )
+    try:
+        dtype_code(tensor.dtype)
+    except UnsupportedTensorError as exc:
+        raise RegionError(f"{where}: {exc}") from exc
+
+
+class RegionTable:
+    """The regions of one endpoint, by name."""
+
+    def __init__(self) -> None:
+        self._regions: dict[str, BlockRegion] = {}
+
+    def register(self, name: str, tensors: Any, block_dim: int) -> BlockRegion:
+        """Validate and add a region; see :class:`BlockRegion` for the layout rules."""
+        if not isinstance(name, str) or not name or len(name) > 256:
+            raise RegionError(f"register: region name must be a non-empty str, not {name!r}")
+        if name in self._regions:
+            raise RegionError(f"register({name!r}): a region of this name is already registered")
+        listed = list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
+        if not listed:
+            raise RegionError(f"register({name!r}): no tensors given")
+        if isinstance(block_dim, bool) or not isinstance(block_dim, int):
+            raise RegionError(f"register({name!r}): block_dim must be an int, not {block_dim!r}")
+        for i, t in enumerate(listed):
+            _check_tensor(name, i, t, block_dim)
+        counts = [int(t.shape[block_dim]) for t in listed]
+        if len(set(counts)) != 1:
+            raise RegionError(
+                f"register({name!r}): tensors hold different numbers of blocks on "
+                f"dim {block_dim}: {counts}"
+            )
+        region = BlockRegion(name, listed, block_dim)
+        self._regions[name] = region
+        return region
+
+    def unregister(self, name: str) -> BlockRegion:
+        try:
+            return self._regions.pop(name)
+        except KeyError:
+            raise UnknownRegionError(name) from None
+
+    def get(self, name: str, where: str = "") -> BlockRegion:
+        region = self._regions.get(name)
+        if region is None:
+            raise UnknownRegionError(name, where)
+        return region
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._regions

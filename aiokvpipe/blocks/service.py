@@ -1,0 +1,525 @@
+"""BlockService: registered regions, leases, and block transfers over authenticated sockets.
+
+The service knows nothing about dialling, handshakes or liveness; whoever
+owns the links (the Endpoint) plugs it in through three points:
+
+* ``dial(address) -> (socket, peer)``: an authenticated, connected socket to
+  the endpoint at ``address``, dialled for block traffic and owned by the
+  service from then on; ``peer`` names that peer's instance (leases and
+  operations are bound to it);
+* :meth:`BlockService.accept`: an inbound block connection from ``peer``;
+* :meth:`BlockService.peer_lost`: ``peer`` was declared dead or replaced.
+
+The requester dials the owner, so reads and writes need only the owner's
+address; a connection carries one transfer at a time and returns to a small
+idle pool after it (:mod:`aiokvpipe.blocks.protocol` has the message order).
+
+Cancelling (or timing out) a read or write never breaks its connection in
+the middle of a transfer: the remaining bytes move through scratch memory in
+the background (:class:`aiokvpipe.blocks.sgio.Segments`), the owner is told
+"abort" and counts nothing, and the connection goes back to the pool. The
+destination blocks of a cancelled read, and the remote blocks of a cancelled
+write, are undefined. A connection that does break mid-transfer means the
+peer died: the owner fails the lease with :class:`PeerClosedError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._timeouts import deadline
+from ..errors import (
+    AiokvpipeError,
+    BlockError,
+    LeaseCancelledError,
+    MalformedFrameError,
+    PeerClosedError,
+    PipeClosedError,
+    ProtocolError,
+)
+from . import protocol
+from .lease import Lease, LeaseKind, LeaseTable
+from .protocol import Kind
+from .region import BlockRegion, RegionTable
+from .runs import as_ids, check_ids, check_same_length
+from .sgio import Segments, recv_segments, send_segments
+
+Dial = Callable[[str], Awaitable[tuple[socket.socket, str]]]
+_DEFAULT: Any = object()
+_U32 = 1 << 32
+
+
+@dataclass
+class _Conn:
+    sock: socket.socket
+    owner: str  # the address dialled
+    peer: str  # the instance behind it, as the dialler named it
+
+
+@dataclass
+class _Outbound:
+    """One read or write in flight on the requester's side."""
+
+    op: LeaseKind
+    owner: str
+    request: tuple[dict[str, Any], tuple[int, ...]]
+    nbytes: int
+    segs: Segments
+    region: str
+    conn: _Conn | None = None
+    error: BaseException | None = None
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        body = self.request[0]
+        return (
+            f"{self.op} of {len(self.request[1])} blocks x {len(body['layers'])} layers of "
+            f"request {body['request_id']!r} region {self.region!r} with {self.owner}"
+        )
+
+    def stop(self, error: BaseException | None, close: bool) -> None:
+        """Stop touching the blocks now; ``close``: also drop the connection (peer gone)."""
+        if error is not None and self.error is None:
+            self.error = error
+        self.segs.redirect()
+        if close and self.task is not None:
+            self.task.cancel()
+
+
+class BlockService:
+    """Paged-block transfers for one endpoint; see the module doc for how it plugs in.
+
+    ``op_timeout``: the default bound on a read or write (None: unbounded).
+    ``abort_timeout``: how long a cancelled transfer may take to finish its
+    framing in the background before its connection is dropped instead.
+    """
+
+    def __init__(
+        self,
+        dial: Dial,
+        *,
+        op_timeout: float | None = 30.0,
+        abort_timeout: float = 10.0,
+        max_idle_per_peer: int = 4,
+    ) -> None:
+        self.regions = RegionTable()
+        self.leases = LeaseTable()
+        self._dial = dial
+        self._op_timeout = op_timeout
+        self._abort_timeout = abort_timeout
+        self._max_idle = max_idle_per_peer
+        self._idle: dict[str, list[_Conn]] = {}
+        self._ops: dict[asyncio.Task[None], _Outbound] = {}
+        self._inbound: dict[asyncio.Task[None], tuple[str, socket.socket]] = {}
+        self._closed = False
+        #: Inbound connections cut off for a protocol violation, and the last reason.
+        self.cut_off = 0
+        self.last_cut_off: str = ""
+
+    # ------------------------------------------------------------ owner side
+    def register(self, name: str, tensors: Any, block_dim: int) -> BlockRegion:
+        """Register ``tensors`` (one or a list) as paged memory named ``name``."""
+        self._check_open()
+        return self.regions.register(name, tensors, block_dim)
+
+    def unregister(self, name: str) -> None:
+        """Forget a region: its leases end (LeaseCancelledError), its transfers stop."""
+        self.regions.unregister(name)
+        self.leases.end_region(name, LeaseCancelledError(f"region {name!r} was unregistered"))
+        for op in list(self._ops.values()):
+            if op.region == name:
+                op.stop(LeaseCancelledError(f"region {name!r} was unregistered"), close=False)
+
+    def expose(
+        self, request_id: str, name: str, blocks: Any, ttl: float, layers: Any = None
+    ) -> Lease:
+        """Grant read access to ``blocks`` (and ``layers``, None: all) for ``ttl`` seconds."""
+        return self._grant("read", request_id, name, blocks, ttl, layers)
+
+    def expect(
+        self, request_id: str, name: str, blocks: Any, ttl: float, layers: Any = None
+    ) -> Lease:
+        """Grant write access; the lease completes when every layer of every block landed."""
+        return self._grant("write", request_id, name, blocks, ttl, layers)
+
+    def _grant(
+        self, kind: LeaseKind, request_id: str, name: str, blocks: Any, ttl: float, layers: Any
+    ) -> Lease:
+        self._check_open()
+        region = self.regions.get(name)
+        ids = region.check_blocks("blocks", blocks)
+        layer_ids = region.check_layers("layers", layers)
+        return self.leases.grant(kind, request_id, name, ids, layer_ids, ttl)
+
+    # ------------------------------------------------------------ requester side
+    async def read(
+        self,
+        owner: str,
+        request_id: str,
+        name: str,
+        remote_blocks: Any,
+        local_blocks: Any,
+        layers: Any = None,
+        timeout: float | None = _DEFAULT,
+    ) -> None:
+        """Pull the owner's ``remote_blocks`` into our ``local_blocks`` (same order)."""
+        op = self._prepare("read", owner, request_id, name, remote_blocks, local_blocks, layers)
+        await self._run(op, timeout)
+
+    async def write(
+        self,
+        owner: str,
+        request_id: str,
+        name: str,
+        local_blocks: Any,
+        remote_blocks: Any,
+        layers: Any = None,
+        timeout: float | None = _DEFAULT,
+    ) -> None:
+        """Push our ``local_blocks`` into the owner's ``remote_blocks``; returns once landed."""
+        op = self._prepare("write", owner, request_id, name, remote_blocks, local_blocks, layers)
+        await self._run(op, timeout)
+
+    def _prepare(
+        self,
+        kind: LeaseKind,
+        owner: str,
+        request_id: str,
+        name: str,
+        remote_blocks: Any,
+        local_blocks: Any,
+        layers: Any,
+    ) -> _Outbound:
+        """Every local check, before a connection is touched."""
+        self._check_open()
+        if not isinstance(request_id, str) or not 0 < len(request_id) <= protocol.MAX_NAME:
+            raise BlockError(f"request_id must be a str of 1..256 characters, not {request_id!r}")
+        region = self.regions.get(name)
+        local = region.check_blocks("local_blocks", local_blocks)
+        remote = as_ids("remote_blocks", remote_blocks)
+        check_ids("remote_blocks", remote, _U32, "a block id")
+        check_same_length("local_blocks", local, "remote_blocks", remote)
+        layer_ids = region.check_layers("layers", layers)
+        nbytes = region.nbytes(len(local), layer_ids)
+        request = protocol.request(
+            kind,
+            request_id,
+            name,
+            layer_ids,
+            [region.layout(i) for i in layer_ids],
+            nbytes,
+            remote,
+        )
+        segs = Segments(region.segments(local, layer_ids), receive=kind == "read")
+        return _Outbound(kind, owner, (request[0], tuple(request[1])), nbytes, segs, name)
+
+    async def _run(self, op: _Outbound, timeout: float | None) -> None:
+        if timeout is _DEFAULT:
+            timeout = self._op_timeout
+        task = asyncio.get_running_loop().create_task(self._exchange(op))
+        op.task = task
+        self._ops[task] = op
+        task.add_done_callback(self._op_done)
+        try:
+            async with deadline(timeout, op.describe):
+                await asyncio.shield(task)
+        except BaseException:
+            if not task.done():
+                # Cancelled or timed out: stop touching our blocks now and let
+                # the task finish the framing with scratch memory, bounded.
+                op.stop(None, close=False)
+                timer = asyncio.get_running_loop().call_later(self._abort_timeout, task.cancel)
+                task.add_done_callback(lambda _t: timer.cancel())
+            raise
+
+    def _op_done(self, task: asyncio.Task[None]) -> None:
+        self._ops.pop(task, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: an abandoned transfer's error is not news
+
+    async def _exchange(self, op: _Outbound) -> None:
+        """The requester's side of one transfer, on a pooled or new connection."""
+        try:
+            conn = await self._acquire(op.owner)
+        except asyncio.CancelledError:
+            if op.error is not None:
+                raise op.error from None
+            raise
+        op.conn = conn
+        healthy = False
+        refusal: AiokvpipeError | None = None
+        try:
+            if not op.segs.redirected:  # else stopped before a byte was sent
+                if op.op == "read":
+                    refusal = await self._do_read(conn, op)
+                else:
+                    refusal = await self._do_write(conn, op)
+            healthy = True
+        except asyncio.CancelledError:
+            if op.error is not None:
+                raise op.error from None
+            raise
+        finally:
+            if healthy:
+                self._release(conn)
+            else:
+                conn.sock.close()
+        if op.error is not None:
+            raise op.error
+        if refusal is not None:
+            raise refusal
+
+    async def _do_read(self, conn: _Conn, op: _Outbound) -> AiokvpipeError | None:
+        """The owner's refusal (the connection stays usable) or None; raises if broken."""
+        sock, what = conn.sock, f"read from {conn.owner}"
+        body, ids = op.request
+        await protocol.send_message(sock, Kind.REQUEST, body, what, ids)
+        refusal = await self._agreed(conn, op, what)
+        if refusal is not None:
+            return refusal
+        await recv_segments(sock, op.segs, what)
+        trailer = await protocol.expect_message(sock, Kind.STATUS, what)
+        value = protocol.parse_status(trailer, frozenset(("ok", "error")), what)
+        verdict: protocol.Status = "done" if value == "ok" and not op.segs.redirected else "abort"
+        await protocol.send_message(sock, Kind.STATUS, protocol.status(verdict), what)
+        if value == "error":
+            return protocol.remote_error(trailer.body, f"owner {conn.owner}")
+        return None
+
+    async def _do_write(self, conn: _Conn, op: _Outbound) -> AiokvpipeError | None:
+        sock, what = conn.sock, f"write to {conn.owner}"
+        body, ids = op.request
+        await protocol.send_message(sock, Kind.REQUEST, body, what, ids)
+        refusal = await self._agreed(conn, op, what)
+        if refusal is not None:
+            return refusal
+        await send_segments(sock, op.segs, what)
+        verdict: protocol.Status = "abort" if op.segs.redirected else "commit"
+        await protocol.send_message(sock, Kind.STATUS, protocol.status(verdict), what)
+        answer = await protocol.expect_message(sock, Kind.STATUS, what)
+        value = protocol.parse_status(answer, frozenset(("landed", "aborted", "error")), what)
+        if value == "error":
+            return protocol.remote_error(answer.body, f"owner {conn.owner}")
+        if (value == "aborted") != (verdict == "abort"):
+            raise MalformedFrameError(f"{what}: owner answered {value!r} to {verdict!r}")
+        return None
+
+    async def _agreed(self, conn: _Conn, op: _Outbound, what: str) -> AiokvpipeError | None:
+        """The owner's REPLY: its refusal, or None once it agreed to our byte count."""
+        reply = await protocol.expect_message(conn.sock, Kind.REPLY, what)
+        try:
+            nbytes = protocol.parse_reply(reply, f"owner {conn.owner}", what)
+        except BlockError as exc:
+            return exc
+        if nbytes != op.nbytes:
+            raise MalformedFrameError(
+                f"{what}: owner announced {nbytes} payload bytes for blocks that hold {op.nbytes}"
+            )
+        return None
+
+    # ------------------------------------------------------------ connections
+    async def _acquire(self, owner: str) -> _Conn:
+        idle = self._idle.get(owner)
+        while idle:
+            conn = idle.pop()
+            if _still_open(conn.sock):
+                return conn
+            conn.sock.close()
+        sock, peer = await self._dial(owner)
+        if self._closed:
+            sock.close()
+            raise PipeClosedError("block service closed while dialling")
+        sock.setblocking(False)
+        return _Conn(sock, owner, peer)
+
+    def _release(self, conn: _Conn) -> None:
+        idle = self._idle.setdefault(conn.owner, [])
+        if self._closed or len(idle) >= self._max_idle or conn.sock.fileno() < 0:
+            conn.sock.close()
+        else:
+            idle.append(conn)
+
+    # ------------------------------------------------------------ inbound
+    def accept(self, sock: socket.socket, peer: str) -> None:
+        """Serve an inbound, authenticated block connection from ``peer``; owns ``sock``."""
+        if self._closed:
+            sock.close()
+            return
+        sock.setblocking(False)
+        task = asyncio.get_running_loop().create_task(self._serve(sock, peer))
+        self._inbound[task] = (peer, sock)
+        task.add_done_callback(self._inbound_done)
+
+    def _inbound_done(self, task: asyncio.Task[None]) -> None:
+        entry = self._inbound.pop(task, None)
+        if entry is not None:
+            entry[1].close()
+        if not task.cancelled():
+            task.exception()
+
+    async def _serve(self, sock: socket.socket, peer: str) -> None:
+        what = f"blocks from {peer}"
+        try:
+            while True:
+                message = await protocol.read_message(sock, what, eof_ok=True)
+                if message is None:
+                    return
+                request = protocol.parse_request(message, what)
+                try:
+                    region, lease = self._admit(request, what)
+                except BlockError as exc:
+                    await protocol.send_message(sock, Kind.REPLY, protocol.error_body(exc), what)
+                    continue
+                lease.peers.add(peer)
+                if request.op == "read":
+                    await self._serve_read(sock, peer, request, region, lease, what)
+                else:
+                    await self._serve_write(sock, peer, request, region, lease, what)
+        except ProtocolError as exc:
+            self.cut_off += 1
+            self.last_cut_off = str(exc)
+        except PeerClosedError:
+            pass  # gone; a transfer it was in already failed its lease
+        finally:
+            sock.close()
+
+    def _admit(self, request: protocol.Request, what: str) -> tuple[BlockRegion, Lease]:
+        """Everything a request must pass before a byte of payload moves."""
+        region = self.regions.get(request.region, where=f"{what}")
+        check_ids("remote_blocks", request.blocks, region.num_blocks, f"region {region.name!r}")
+        if not request.layers:
+            raise MalformedFrameError(f"{what}: a request for no layers")
+        check_ids(
+            "layers", request.layers, region.num_layers, f"region {region.name!r}", noun="layer"
+        )
+        lease = self.leases.find(request.op, request.request_id, request.region)
+        lease.check(request.op, request.blocks, request.layers)
+        region.check_layouts(request.layers, request.layouts)
+        nbytes = region.nbytes(len(request.blocks), request.layers)
+        if request.nbytes != nbytes:
+            # Same layouts, different size: not a mistake an honest peer makes.
+            raise MalformedFrameError(
+                f"{what}: claims {request.nbytes} bytes for {len(request.blocks)} blocks x "
+                f"{len(request.layers)} layers that hold {nbytes}"
+            )
+        return region, lease
+
+    async def _serve_read(
+        self,
+        sock: socket.socket,
+        peer: str,
+        request: protocol.Request,
+        region: BlockRegion,
+        lease: Lease,
+        what: str,
+    ) -> None:
+        segs = Segments(region.segments(request.blocks, request.layers), receive=False)
+        lease.attach(segs)
+        try:
+            await protocol.send_message(sock, Kind.REPLY, protocol.reply_ok(segs.total), what)
+            await send_segments(sock, segs, what)
+            trailer = (
+                protocol.status("error", lease.ended_error())
+                if segs.redirected
+                else protocol.status("ok")
+            )
+            await protocol.send_message(sock, Kind.STATUS, trailer, what)
+            answer = await protocol.expect_message(sock, Kind.STATUS, what)
+            value = protocol.parse_status(answer, frozenset(("done", "abort")), what)
+            if value == "done" and not segs.redirected:
+                lease.mark(request.blocks, request.layers)
+        except PeerClosedError as exc:
+            lease.fail(PeerClosedError(f"{lease.describe}: {peer} was lost mid-read: {exc}"))
+            raise
+        finally:
+            lease.detach(segs)
+
+    async def _serve_write(
+        self,
+        sock: socket.socket,
+        peer: str,
+        request: protocol.Request,
+        region: BlockRegion,
+        lease: Lease,
+        what: str,
+    ) -> None:
+        segs = Segments(region.segments(request.blocks, request.layers), receive=True)
+        lease.attach(segs)
+        try:
+            await protocol.send_message(sock, Kind.REPLY, protocol.reply_ok(segs.total), what)
+            await recv_segments(sock, segs, what)
+            answer = await protocol.expect_message(sock, Kind.STATUS, what)
+            value = protocol.parse_status(answer, frozenset(("commit", "abort")), what)
+            if segs.redirected:
+                reply = protocol.status("error", lease.ended_error())
+            elif value == "commit":
+                lease.mark(request.blocks, request.layers)
+                reply = protocol.status("landed")
+            else:
+                reply = protocol.status("aborted")
+            await protocol.send_message(sock, Kind.STATUS, reply, what)
+        except PeerClosedError as exc:
+            lease.fail(PeerClosedError(f"{lease.describe}: {peer} was lost mid-write: {exc}"))
+            raise
+        finally:
+            lease.detach(segs)
+
+    # ------------------------------------------------------------ liveness, closing
+    def peer_lost(self, peer: str, error: BaseException | None = None) -> None:
+        """``peer`` died or was replaced: fail its leases, transfers and connections."""
+        reason = f"peer {peer} was lost" + (f": {error}" if error is not None else "")
+        lost = PeerClosedError(reason)
+        lost.__cause__ = error
+        self.leases.peer_lost(peer, lost)
+        for task, (who, _sock) in list(self._inbound.items()):
+            if who == peer:
+                task.cancel()
+        for op in list(self._ops.values()):
+            if op.owner == peer or (op.conn is not None and op.conn.peer == peer):
+                op.stop(PeerClosedError(f"{op.describe()}: {reason}"), close=True)
+        for owner, idle in list(self._idle.items()):
+            keep = [c for c in idle if c.peer != peer and c.owner != peer]
+            for conn in idle:
+                if conn not in keep:
+                    conn.sock.close()
+            self._idle[owner] = keep
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PipeClosedError("block service closed")
+
+    async def aclose(self) -> None:
+        """End every lease and transfer, close every block connection; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        closed = PipeClosedError("block service closed")
+        for op in list(self._ops.values()):
+            op.stop(closed, close=True)
+        for task in list(self._inbound):
+            task.cancel()
+        self.leases.close(LeaseCancelledError("the endpoint closed"))
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.sock.close()
+        self._idle.clear()
+        pending = [*self._ops, *self._inbound]
+        if pending:
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """An idle pooled connection the owner has not closed (nor written to)."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+    return False  # EOF, or bytes nobody asked for: either way unusable
