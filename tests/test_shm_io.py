@@ -32,7 +32,14 @@ from aiokvpipe.errors import (
     WriterGoneError,
 )
 from aiokvpipe.shm import ShmRingBuffer, ShmRingBufferIO
-from aiokvpipe.shm.doorbell import RUNG, TIMEOUT, TIMER, Doorbell, doorbell_address
+from aiokvpipe.shm.doorbell import (
+    RUNG,
+    TIMEOUT,
+    TIMER,
+    Doorbell,
+    check_private_dir,
+    doorbell_address,
+)
 from aiokvpipe.shm.ring import (
     READER_SLOTS_OFF,
     SLOT_BYTES,
@@ -569,6 +576,52 @@ def test_filesystem_doorbells(tmp_path: Any) -> None:
         bell.close()
         other.close()
     assert not os.path.exists(addr)
+
+
+def test_doorbell_directory_must_be_private(tmp_path: Any) -> None:
+    # Filesystem doorbells (non-Linux) live in <tempdir>/aiokvpipe-<uid>; one
+    # that another user made, or could enter, or a symlink, is refused.
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    check_private_dir(str(private))  # ours, 0700: fine
+    private.chmod(0o755)
+    with pytest.raises(HandleError, match=r"mode 0755.*must be a directory owned by uid"):
+        check_private_dir(str(private))
+    private.chmod(0o700)
+    link = tmp_path / "link"
+    link.symlink_to(private)
+    with pytest.raises(HandleError, match="a symlink"):
+        check_private_dir(str(link))
+    plain = tmp_path / "file"
+    plain.write_bytes(b"")
+    plain.chmod(0o600)
+    with pytest.raises(HandleError, match="not a directory"):
+        check_private_dir(str(plain))
+    with pytest.raises(HandleError, match="cannot be checked"):
+        check_private_dir(str(tmp_path / "missing"))
+    if os.getuid() == 0:  # only root can give a directory to another user
+        os.chown(private, 65534, -1)
+        with pytest.raises(HandleError, match="owned by uid 65534"):
+            check_private_dir(str(private))
+
+
+def test_filesystem_doorbells_refuse_a_foreign_directory(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # what TMPDIR would set
+    # The directory does not exist yet: it is created private, and used.
+    addr = doorbell_address("aiokv_fs_dir", "w", abstract=False)
+    assert isinstance(addr, str) and os.path.dirname(addr) == str(
+        tmp_path / f"aiokvpipe-{os.getuid()}"
+    )
+    assert os.stat(os.path.dirname(addr)).st_mode & 0o777 == 0o700
+    Doorbell(addr).close()
+    # Someone else's (here: an open one) is refused before anything is bound in it.
+    os.chmod(os.path.dirname(addr), 0o777)
+    with pytest.raises(HandleError, match="mode 0777"):
+        doorbell_address("aiokv_fs_dir", "w", abstract=False)
 
 
 async def test_spin_window_adapts_to_streams_and_resets_for_sparse_traffic() -> None:

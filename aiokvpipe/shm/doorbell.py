@@ -10,8 +10,11 @@ blocking path); the other side rings it by sending one byte.
   no permissions: another local process could send spurious rings (harmless:
   a woken peer always rechecks the shared flags) or squat a name before it is
   bound (the bind then fails with a clear error, never silently).
-* Elsewhere: a socket file in a 0700 directory of the temp dir, unlinked on
-  close.
+* Elsewhere: a socket file in ``<tempdir>/aiokvpipe-<uid>``, unlinked on
+  close. The directory must be a real directory (not a symlink) owned by
+  this user with no group or other access, or nothing is bound there: in a
+  shared temp dir another user could create that path first, and whoever
+  owns the directory can swap our sockets for theirs.
 
 A ring that fails (peer not bound yet or gone: ECONNREFUSED/ENOENT; queue
 full: EAGAIN, meaning a ring is already pending) is ignored. The receiver's
@@ -26,6 +29,7 @@ import contextlib
 import os
 import select
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -33,7 +37,16 @@ import time
 from .._timerfd import LoopTimer
 from ..errors import HandleError
 
-__all__ = ["CLOSED", "EXTRA", "RUNG", "TIMEOUT", "TIMER", "Doorbell", "doorbell_address"]
+__all__ = [
+    "CLOSED",
+    "EXTRA",
+    "RUNG",
+    "TIMEOUT",
+    "TIMER",
+    "Doorbell",
+    "check_private_dir",
+    "doorbell_address",
+]
 
 _ABSTRACT = sys.platform == "linux"
 _DRAIN_BYTES = 4096
@@ -41,8 +54,44 @@ _DRAIN_BYTES = 4096
 
 def _socket_dir() -> str:
     path = os.path.join(tempfile.gettempdir(), f"aiokvpipe-{os.getuid()}")
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    check_private_dir(path)
     return path
+
+
+def check_private_dir(path: str) -> None:
+    """Raise HandleError unless ``path`` is a directory only this user can use.
+
+    That is: not a symlink (``lstat``: whoever made the link chose where it
+    points), a directory, owned by our uid, no permission bits for group or
+    others (0700 or stricter). The temp dir is shared and sticky, so once it
+    passes nobody else can rename or replace it.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise HandleError(
+            f"doorbell directory {path!r} cannot be checked: {exc.strerror or exc}"
+        ) from exc
+    uid = os.getuid()
+    problems = []
+    if stat.S_ISLNK(st.st_mode):
+        problems.append("a symlink")
+    elif not stat.S_ISDIR(st.st_mode):
+        problems.append("not a directory")
+    else:
+        if st.st_uid != uid:
+            problems.append(f"owned by uid {st.st_uid}")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            problems.append(f"mode {stat.S_IMODE(st.st_mode):04o}")
+    if problems:
+        raise HandleError(
+            f"doorbell directory {path!r} is {' and '.join(problems)}: it must be a "
+            f"directory owned by uid {uid} with mode 0700, or other users could ring, "
+            "squat or replace the ring's doorbells; remove it (it is recreated) or "
+            "set TMPDIR to a private directory"
+        )
 
 
 def doorbell_address(ring_name: str, role: str, abstract: bool = _ABSTRACT) -> str | bytes:
