@@ -27,6 +27,7 @@ from aiokvpipe.errors import (
     PipeClosedError,
     RingEmptyError,
     RingUsageError,
+    RingViewError,
     SlowReaderError,
     TransferTimeout,
     WriterGoneError,
@@ -186,6 +187,54 @@ async def test_failed_blocks_do_not_publish_or_consume() -> None:
             async with reader.acquire_read() as buf:
                 raise RuntimeError("again")
         assert await reader.dequeue(timeout=1) == b"good", "a failed read hands the chunk out again"
+
+
+async def test_a_view_kept_past_acquire_read_is_refused_and_the_chunk_stays_unread() -> None:
+    async with ring_of(n_reader=1, chunk=64, chunks=2) as (writer, (reader,)):
+        await writer.enqueue(b"first")
+        await writer.enqueue(b"second")
+        with pytest.raises(RingViewError, match=r"reader 0.*not marked read") as info:
+            async with reader.acquire_read(timeout=1) as buf:
+                kept = buf[:5]  # a slice outlives the block
+        assert isinstance(info.value, BufferError) and isinstance(info.value, RingUsageError)
+        # Not marked read, so the writer cannot overwrite what the slice shows.
+        with pytest.raises(SlowReaderError):
+            await writer.enqueue(b"third", timeout=0.05)
+        assert bytes(kept) == b"first"
+        del kept
+        with pytest.raises(RingViewError):
+            async with reader.acquire_read(timeout=1) as buf:
+                arr = np.frombuffer(buf, dtype=np.uint8)  # an array of the chunk, too
+        assert arr.tobytes() == b"first"
+        del arr
+        async with reader.acquire_read(timeout=1) as buf:  # views gone: handed out again
+            assert bytes(buf) == b"first"
+        assert await reader.dequeue(timeout=1) == b"second"
+        await writer.enqueue(b"third", timeout=1)
+        assert await reader.dequeue(timeout=1) == b"third"
+
+
+async def test_a_view_kept_past_acquire_write_is_refused_and_nothing_is_published() -> None:
+    async with ring_of(n_reader=1, chunk=64, chunks=2) as (writer, (reader,)):
+        with pytest.raises(RingViewError, match=r"acquire_write.*not published"):
+            async with writer.acquire_write(timeout=1) as buf:
+                buf[:4] = b"half"
+                kept = buf.cast("B", (8, 8))  # a cast view outlives the block
+        with pytest.raises(TransferTimeout):
+            await reader.dequeue(timeout=0.02)
+        del kept
+        async with writer.acquire_write(timeout=1) as buf:  # the same chunk, to fill again
+            buf[:4] = b"full"
+        async with reader.acquire_read(timeout=1) as buf:
+            assert bytes(buf[:4]) == b"full"
+        # A block that raises keeps its own error, views or not (nothing is marked).
+        with pytest.raises(KeyError):
+            async with writer.acquire_write(timeout=1) as buf:
+                kept = buf[:1]
+                raise KeyError("mine")
+        del kept
+        await writer.enqueue(b"after", timeout=1)
+        assert await reader.dequeue(timeout=1) == b"after"
 
 
 async def test_roles_and_concurrent_use_are_checked() -> None:

@@ -15,14 +15,21 @@ sent: only attach to rings whose writer you trust to run code as you.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
+import pickle
 from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
 from ..backoff import Backoff
-from ..errors import AiokvpipeError, ConfigError, HandleError, RingEmptyError, RingUsageError
+from ..errors import (
+    AiokvpipeError,
+    ConfigError,
+    HandleError,
+    RingEmptyError,
+    RingUsageError,
+    RingViewError,
+)
 from . import codec
 from .endpoint import DESC_SIZE, RingEndpoint, deadline_after, unpack_desc
 from .fence import ORDERING_FENCE_NEEDED, fence
@@ -208,7 +215,9 @@ class ShmRingBufferIO(RingEndpoint):
 
         ``buf`` is a writable memoryview of ``max_chunk_bytes``; the chunk is
         published when the block exits normally and abandoned (not
-        published) when it raises. ``buf`` is released on exit.
+        published) when it raises. ``buf`` is released on exit; a view made
+        from it that outlives the block (slice, array) raises RingViewError
+        there instead of publishing.
         """
         return _WriteSlot(self, timeout)
 
@@ -328,7 +337,10 @@ class ShmRingBufferIO(RingEndpoint):
 
         ``buf`` is a read-only-by-convention view of the chunk's payload; the
         chunk is marked read when the block exits normally, and handed out
-        again by the next call when it raises. ``buf`` is released on exit.
+        again by the next call when it raises. ``buf`` is released on exit; a
+        view made from it that outlives the block (slice, array) raises
+        RingViewError there, and the chunk is not marked read (the writer
+        would overwrite what that view shows).
         """
         return _ReadSlot(self, timeout)
 
@@ -491,8 +503,9 @@ class ShmRingBufferIO(RingEndpoint):
 class _Slot:
     """One chunk held by an ``async with``: claimed on enter, released on exit."""
 
-    __slots__ = ("_idx", "_io", "_timeout", "_view")
+    __slots__ = ("_base", "_idx", "_io", "_timeout", "_view")
     _idx: int
+    _base: memoryview
     _view: memoryview
 
     def __init__(self, io: ShmRingBufferIO, timeout: float | None) -> None:
@@ -513,16 +526,60 @@ class _Slot:
         self._idx = idx
         return idx
 
+    def _lend(self, base: memoryview) -> memoryview:
+        """The caller's view of ``base`` (this slot's own view of the chunk).
+
+        Re-exported through a PickleBuffer, so the view, and every slice,
+        cast or array made from it, holds a buffer export of ``base``:
+        ``base.release()`` then fails while any of them lives. (A slice of a
+        plain memoryview shares its parent's buffer instead, and would
+        outlive the parent's release unseen.)
+        """
+        self._base = base
+        lender = pickle.PickleBuffer(base)
+        self._view = memoryview(lender)
+        lender.release()  # the view holds its own export of base
+        return self._view
+
     def _give(self, done: Callable[[int], None] | None) -> None:
-        """Release the view; ``done(idx)`` unless the block raised or the ring closed."""
+        """Release the views; ``done(idx)`` unless the block raised or the ring closed.
+
+        A view the caller kept (a slice, an array) would see the chunk
+        overwritten once it is published or marked read: then nothing is
+        marked and RingViewError says so. (``torch.frombuffer`` holds a plain
+        reference instead of a buffer export, which no release can see: copy
+        such a tensor before the block ends.)
+        """
         io = self._io
         try:
-            with contextlib.suppress(BufferError):  # the caller kept a slice of it
-                self._view.release()
-            if done is not None and not io._closed:
-                done(self._idx)
+            alive = False
+            for view in (self._view, self._base):
+                try:
+                    view.release()
+                except BufferError:
+                    alive = True
+                    break
+            if done is None or io._closed:
+                return
+            if alive:
+                raise self._view_error()
+            done(self._idx)
         finally:
             io._leave()
+
+    def _view_error(self) -> RingViewError:
+        io = self._io
+        if io.is_writer:
+            where, what = "acquire_write", "was not published (the next acquire_write hands it out"
+        else:
+            where = f"reader {io.reader_rank}'s acquire_read"
+            what = "was not marked read (the next acquire_read hands it out"
+        return RingViewError(
+            f"ring {io.buffer.name!r}: a view of the chunk (a slice, cast, array or "
+            f"tensor made from the buffer) is still alive after the {where} block, so the "
+            f"chunk {what} again); copy what you need inside the block, release or delete "
+            "those views, then acquire again"
+        )
 
 
 class _WriteSlot(_Slot):
@@ -531,8 +588,7 @@ class _WriteSlot(_Slot):
     async def __aenter__(self) -> memoryview:
         io = self._io
         idx = await self._take(True, io._try_claim)
-        self._view = io._chunks[idx][:]
-        return self._view
+        return self._lend(io._chunks[idx][:])
 
     async def __aexit__(
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -553,8 +609,7 @@ class _ReadSlot(_Slot):
         except BaseException:
             io._leave()
             raise
-        self._view = io._chunks[idx][: min(io._cap, total - offset)]
-        return self._view
+        return self._lend(io._chunks[idx][: min(io._cap, total - offset)])
 
     async def __aexit__(
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
