@@ -1,0 +1,255 @@
+"""Regions, block id lists, leases and the block protocol's parser, on their own."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+import torch
+
+from aiokvpipe.blocks import protocol
+from aiokvpipe.blocks.lease import LeaseTable
+from aiokvpipe.blocks.region import RegionTable
+from aiokvpipe.blocks.runs import as_ids, coalesce
+from aiokvpipe.blocks.sgio import Segments
+from aiokvpipe.errors import (
+    BadMagicError,
+    BlockIdError,
+    BlockShapeError,
+    ConfigError,
+    LeaseCancelledError,
+    LeaseCompletedError,
+    LeaseError,
+    LeaseExpiredError,
+    LeaseNotGrantedError,
+    MalformedFrameError,
+    RegionError,
+    TransferTimeout,
+    UnknownRegionError,
+)
+
+
+def vllm_layers(layers: int = 2, blocks: int = 10) -> list[torch.Tensor]:
+    """vLLM's CPU layout, with contents that say where each element sits."""
+    numel = 2 * blocks * 4 * 2 * 8
+    return [
+        torch.arange(numel, dtype=torch.int32).view(2, blocks, 4, 2, 8) + 1_000_000 * layer
+        for layer in range(layers)
+    ]
+
+
+# ------------------------------------------------------------------ register
+
+
+def test_register_checks_every_tensor() -> None:
+    table = RegionTable()
+    layers = vllm_layers()
+    table.register("kv", layers, block_dim=1)
+    with pytest.raises(RegionError, match="already registered"):
+        table.register("kv", layers, block_dim=1)
+    with pytest.raises(RegionError, match=r"different numbers of blocks on dim 1: \[10, 9\]"):
+        table.register("odd", [layers[0], torch.zeros(2, 9, 4, 2, 8)], block_dim=1)
+    with pytest.raises(RegionError, match="tensor 0 is not contiguous"):
+        table.register("strided", layers[0].transpose(0, 1), block_dim=1)
+    with pytest.raises(RegionError, match="only CPU memory"):
+        table.register("meta", torch.empty(2, 10, 4, device="meta"), block_dim=1)
+    with pytest.raises(RegionError, match="only dense tensors"):
+        table.register("sparse", torch.eye(4).to_sparse(), block_dim=0)
+    with pytest.raises(RegionError, match="block_dim=5 is not one of its dims"):
+        table.register("dim", layers, block_dim=5)
+    with pytest.raises(RegionError, match=r"not a torch\.Tensor"):
+        table.register("list", [[1, 2]], block_dim=0)
+    with pytest.raises(RegionError, match="no tensors"):
+        table.register("empty", [], block_dim=0)
+    with pytest.raises(UnknownRegionError, match="'nope'"):
+        table.get("nope")
+    assert "kv" in table and "odd" not in table  # a refused register leaves nothing behind
+
+
+def test_dtypes_and_block_shapes_may_differ_between_tensors() -> None:
+    region = RegionTable().register(
+        "mixed", [torch.zeros(2, 6, 4, 8, dtype=torch.bfloat16), torch.zeros(1, 6, 3)], 1
+    )
+    assert region.num_blocks == 6
+    assert region.nbytes(2, [0, 1]) == 2 * (2 * 4 * 8 * 2 + 3 * 4)
+
+
+def test_a_run_of_adjacent_blocks_is_one_segment_per_outer_index() -> None:
+    region = RegionTable().register("kv", vllm_layers(), block_dim=1)
+    ids = [3, 4, 5, 9, 0]
+    segs = region.segments(ids, [0, 1])
+    # per layer: K and V, each with runs (3..5), (9), (0)
+    assert len(segs) == 2 * 2 * 3
+    stream = torch.frombuffer(bytearray(b"".join(segs)), dtype=torch.int32)
+    expected = torch.cat([layer[kv, ids].reshape(-1) for layer in vllm_layers() for kv in range(2)])
+    assert torch.equal(stream, expected)
+    assert sum(len(s) for s in segs) == region.nbytes(len(ids), [0, 1])
+
+
+def test_block_ids_are_validated_with_the_argument_named() -> None:
+    region = RegionTable().register("kv", vllm_layers(), block_dim=1)
+    with pytest.raises(BlockIdError) as info:
+        region.check_blocks("local_blocks", [1, 10, 12, -1])
+    assert info.value.argument == "local_blocks" and info.value.values == (-1, 10, 12)
+    assert "valid: 0..9" in str(info.value)
+    with pytest.raises(BlockIdError, match="block id 2 appears more than once") as info:
+        region.check_blocks("blocks", [2, 3, 2])
+    assert info.value.values == (2,)
+    with pytest.raises(BlockIdError, match="layer 2 out of range") as info:
+        region.check_layers("layers", [0, 2])
+    assert info.value.argument == "layers"
+    with pytest.raises(BlockIdError, match="empty list of layers"):
+        region.check_layers("layers", [])
+    with pytest.raises(BlockIdError, match="not an integer"):
+        as_ids("blocks", [1, True])
+    with pytest.raises(BlockIdError, match="not an integer"):
+        as_ids("blocks", [1.0])
+    with pytest.raises(BlockIdError, match="sequence of block ids"):
+        as_ids("blocks", 3)
+    assert as_ids("blocks", torch.tensor([4, 5])) == (4, 5)
+    assert as_ids("blocks", range(2)) == (0, 1)
+
+
+def test_layouts_must_match_between_sides() -> None:
+    mine = RegionTable().register("kv", vllm_layers(), block_dim=1)
+    theirs = RegionTable().register("kv", [t.to(torch.int16) for t in vllm_layers()], block_dim=1)
+    mine.check_layouts([0, 1], [mine.layout(0), mine.layout(1)])
+    with pytest.raises(BlockShapeError, match=r"int32\[2, N, 4, 2, 8\].*int16\[2, N, 4, 2, 8\]"):
+        mine.check_layouts([1], [theirs.layout(1)])
+
+
+def test_coalesce_merges_only_ascending_neighbours() -> None:
+    assert coalesce([3, 4, 5, 9, 2, 3, 1]) == [(3, 3), (9, 1), (2, 2), (1, 1)]
+    assert coalesce([]) == []
+    assert coalesce([5, 4]) == [(5, 1), (4, 1)]
+
+
+def test_redirected_segments_stop_touching_the_views() -> None:
+    target = bytearray(10)
+    segs = Segments([memoryview(target)[:4], memoryview(target)[6:]], receive=True)
+    segs.advance(3)
+    segs.redirect()
+    assert segs.remaining == 5
+    for view in segs.batch():
+        view[:] = b"\xff" * len(view)
+    assert target == bytearray(10)
+
+
+# ------------------------------------------------------------------ leases
+
+
+async def test_lease_completes_when_every_layer_of_every_block_landed() -> None:
+    table = LeaseTable()
+    lease = table.grant("write", "r", "kv", (1, 2), (0, 1), ttl=5)
+    lease.mark([1, 2], [0])
+    assert not lease.ended and lease.remaining == 2
+    lease.mark([1, 2], [1])
+    await lease.wait()
+    assert lease.completed
+    with pytest.raises(LeaseCompletedError, match="already completed"):
+        table.find("write", "r", "kv")
+
+
+async def test_lease_expires_at_ttl_and_refuses_later_requests() -> None:
+    table = LeaseTable()
+    lease = table.grant("read", "r", "kv", (1,), (0,), ttl=0.05)
+    with pytest.raises(LeaseExpiredError, match=r"expired after ttl=0.05s with 0 of 1") as info:
+        await lease.wait()
+    assert isinstance(info.value, TransferTimeout)
+    with pytest.raises(LeaseExpiredError):
+        table.find("read", "r", "kv")
+
+
+async def test_cancelled_lease_redirects_its_transfers_and_refuses_access() -> None:
+    table = LeaseTable()
+    lease = table.grant("write", "r", "kv", (1,), (0,), ttl=5)
+    target = bytearray(8)
+    segs = Segments([memoryview(target)], receive=True)
+    lease.attach(segs)
+    lease.cancel()
+    assert segs.redirected
+    lease.mark([1], [0])  # a transfer that finishes after the end counts for nothing
+    with pytest.raises(LeaseCancelledError):
+        await lease.wait()
+    with pytest.raises(LeaseCancelledError):
+        table.find("write", "r", "kv")
+
+
+async def test_lease_access_is_only_what_it_grants() -> None:
+    table = LeaseTable()
+    lease = table.grant("read", "r", "kv", (1, 2), (0,), ttl=5)
+    with pytest.raises(LeaseNotGrantedError, match="does not grant blocks 3"):
+        lease.check("read", [1, 3], [0])
+    with pytest.raises(LeaseNotGrantedError, match="does not grant layers 1"):
+        lease.check("read", [1], [1])
+    with pytest.raises(LeaseNotGrantedError, match="granted read, not write"):
+        table.find("write", "r", "kv")
+    with pytest.raises(LeaseNotGrantedError, match="no read lease for request 'x'"):
+        table.find("read", "x", "kv")
+    with pytest.raises(LeaseError, match="already holds a live read lease"):
+        table.grant("read", "r", "kv", (5,), (0,), ttl=5)
+    with pytest.raises(ConfigError, match="ttl"):
+        table.grant("read", "s", "kv", (5,), (0,), ttl=0)
+    lease.cancel()
+
+
+# ------------------------------------------------------------------ protocol
+
+
+async def _parse(raw: bytes) -> protocol.Message | None:
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)
+        b.sendall(raw)
+        b.shutdown(socket.SHUT_WR)
+        return await protocol.read_message(a, "test", eof_ok=True)
+
+
+async def test_protocol_round_trip_and_rejects_malformed_messages() -> None:
+    region = RegionTable().register("kv", vllm_layers(), block_dim=1)
+    body, ids = protocol.request("read", "req", "kv", [1], [region.layout(1)], 640, [7, 3])
+    message = await _parse(protocol.encode(protocol.Kind.REQUEST, body, ids))
+    assert message is not None
+    request = protocol.parse_request(message, "test")
+    assert request.blocks == (7, 3) and request.layouts == (region.layout(1),)
+    assert await _parse(b"") is None  # EOF at a boundary is not an error
+
+    header = struct.Struct("<4sBBHII")
+    bad = {
+        "magic": header.pack(b"XXXX", 1, 1, 0, 2, 0) + b"{}",
+        "kind": header.pack(b"AKVB", 1, 9, 0, 2, 0) + b"{}",
+        "json size": header.pack(b"AKVB", 1, 1, 0, protocol.MAX_JSON + 1, 0),
+        "ids in a reply": header.pack(b"AKVB", 1, 2, 0, 2, 1) + b"{}" + bytes(4),
+        "not json": header.pack(b"AKVB", 1, 1, 0, 2, 0) + b"{x",
+        "not an object": header.pack(b"AKVB", 1, 1, 0, 2, 0) + b"[]",
+    }
+    for name, raw in bad.items():
+        with pytest.raises((BadMagicError, MalformedFrameError)):
+            await _parse(raw)
+            pytest.fail(name)
+    fields = [
+        {**body, "op": "delete"},
+        {**body, "nbytes": -1},
+        {**body, "nbytes": True},
+        {**body, "request_id": ""},
+        {**body, "region": 3},
+        {**body, "layers": [0, "1"]},
+        {**body, "layouts": [[99, [2], [4]]]},
+        {**body, "layouts": [[8, [2], [True]]]},
+        {**body, "layouts": []},
+    ]
+    for broken in fields:
+        message = await _parse(protocol.encode(protocol.Kind.REQUEST, broken, ids))
+        assert message is not None
+        with pytest.raises(MalformedFrameError):
+            protocol.parse_request(message, "test")
+
+
+def test_only_known_errors_travel() -> None:
+    exc = BlockIdError("remote_blocks", [40], "block id 40 out of range")
+    rebuilt = protocol.remote_error(protocol.error_body(exc), "owner x")
+    assert isinstance(rebuilt, BlockIdError) and rebuilt.values == (40,)
+    assert rebuilt.argument == "remote_blocks" and str(rebuilt).startswith("owner x: ")
+    forged = protocol.remote_error({"error": "SystemExit", "message": "bye"}, "owner x")
+    assert isinstance(forged, MalformedFrameError)
