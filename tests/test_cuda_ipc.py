@@ -218,7 +218,8 @@ async def test_out_of_range_descriptor_is_refused() -> None:
 
 async def test_both_ends_must_agree_on_in_process() -> None:
     send_link, recv_link = link_pair(PipeConfig(rank=0, connect_timeout=5.0))
-    recv_link = dataclasses.replace(recv_link, peer=dataclasses.replace(recv_link.peer, pid=1))
+    other = dataclasses.replace(recv_link.peer, pid=1, process_id="another process")
+    recv_link = dataclasses.replace(recv_link, peer=other)
     device = FakeDevice()
     sender = CudaIpcSendChannel.open(send_link, memory=InProcessMemory(), ops=FakeOps(device))
     receiver = CudaIpcRecvChannel.open(recv_link, memory=InProcessMemory(), ops=FakeOps(device))

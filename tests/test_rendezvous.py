@@ -27,6 +27,9 @@ from aiokvpipe import (
 )
 from aiokvpipe.handshake import authenticate_connector, recv_message, send_message
 from aiokvpipe.pipe import Pipe
+from aiokvpipe.transport.base import PeerInfo
+
+TOKEN = "a-token-of-at-least-16-bytes"
 
 # --------------------------------------------------------------------- helpers
 
@@ -110,8 +113,10 @@ async def check_ring(pipes: list[Pipe]) -> None:
 
 @pytest.mark.timeout(15)
 async def test_matching_tokens_work_str_or_bytes() -> None:
-    cfgs = configs(3, token="s3cr\u00e9t")
-    cfgs[2] = cfgs[2].with_changes(token="s3cr\u00e9t".encode())  # same bytes, other type
+    cfgs = configs(3, token="s3cr\u00e9t-s3cr\u00e9t-s3cr\u00e9t")
+    cfgs[2] = cfgs[2].with_changes(
+        token="s3cr\u00e9t-s3cr\u00e9t-s3cr\u00e9t".encode()
+    )  # other type
     pipes = await connect_all(cfgs)
     try:
         await check_ring(pipes)
@@ -121,9 +126,9 @@ async def test_matching_tokens_work_str_or_bytes() -> None:
 
 TOKEN_MISMATCHES = [
     # (rank 0's token, rank 1's token, what rank 1 is told)
-    ("alpha", "beta", "rejected our token"),
-    ("alpha", None, "requires a token and none is configured"),
-    (None, "beta", "rejected our token"),
+    ("alpha-alpha-alpha-alpha", "beta-beta-beta-beta", "rejected our token"),
+    ("alpha-alpha-alpha-alpha", None, "requires a token and none is configured"),
+    (None, "beta-beta-beta-beta", "rejected our token"),
 ]
 
 
@@ -167,7 +172,8 @@ async def impostor(host: str, port: int, token: bytes) -> None:
     """Knows the token but is not the expected predecessor."""
     async with stranger(host, port) as sock:
         await authenticate_connector(sock, token, "impostor")
-        await send_message(sock, {"rank": 5, "pid": os.getpid()}, "impostor")
+        me = PeerInfo(5, host, 1, "h", os.getpid(), "cpu", "auto", instance="forged")
+        await send_message(sock, {"purpose": "ring", "peer": dataclasses.asdict(me)}, "impostor")
         reply = await recv_message(sock, "impostor")
         assert reply["ok"] is False and "expected rank 1" in reply["error"]
 
@@ -178,7 +184,7 @@ async def test_strangers_cannot_stop_the_legit_pipe() -> None:
     token, garbage, instant hang-up, silence) and queue up on its data
     listener ahead of rank 1 (silence first, a wrong token, an impostor that
     knows the token). They are refused; ranks 0 and 1 still form their pipe."""
-    token = b"the real one"
+    token = b"the real one, 16+ bytes"
     cfg0, cfg1 = configs(token=token)
     host = cfg0.host
     rank0 = asyncio.ensure_future(Pipe.connect(cfg0))
@@ -350,6 +356,9 @@ BAD_FIELDS: list[tuple[str, Any]] = [
     ("token", ""),
     ("token", b""),
     ("token", 123),
+    ("token", "fifteen bytes!!"),  # shorter than MIN_TOKEN_BYTES
+    ("handshake_timeout", 0),
+    ("insecure", 1),
 ]
 
 
@@ -378,17 +387,19 @@ def test_pipe_config_accepts_good_values_and_is_frozen() -> None:
         {"op_timeout": 0.001},
         {"port": 0},
         {"port": 65535},
-        {"token": "t"},
-        {"token": b"\x00"},
+        {"token": "t" * 16},
+        {"token": b"\x00" * 16},
         {"transport": "shm"},
-        {"bind_host": "0.0.0.0"},
+        {"bind_host": "0.0.0.0", "insecure": True},
+        {"bind_host": "0.0.0.0", "token": "t" * 16},
+        {"host": "::1", "bind_host": "127.0.0.9"},
         {"connect_timeout": 1},
     ):
         PipeConfig(rank=0, **good)
     assert (
-        PipeConfig(rank=0, token="t").token_bytes
-        == b"t"
-        == PipeConfig(rank=0, token=b"t").token_bytes
+        PipeConfig(rank=0, token="t" * 16).token_bytes
+        == b"t" * 16
+        == PipeConfig(rank=0, token=b"t" * 16).token_bytes
     )
     assert PipeConfig(rank=0).token_bytes is None
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -409,18 +420,18 @@ def test_from_kv_transfer_config_maps_vllm_fields() -> None:
         "kv_buffer_size": 1e9,
         "kv_buffer_device": "cpu",
     }
-    cfg = PipeConfig.from_kv_transfer_config(vllm)
+    cfg = PipeConfig.from_kv_transfer_config(vllm, token=TOKEN)
     assert (cfg.rank, cfg.world_size, cfg.host, cfg.port) == (1, 2, "10.0.0.7", 14579)
     assert cfg.buffer_bytes == 10**9 and type(cfg.buffer_bytes) is int
     assert cfg.device == "cpu"
-    as_object = PipeConfig.from_kv_transfer_config(SimpleNamespace(**vllm))
+    as_object = PipeConfig.from_kv_transfer_config(SimpleNamespace(**vllm), token=TOKEN)
     assert as_object == cfg
     # missing / None fields fall back to the defaults; overrides win
-    minimal = PipeConfig.from_kv_transfer_config({"kv_rank": 0, "kv_ip": None}, port=1, token="t")
+    minimal = PipeConfig.from_kv_transfer_config({"kv_rank": 0, "kv_ip": None}, port=1, token=TOKEN)
     assert (minimal.host, minimal.port, minimal.token, minimal.world_size) == (
         "127.0.0.1",
         1,
-        "t",
+        TOKEN,
         2,
     )
     assert PipeConfig.from_kv_transfer_config({}, rank=0).rank == 0

@@ -9,10 +9,21 @@ from __future__ import annotations
 from importlib import import_module
 
 from ..errors import ConfigError
-from .base import Link, OutgoingMessage, PeerInfo, RecvChannel, SendChannel, Transport
+from .base import (
+    PROCESS_ID,
+    Link,
+    LinkConfig,
+    OutgoingMessage,
+    PeerInfo,
+    RecvChannel,
+    SendChannel,
+    Transport,
+)
 
 __all__ = [
+    "PROCESS_ID",
     "Link",
+    "LinkConfig",
     "OutgoingMessage",
     "PeerInfo",
     "RecvChannel",
@@ -51,7 +62,7 @@ def choose_transport(sender: PeerInfo, receiver: PeerInfo) -> str:
     if sender.transport != receiver.transport:
         raise ConfigError(
             "transport",
-            f"rank {sender.rank} asks for {sender.transport!r} but rank {receiver.rank} "
+            f"{sender.label} asks for {sender.transport!r} but {receiver.label} "
             f"asks for {receiver.transport!r}; both ends of a link must agree",
         )
     same_host = sender.host_id == receiver.host_id
@@ -66,19 +77,19 @@ def choose_transport(sender: PeerInfo, receiver: PeerInfo) -> str:
     if wanted in ("shm", "cuda_ipc") and not same_host:
         raise ConfigError(
             "transport",
-            f"{wanted!r} needs both ranks on one host, but ranks {sender.rank} and "
-            f"{receiver.rank} are on different hosts",
+            f"{wanted!r} needs both ranks on one host, but {sender.label} and "
+            f"{receiver.label} are on different hosts",
         )
     if wanted == "shm" and not both_cpu:
         raise ConfigError(
             "transport",
-            f"'shm' moves CPU tensors: both ranks need device='cpu' (rank {sender.rank}: "
-            f"{sender.device}, rank {receiver.rank}: {receiver.device}); on GPUs use 'cuda_ipc'",
+            f"'shm' moves CPU tensors: both ranks need device='cpu' ({sender.label}: "
+            f"{sender.device}, {receiver.label}: {receiver.device}); on GPUs use 'cuda_ipc'",
         )
     if wanted in ("nccl", "cuda_ipc") and not both_cuda:
         raise ConfigError(
             "transport",
             f"{wanted!r} moves GPU tensors: both ranks need device='cuda[:N]' "
-            f"(rank {sender.rank}: {sender.device}, rank {receiver.rank}: {receiver.device})",
+            f"({sender.label}: {sender.device}, {receiver.label}: {receiver.device})",
         )
     return wanted

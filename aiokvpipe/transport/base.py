@@ -16,22 +16,57 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import secrets
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal, Protocol
 
 import torch
 
 from ..errors import PeerClosedError, PipeClosedError, ProtocolError
 from ..wire import FrameHeader
 
-if TYPE_CHECKING:
-    from ..config import PipeConfig
+#: A random id of this process, fresh per interpreter. Pids do not tell
+#: processes apart: two containers of one pod share the boot id and the
+#: namespaces and are both pid 1. Carried in every hello as
+#: ``PeerInfo.process_id``.
+PROCESS_ID = secrets.token_hex(16)
+
+
+class LinkConfig(Protocol):
+    """What a transport reads from its link's configuration.
+
+    Both :class:`~aiokvpipe.config.PipeConfig` and
+    :class:`~aiokvpipe.config.EndpointConfig` have this shape, so every
+    transport serves a ring of ranks and named endpoints unchanged.
+    """
+
+    @property
+    def device(self) -> str: ...
+    @property
+    def buffer_bytes(self) -> int: ...
+    @property
+    def max_frame_bytes(self) -> int: ...
+    @property
+    def anticipate(self) -> bool: ...
+    @property
+    def connect_timeout(self) -> float: ...
+    @property
+    def op_timeout(self) -> float | None: ...
+    @property
+    def close_timeout(self) -> float: ...
 
 
 @dataclass(frozen=True)
 class PeerInfo:
-    """What a rank tells the others about itself during rendezvous."""
+    """What one end tells the other about itself in its hello.
+
+    ``rank`` is the ring position of a Pipe's rank (-1 for an Endpoint);
+    ``name`` labels it in messages (``"rank 3"``, ``"prefill-0"``);
+    ``address``/``port`` are where its listener accepts; ``instance`` is
+    fresh per started Pipe/Endpoint (a restart on the same address is a new
+    instance); ``process_id`` is :data:`PROCESS_ID` of its process.
+    """
 
     rank: int
     address: str
@@ -40,13 +75,27 @@ class PeerInfo:
     pid: int
     device: str
     transport: str
+    name: str = ""
+    instance: str = ""
+    process_id: str = PROCESS_ID
+
+    @property
+    def label(self) -> str:
+        """How messages name this end."""
+        return self.name or f"rank {self.rank}"
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` of its listener (``[v6]:port`` for IPv6)."""
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
 
 
 @dataclass
 class Link:
-    """One direction of the ring, as seen from one of its ends."""
+    """One direction between two ends (a ring's ranks or two endpoints)."""
 
-    config: PipeConfig
+    config: LinkConfig
     sock: socket.socket
     role: Literal["send", "recv"]
     local: PeerInfo
@@ -55,7 +104,7 @@ class Link:
     @property
     def describe(self) -> str:
         arrow = "->" if self.role == "send" else "<-"
-        return f"rank {self.local.rank} {arrow} rank {self.peer.rank}"
+        return f"{self.local.label} {arrow} {self.peer.label}"
 
 
 @dataclass

@@ -223,7 +223,9 @@ class Mappings:
 
 
 def _in_process(link: Link) -> bool:
-    return link.peer.host_id == link.local.host_id and link.peer.pid == link.local.pid
+    # A random per-process id, not the pid: two containers of one pod share
+    # boot id and namespaces and can both be pid 1.
+    return link.peer.process_id == link.local.process_id
 
 
 def _control(link: Link) -> ControlSocket:

@@ -1,0 +1,120 @@
+"""Sockets of the link layer: who we are, listening, connecting with retry.
+
+Every socket is a plain non-blocking socket driven through ``loop.sock_*``
+calls (supported by asyncio and uvloop alike), then handed to a transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+from .._timeouts import deadline
+from ..errors import ConfigError, PeerClosedError, TransferTimeout
+
+T = TypeVar("T")
+
+_CONNECT_RETRY = 0.05
+
+
+def host_identity() -> str:
+    """An identity shared by exactly the processes that can share memory.
+
+    Compares kernel boot id and the IPC/net namespaces rather than IP
+    strings: two containers on one machine with separate /dev/shm differ,
+    and one host reached through two addresses does not.
+    """
+    parts = []
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            parts.append(fh.read().strip())
+    except OSError:
+        parts.append(socket.gethostname())
+    for ns in ("ipc", "net"):
+        try:
+            parts.append(os.readlink(f"/proc/self/ns/{ns}"))
+        except OSError:
+            pass
+    try:
+        st = os.stat("/dev/shm")
+        parts.append(f"shm:{st.st_dev}:{st.st_ino}")
+    except OSError:
+        pass
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A non-blocking listener bound to exactly ``host`` (never a wildcard
+    unless ``host`` is one)."""
+    sock = socket.socket(family(host), socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError("host", f"cannot listen on {host}:{port}: {exc}") from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def tune_data_socket(sock: socket.socket) -> None:
+    """Low latency for small frames; the kernel autotunes buffers for big ones."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def connect_with_retry(host: str, port: int, until: float, what: str) -> socket.socket:
+    """Connect, retrying refused attempts until ``until`` (the peer may not
+    listen yet). Raises TransferTimeout when nobody accepted in time, and
+    PeerClosedError for an address that cannot be reached at all."""
+    loop = asyncio.get_running_loop()
+    while True:
+        sock = socket.socket(family(host), socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await within(until, what, loop.sock_connect(sock, (host, port)))
+            tune_data_socket(sock)
+            return sock
+        except (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError) as exc:
+            sock.close()
+            if time.monotonic() + _CONNECT_RETRY >= until:
+                raise TransferTimeout(f"{what}: nobody accepted at {host}:{port} in time") from exc
+            await asyncio.sleep(_CONNECT_RETRY)
+        except TransferTimeout as exc:
+            sock.close()
+            raise TransferTimeout(f"{what}: no answer from {host}:{port} in time") from exc
+        except OSError as exc:
+            sock.close()
+            raise PeerClosedError(f"{what}: cannot connect to {host}:{port}: {exc}") from exc
+        except BaseException:
+            sock.close()
+            raise
+
+
+@contextlib.asynccontextmanager
+async def closing_on_error(sock: socket.socket) -> AsyncIterator[socket.socket]:
+    try:
+        yield sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def within(until: float, what: str, aw: Awaitable[T]) -> T:
+    """Await ``aw`` until the monotonic time ``until`` (TransferTimeout naming ``what``)."""
+    async with deadline(max(until - time.monotonic(), 1e-3), lambda: what):
+        return await aw
