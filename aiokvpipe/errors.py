@@ -94,7 +94,10 @@ class FrameTooLargeError(ProtocolError):
         self.nbytes = nbytes
         self.limit = limit
         prefix = f"{where}: " if where else ""
-        super().__init__(f"{prefix}frame of {nbytes} payload bytes exceeds max_frame_bytes={limit}")
+        super().__init__(
+            f"{prefix}frame of {nbytes} payload bytes exceeds max_frame_bytes={limit} "
+            "(by default buffer_bytes + 256 MiB; set max_frame_bytes on both ends to allow more)"
+        )
 
 
 class UnsupportedTensorError(ProtocolError, TypeError):
