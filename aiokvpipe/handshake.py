@@ -26,6 +26,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import socket
 import struct
@@ -86,13 +87,68 @@ async def recv_message(sock: socket.socket, what: str) -> dict[str, Any]:
         raise ProtocolError(
             f"{what}: control message of {length} bytes exceeds {MAX_CONTROL_MESSAGE}"
         )
+    return parse_control_message(await recv_exactly(sock, length, what), what)
+
+
+def parse_control_message(body: bytes, what: str) -> dict[str, Any]:
+    """Decode one control message; anything but a plain JSON object is a ProtocolError.
+
+    A peer that proved the token may still be hostile or broken, and ``json``
+    raises more than JSONDecodeError on such input: RecursionError for deep
+    nesting, ValueError past the int digit limit. Some input parses but
+    breaks whoever trusts it later, so it is refused here too: NaN and
+    infinities (``int(inf)`` raises OverflowError), lone surrogates (``.encode()``
+    raises) and duplicate keys (parsers disagree on which one wins).
+    """
     try:
-        payload = json.loads(await recv_exactly(sock, length, what))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"{what}: control message is not valid JSON") from exc
-    if not isinstance(payload, dict):
-        raise ProtocolError(f"{what}: control message is not an object")
+        payload = json.loads(
+            body,
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
+        )
+        if not isinstance(payload, dict):
+            raise ProtocolError(f"{what}: control message is not an object")
+        _check_strings(payload)
+    except (ValueError, RecursionError, OverflowError) as exc:
+        # ValueError covers JSONDecodeError and UnicodeDecodeError too.
+        raise ProtocolError(
+            f"{what}: control message is not valid JSON ({type(exc).__name__}: {str(exc)[:80]})"
+        ) from exc
     return payload
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]}... is out of range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate keys in an object")
+    return result
+
+
+def _check_strings(payload: dict[str, Any]) -> None:
+    """Every key and string encodes as UTF-8 (no lone surrogates); iterative,
+    so a message nested as deep as json allows cannot overflow the stack."""
+    stack: list[Any] = [payload]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            item.encode()  # UnicodeEncodeError (a ValueError) for a lone surrogate
 
 
 # --------------------------------------------------------------------- handshake
