@@ -40,11 +40,15 @@ BLOCK_SHAPE = (4, 2, 8)
 
 
 def make_layers(
-    seed: int, layers: int, blocks: int, dtype: torch.dtype = torch.bfloat16
+    seed: int,
+    layers: int,
+    blocks: int,
+    dtype: torch.dtype = torch.bfloat16,
+    block_shape: tuple[int, ...] = BLOCK_SHAPE,
 ) -> list[torch.Tensor]:
     """Deterministic contents: any process can rebuild what another registered."""
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn((2, blocks, *BLOCK_SHAPE), generator=gen).to(dtype) for _ in range(layers)]
+    return [torch.randn((2, blocks, *block_shape), generator=gen).to(dtype) for _ in range(layers)]
 
 
 class BlockNode:
@@ -150,7 +154,8 @@ async def _peer(conn: Connection) -> None:
         kind = cmd["cmd"]
         svc = node.service
         if kind == "register":
-            tensors = make_layers(cmd["seed"], cmd["layers"], cmd["blocks"])
+            shape = tuple(cmd.get("block_shape", BLOCK_SHAPE))
+            tensors = make_layers(cmd["seed"], cmd["layers"], cmd["blocks"], block_shape=shape)
             svc.register(cmd["name"], tensors, block_dim=1)
             return None
         if kind in ("expose", "expect"):
@@ -279,3 +284,79 @@ class PeerClient:
         reply = await self.call(cmd, **args)
         assert "error" not in reply, reply
         return reply["ok"]
+
+
+# ------------------------------------------------------------------ scripted peers
+
+
+def raw_reader_main(conn: Connection, owner: str, request_id: str, name: str, blocks: int) -> None:
+    """A reader that asks for ``blocks`` blocks of a ``uint8[2, N, 32768]`` region,
+    takes a few payload bytes, says "mid-read" and stops reading (the test kills it)."""
+    from aiokvpipe.blocks import protocol
+    from aiokvpipe.blocks.region import TensorLayout
+
+    async def main() -> None:
+        node_sock, _ = await _dial_raw(owner)
+        layout = TensorLayout(torch.uint8, (2,), (32768,))
+        ids = list(range(blocks))
+        body, _ = protocol.request("read", request_id, name, [0], [layout], 2 * 32768 * blocks, ids)
+        await protocol.send_message(node_sock, protocol.Kind.REQUEST, body, "raw", ids)
+        reply = await protocol.expect_message(node_sock, protocol.Kind.REPLY, "raw")
+        assert reply.body.get("ok") is True, reply.body
+        await asyncio.get_running_loop().sock_recv(node_sock, 1000)
+        conn.send("mid-read")
+        await asyncio.sleep(60)  # nothing reads the socket any more
+
+    from aiokvpipe.bench.procs import run_loop
+
+    run_loop("asyncio", main)
+
+
+async def _dial_raw(address: str) -> tuple[socket.socket, str]:
+    sock = socket.socket()
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    host, port = address.rsplit(":", 1)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    await authenticate_connector(sock, TOKEN, "raw dial")
+    await send_message(sock, {"peer": "raw-reader"}, "raw dial")
+    return sock, address
+
+
+def raw_owner_main(conn: Connection) -> None:
+    """An owner that answers one read with the right size, sends half the payload,
+    says "mid-read" and stops (the test kills it)."""
+    from aiokvpipe.blocks import protocol
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        listener.setblocking(False)
+        host, port = listener.getsockname()
+        conn.send(f"{host}:{port}")
+        sock, _ = await loop.sock_accept(listener)
+        sock.setblocking(False)
+        await authenticate_acceptor(sock, TOKEN, "raw owner")
+        await recv_message(sock, "raw owner")
+        message = await protocol.read_message(sock, "raw owner")
+        assert message is not None
+        request = protocol.parse_request(message, "raw owner")
+        await protocol.send_message(
+            sock, protocol.Kind.REPLY, protocol.reply_ok(request.nbytes), "raw owner"
+        )
+        await loop.sock_sendall(sock, b"\xab" * (request.nbytes // 2))
+        conn.send("mid-read")
+        await asyncio.sleep(60)
+
+    from aiokvpipe.bench.procs import run_loop
+
+    run_loop("asyncio", main)
+
+
+async def message_from(conn: Connection) -> Any:
+    """``conn.recv()`` without blocking the loop."""
+    while not conn.poll():
+        await _readable(conn.fileno())
+    return conn.recv()
