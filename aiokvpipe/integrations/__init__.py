@@ -1,0 +1,2 @@
+"""Adapters that plug aiokvpipe into serving engines (each imports its engine
+only when used; nothing below this package imports any of them)."""
