@@ -1,0 +1,169 @@
+"""A hostile peer, fuzzed with seeded random frames, never writes outside its granted blocks.
+
+The peer passes the token handshake (it is authenticated, just malicious or
+broken) and then sends mutated block requests, payloads of the wrong size,
+garbage trailers and truncated frames, pipelined without waiting for
+answers. After every session the owner's memory outside the granted blocks
+must be exactly what it was; a request whose byte claim is off must be cut
+off before any payload byte lands anywhere; and the owner must still serve
+an honest peer afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import socket
+import struct
+from typing import Any
+
+import pytest
+import torch
+from blocks_net import TOKEN, BlockNode, make_layers
+
+from aiokvpipe.blocks import protocol
+from aiokvpipe.blocks.protocol import Kind
+from aiokvpipe.handshake import authenticate_connector, send_message
+
+GRANTED = [3, 4, 9]
+LAYERS = 2
+BLOCKS = 16
+SESSIONS = 120
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality: random payloads land NaNs in the granted blocks."""
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+async def session(address: str, frames: list[bytes]) -> None:
+    """Send ``frames`` back to back on one authenticated connection, then drain to EOF."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    try:
+        host, port = address.rsplit(":", 1)
+        await loop.sock_connect(sock, (host, int(port)))
+        await authenticate_connector(sock, TOKEN, "hostile")
+        await send_message(sock, {"peer": "hostile"}, "hostile")
+        with contextlib.suppress(OSError):
+            for frame in frames:
+                await loop.sock_sendall(sock, frame)
+            sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            async with asyncio.timeout(5):
+                while await loop.sock_recv(sock, 1 << 16):
+                    pass
+    finally:
+        sock.close()
+
+
+def frames_for(
+    rng: random.Random, rid: str, layouts: list[Any], block_bytes: int
+) -> tuple[list[bytes], bool]:
+    """One session's frames, and whether the request is refused before any payload lands."""
+    op = rng.choice(["write", "write", "write", "read"])
+    blocks = rng.sample(GRANTED, rng.randint(1, len(GRANTED)))
+    layers = rng.sample(range(LAYERS), rng.randint(1, LAYERS))
+    nbytes = len(blocks) * len(layers) * 2 * block_bytes
+    body: dict[str, Any] = {
+        "op": op,
+        "request_id": rid,
+        "region": "kv",
+        "layers": layers,
+        "layouts": [layouts[i] for i in layers],
+        "nbytes": nbytes,
+    }
+    ids = list(blocks)
+    refused = False
+    mutation = rng.choice(
+        ["none", "claim", "claim", "blocks", "layers", "field", "header", "truncate", "nids"]
+    )
+    if mutation == "claim":
+        body["nbytes"] = max(0, nbytes + rng.choice([1, -1, 2, 4096, 1 << 20, 1 << 40, -nbytes]))
+        refused = body["nbytes"] != nbytes
+    elif mutation == "blocks":
+        ids.append(rng.choice([0, 5, BLOCKS - 1, BLOCKS, 1 << 31, ids[0]]))
+        refused = True
+    elif mutation == "layers":
+        body["layers"] = [*layers, rng.choice([LAYERS, 1 << 20, layers[0]])]
+        body["layouts"] = [*body["layouts"], layouts[0]]
+        refused = True
+    elif mutation == "field":
+        key = rng.choice(list(body))
+        body[key] = rng.choice([None, True, -1, 1.5, "x" * 300, [], {}, [[1, [2], [3]]], 1 << 62])
+        refused = True
+    raw = bytearray(protocol.encode(Kind.REQUEST, body, ids))
+    if mutation == "header":
+        raw[rng.randrange(16)] ^= 1 << rng.randrange(8)
+        refused = True
+    elif mutation == "truncate":
+        raw = raw[: rng.randrange(len(raw))]
+        refused = True
+    elif mutation == "nids":
+        struct.pack_into("<I", raw, 12, len(ids) + rng.choice([1, 5, 1 << 19]))
+        refused = True
+    frames = [bytes(raw)]
+    if op == "write":
+        extra = rng.choice([0, 0, 0, 1, 100, -1, -100, 1 << 16])
+        frames.append(rng.randbytes(max(0, nbytes + extra)))
+        frames.append(
+            rng.choice(
+                [
+                    protocol.encode(Kind.STATUS, {"status": "commit"}),
+                    protocol.encode(Kind.STATUS, {"status": rng.choice(["landed", "??", 7])}),
+                    protocol.encode(Kind.REQUEST, body, ids),
+                    rng.randbytes(rng.randint(1, 64)),
+                    json.dumps({"status": "commit"}).encode(),
+                ]
+            )
+        )
+    else:
+        frames.append(protocol.encode(Kind.STATUS, {"status": rng.choice(["done", "abort", "x"])}))
+    return frames, refused
+
+
+@pytest.mark.timeout(120)
+async def test_a_fuzzing_peer_never_writes_outside_the_granted_blocks() -> None:
+    rng = random.Random(1234)
+    async with await BlockNode.start() as owner:
+        region = make_layers(0, LAYERS, BLOCKS)
+        owner.service.register("kv", region, block_dim=1)
+        reg = owner.service.regions.get("kv")
+        layouts = [reg.layout(i).to_wire() for i in range(LAYERS)]
+        block_bytes = reg.layout(0).block_bytes
+        outside = [b for b in range(BLOCKS) if b not in GRANTED]
+        pristine = [t.clone() for t in region]
+        generation = 0
+        for _ in range(SESSIONS):
+            rid = f"req-{generation}"
+            leases = [
+                owner.service.leases._live.get((kind, rid, "kv")) for kind in ("read", "write")
+            ]
+            if any(lease is None or lease.ended for lease in leases):
+                generation += 1  # the last session completed or broke a lease: grant afresh
+                rid = f"req-{generation}"
+                owner.service.expose(rid, "kv", GRANTED, ttl=60)
+                owner.service.expect(rid, "kv", GRANTED, ttl=60)
+            before = [t.clone() for t in region]
+            frames, refused = frames_for(rng, rid, layouts, block_bytes)
+            await session(owner.address, frames)
+            for now, old in zip(region, pristine, strict=True):
+                assert same_bits(now[:, outside], old[:, outside]), frames[0][:200]
+            if refused:  # cut off or refused before a payload byte was read
+                assert all(same_bits(a, b) for a, b in zip(region, before, strict=True)), frames[0]
+        assert owner.service.cut_off > 0
+        for lease in owner.service.leases.leases():
+            lease.cancel()
+
+        # Still serving: an honest writer fills granted blocks.
+        async with await BlockNode.start() as honest:
+            source = make_layers(9, LAYERS, 4)
+            honest.service.register("kv", source, block_dim=1)
+            lease = owner.service.expect("honest", "kv", GRANTED, ttl=10)
+            await honest.service.write(owner.address, "honest", "kv", [0, 1, 2], GRANTED)
+            await lease.wait()
+            for mine, theirs in zip(region, source, strict=True):
+                assert torch.equal(mine[:, GRANTED], theirs[:, [0, 1, 2]])
