@@ -64,6 +64,7 @@ from .config import DEFAULT_BUFFER_BYTES, DEFAULT_PORT, PipeConfig
 from .errors import (
     AiokvpipeError,
     ConfigError,
+    FrameTooLargeError,
     KVBufferError,
     PeerClosedError,
     PipeClosedError,
@@ -95,6 +96,7 @@ Role = Literal["producer", "consumer"]
 KVResult = list[torch.Tensor | None]
 
 _NO_ANSWER: KVResult = [None] * _ITEMS
+_ITEM_NAMES = ("tokens", "roi", "key", "value", "hidden")
 
 
 # ----------------------------------------------------------------- state
@@ -207,6 +209,7 @@ class KVLookupBuffer:
         self._error: BaseException | None = None
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
+        self._abort: asyncio.Task[None] | None = None  # closes the pipes after a break
         self._drain_waiters: list[asyncio.Future[None]] = []
         tag = f"kv-buffer rank {self.rank}"
         self._reader = loop.create_task(self._read_loop(), name=f"{tag} reader")
@@ -310,8 +313,9 @@ class KVLookupBuffer:
 
         Waits (no polling) while the buffer is full; raises TransferTimeout
         after ``timeout`` seconds, KVBufferError (naming the argument) for
-        unusable tensors, PeerClosedError once the peer is gone. Keeps
-        references: do not modify the tensors afterwards.
+        unusable tensors, FrameTooLargeError (naming it too) for one larger
+        than the data pipe's ``max_frame_bytes``, PeerClosedError once the
+        peer is gone. Keeps references: do not modify the tensors afterwards.
         """
         self._check_usable()
         tokens = _check_tokens("insert", tokens)
@@ -333,6 +337,14 @@ class KVLookupBuffer:
                     "hidden", f"insert(): on {hidden.device}, key is on {key.device}"
                 )
         items = (tokens, roi, key, value, hidden)
+        # Refuse now what the data pipe would refuse when the entry is served:
+        # there, a hit fails after some of its five tensors went out.
+        limit = self._data.config.max_frame_bytes
+        for name, item in zip(_ITEM_NAMES, items, strict=True):
+            if _nbytes(item) > limit:
+                raise FrameTooLargeError(
+                    _nbytes(item), limit, f"insert() on rank {self.rank}: {name}"
+                )
         nbytes = sum(_nbytes(t) for t in items)
         match_key = _match_key(_selected(tokens, roi))
         if not self._space.try_acquire(nbytes):
@@ -504,6 +516,10 @@ class KVLookupBuffer:
         self._space.close(error)
         self._fail_pending(error)
         self._wake_drain_waiters(error)
+        # Tell the peer now: its drop_select waits (by default without a
+        # timeout) for an answer this side will never send, and its reader
+        # for the rest of a hit. Closed pipes turn both into PeerClosedError.
+        self._abort = asyncio.ensure_future(_close_quietly(self._signal, self._data))
 
     def _wake_drain_waiters(self, error: BaseException | None) -> None:
         waiters, self._drain_waiters = self._drain_waiters, []
@@ -550,6 +566,8 @@ class KVLookupBuffer:
                 task.cancel()
             await asyncio.gather(self._writer, self._reader, return_exceptions=True)
             await _close_quietly(self._signal, self._data)
+            if self._abort is not None:
+                await asyncio.wait([self._abort])
             self._entries.clear()
             self._by_key.clear()
 

@@ -22,6 +22,7 @@ import torch
 
 from aiokvpipe import (
     ConfigError,
+    FrameTooLargeError,
     KVBufferError,
     KVLookupBuffer,
     PeerClosedError,
@@ -446,3 +447,89 @@ async def test_producer_killed_while_consumer_waits_raises_peer_closed_promptly(
         proc.wait(timeout=10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+# --------------------------------------------------------------------- issue 15, defect 6
+
+BROKEN_WRITER_PRODUCER = """
+import asyncio, sys, torch
+from aiokvpipe import KVLookupBuffer
+
+async def main(port: int) -> None:
+    buf = await KVLookupBuffer.connect("producer", port=port, connect_timeout=30)
+    value = torch.ones(2, 4)
+    await buf.insert(torch.arange(4), None, torch.ones(2, 4), value, None)
+    # Documented as forbidden, done anyway: the inserted value is replaced
+    # by a 15-dim tensor, which the writer task cannot send when the entry
+    # is served, after tokens, roi and key already went out.
+    value.data = torch.zeros((1,) * 15)
+    print("ready", flush=True)
+    await asyncio.sleep(120)  # alive, loop running: only the buffer broke
+
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+
+@pytest.mark.timeout(90)
+async def test_a_failed_writer_task_closes_the_pipes_so_the_peer_is_not_left_waiting() -> None:
+    """The producer (a child process that stays alive) fails to send a hit
+    half-way; its buffer closes both pipes, so the consumer's drop_select (no
+    timeout) raises PeerClosedError instead of waiting forever."""
+    port = free_port_pair()
+    proc = subprocess.Popen(  # noqa: ASYNC220
+        [sys.executable, "-c", BROKEN_WRITER_PRODUCER, str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        consumer = await KVLookupBuffer.connect("consumer", port=port, connect_timeout=60)
+        async with consumer:
+            assert await read_line(proc.stdout, 60) == b"ready\n"
+            waiting = asyncio.ensure_future(consumer.drop_select(torch.arange(4)))
+            started = time.perf_counter()
+            with pytest.raises(PeerClosedError):
+                await asyncio.wait_for(waiting, TIMEOUT)
+            assert time.perf_counter() - started < 5.0
+            assert proc.poll() is None, "the producer process must still be alive"
+            with pytest.raises(PeerClosedError):  # and every later call
+                await consumer.drop_select(None)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+async def test_an_oversized_insert_raises_before_any_tensor_goes_out() -> None:
+    """Each of the five tensors must fit the data pipe's max_frame_bytes: an
+    entry with one that does not is refused by insert itself, nothing is
+    buffered or sent, and the pair keeps working."""
+    limit = 4096
+    port = free_port_pair()
+    producer, consumer = await asyncio.wait_for(
+        asyncio.gather(
+            KVLookupBuffer.connect("producer", port=port, max_frame_bytes=limit),
+            KVLookupBuffer.connect("consumer", port=port, max_frame_bytes=limit),
+        ),
+        TIMEOUT,
+    )
+    async with producer, consumer:
+        small = make_entry(40, n_tokens=4)
+        tokens, roi, key, value, hidden = small
+        big = torch.zeros(limit // 4 + 1, dtype=torch.float32)  # limit + 4 bytes
+        for name, args in (
+            ("key", (tokens, roi, big, big, hidden)),
+            ("hidden", (tokens, roi, key, value, big)),
+            ("tokens", (torch.arange(limit // 8 + 1), None, key, value, hidden)),
+        ):
+            with pytest.raises(FrameTooLargeError, match=f"insert.*{name}") as info:
+                await producer.insert(*args)
+            assert info.value.limit == limit and info.value.nbytes > limit
+            assert len(producer) == 0 and producer.buffered_bytes == 0
+        # Nothing was buffered, so nothing can be served and nothing went out.
+        assert await consumer.drop_select(None, timeout=TIMEOUT) == [None] * 5
+        assert producer._data.bytes_sent == 0
+        # The pipes are intact: a fitting entry still goes through, bit-exact.
+        await producer.insert(*small)
+        assert_bit_exact(await consumer.drop_select(tokens, timeout=TIMEOUT), small)
