@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .config import PipeConfig
+from .config import EndpointConfig, PipeConfig
 from .errors import (
     AiokvpipeError,
     AuthenticationError,
@@ -19,6 +19,7 @@ from .errors import (
     FrameTooLargeError,
     KVBufferError,
     PeerClosedError,
+    PeerUnreachableError,
     PipeClosedError,
     ProtocolError,
     SlowReaderError,
@@ -28,10 +29,12 @@ from .errors import (
 from .semaphore import ByteSemaphore
 
 if TYPE_CHECKING:
+    from .endpoint import Endpoint
     from .kv_buffer import KVBufferStats, KVLookupBuffer
     from .pipe import Pipe, Transfer
 
 _LAZY = {
+    "Endpoint": ".endpoint",
     "Pipe": ".pipe",
     "Transfer": ".pipe",
     "KVLookupBuffer": ".kv_buffer",
@@ -56,11 +59,14 @@ __all__ = [
     "ByteSemaphore",
     "ConfigError",
     "CudaUnavailableError",
+    "Endpoint",
+    "EndpointConfig",
     "FrameTooLargeError",
     "KVBufferError",
     "KVBufferStats",
     "KVLookupBuffer",
     "PeerClosedError",
+    "PeerUnreachableError",
     "Pipe",
     "PipeClosedError",
     "PipeConfig",

@@ -34,6 +34,7 @@ __all__ = [
     "LeaseNotGrantedError",
     "MalformedFrameError",
     "PeerClosedError",
+    "PeerUnreachableError",
     "PipeClosedError",
     "ProtocolError",
     "ReaderGoneError",
@@ -106,6 +107,11 @@ class UnsupportedTensorError(ProtocolError, TypeError):
 
 class PeerClosedError(AiokvpipeError, ConnectionError):
     """The peer went away: it closed the pipe, died, or the connection broke."""
+
+
+class PeerUnreachableError(PeerClosedError):
+    """No endpoint answered at a peer's address within ``connect_timeout``
+    (nothing listens there, or the network does not reach it)."""
 
 
 class WriterGoneError(PeerClosedError):
