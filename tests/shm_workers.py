@@ -112,6 +112,39 @@ def writer_send_then_hang(handle: ShmRingHandle, messages: list[Any], conn: Conn
     time.sleep(60)
 
 
+def writer_on_cue(handle: ShmRingHandle, messages: list[Any], conn: Connection) -> None:
+    """Attach as the writer; on cue publish ``messages``, then go: "close" closes
+    the endpoint, "hang" waits to be killed. Reports "sent" once published."""
+    io = ShmRingBufferIO.attach(handle, -1)
+    conn.send("attached")
+    how = conn.recv()
+    for m in messages:
+        io.enqueue_sync(m, timeout=20)
+    if how == "close":
+        io.close()
+    conn.send("sent")
+    if how == "hang":
+        time.sleep(60)
+    conn.close()
+
+
+def reader_until_gone(handle: ShmRingHandle, rank: int, conn: Connection) -> None:
+    """Attach reader ``rank``, read until the writer is gone, send back what it read."""
+    from aiokvpipe.errors import WriterGoneError
+
+    io = ShmRingBufferIO.attach(handle, rank)
+    try:
+        conn.send("attached")
+        got: list[Any] = []
+        with contextlib.suppress(WriterGoneError):
+            while True:
+                got.append(io.dequeue_sync(timeout=20))
+        conn.send(got)
+    finally:
+        io.close()
+        conn.close()
+
+
 def writer_nowait(handle: ShmRingHandle, messages: list[Any], conn: Connection) -> None:
     """Send ``messages`` with enqueue_nowait, retrying while the ring is full;
     report how often it was refused, then close (the readers see the writer go)."""

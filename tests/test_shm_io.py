@@ -25,6 +25,7 @@ from aiokvpipe.cadence import Cadence
 from aiokvpipe.errors import (
     HandleError,
     PipeClosedError,
+    ReaderGoneError,
     RingEmptyError,
     RingUsageError,
     RingViewError,
@@ -282,6 +283,27 @@ async def test_slow_reader_is_named_and_nothing_is_lost() -> None:
         assert [await readers[2].dequeue(timeout=1) for _ in range(4)] == [b"0", b"1", b"2", b"3"]
         await writer.enqueue(b"4", timeout=1)
         assert [await r.dequeue(timeout=1) for r in readers] == [b"4"] * 3
+
+
+async def test_a_closed_reader_stops_the_writer_only_where_it_holds_a_chunk() -> None:
+    async with ring_of(n_reader=2, chunks=2) as (writer, (fast, leaving)):
+        await writer.enqueue(b"0")
+        assert await leaving.dequeue(timeout=1) == b"0"
+        handle = writer.export_handle()
+        leaving.close()  # read everything so far, then closed: holds nothing yet
+        await writer.enqueue(b"1", timeout=1)  # chunk 1 was never written
+        assert [await fast.dequeue(timeout=1) for _ in range(2)] == [b"0", b"1"]
+        # Chunk 0 is free (both read it): reuse it. Then chunk 1 is held by the closed reader.
+        await writer.enqueue(b"2", timeout=1)
+        with pytest.raises(ReaderGoneError, match="reader 1 is gone") as info:
+            await writer.enqueue(b"3", timeout=20)  # at once, not after the timeout
+        assert info.value.rank == 1 and info.value.lagging_readers == (1,)
+        # Not final: a reader re-attached at that rank resumes where it left off.
+        with ShmRingBufferIO.attach(handle, 1) as back:
+            assert await back.dequeue(timeout=1) == b"1"
+            await writer.enqueue(b"3", timeout=1)
+            assert [await back.dequeue(timeout=1) for _ in range(2)] == [b"2", b"3"]
+            assert [await fast.dequeue(timeout=1) for _ in range(2)] == [b"2", b"3"]
 
 
 # -- nowait ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,15 @@ import numpy as np
 import pytest
 import shm_workers
 
-from aiokvpipe.errors import RingEmptyError, SlowReaderError, TransferTimeout, WriterGoneError
+from aiokvpipe.backoff import Backoff
+from aiokvpipe.errors import (
+    PeerClosedError,
+    ReaderGoneError,
+    RingEmptyError,
+    SlowReaderError,
+    TransferTimeout,
+    WriterGoneError,
+)
 from aiokvpipe.shm import ShmRingBuffer, ShmRingBufferIO
 from aiokvpipe.shm.ring import READER_SLOTS_OFF, SLOT_BYTES, SLOT_PARKED, SLOT_SPINNING
 
@@ -133,6 +142,111 @@ async def test_reader_process_that_stops_reading() -> None:
                 assert info.value.lagging_readers == (1,)
                 assert "reader 1: pid" in str(info.value)
                 conn.send("exit")
+
+
+async def _fill_and_block(writer: ShmRingBufferIO, count: int) -> asyncio.Task[None]:
+    """Fill the ring with ``count`` messages, then start one more enqueue,
+    without a timeout (the default), that must park: a reader holds its chunk."""
+    for i in range(count):
+        await writer.enqueue(b"%d" % i, timeout=5)
+    blocked = asyncio.create_task(writer.enqueue(b"%d" % count))
+    await asyncio.sleep(0.1)
+    assert not blocked.done(), "the writer should be parked on a full ring"
+    return blocked
+
+
+async def test_killed_reader_fails_a_blocked_writer_and_spares_the_others() -> None:
+    with ShmRingBuffer(2, 128, 2) as ring:
+        handle = ring.export_handle()
+        with (
+            shm_workers.child(shm_workers.reader_stall, handle, 0) as (victim, vconn),
+            shm_workers.child(shm_workers.reader_until_gone, handle, 1) as (_, rconn),
+        ):
+            assert await _recv(vconn) == "attached"
+            assert await _recv(rconn) == "attached"
+            with ShmRingBufferIO(ring, -1) as writer:
+                blocked = await _fill_and_block(writer, 2)
+                started = time.monotonic()
+                victim.kill()  # SIGKILL: its endpoint never says goodbye
+                with pytest.raises(
+                    ReaderGoneError, match=f"reader 0: pid {victim.pid} exited"
+                ) as info:
+                    await asyncio.wait_for(blocked, 5)
+                elapsed = time.monotonic() - started
+                assert info.value.rank == 0 and info.value.lagging_readers == (0,)
+                assert isinstance(info.value, PeerClosedError)
+                assert elapsed < 1.0, f"dead reader noticed after {elapsed:.3f} s"
+            # The writer gave up and closed: the live reader got everything
+            # published, then WriterGoneError; it was never stuck.
+            assert await _recv(rconn) == [b"0", b"1"]
+
+
+async def test_reader_that_closes_fails_a_blocked_writer_at_once() -> None:
+    # No safety recheck for 30 s: only the reader's close can wake the writer.
+    no_recheck = Backoff(20e-6, 30.0, 30.0)
+    with (
+        ShmRingBuffer(1, 128, 2) as ring,
+        shm_workers.child(shm_workers.reader_stall, ring.export_handle(), 0) as (_, conn),
+        ShmRingBufferIO(ring, -1, backoff=no_recheck) as writer,
+    ):
+        assert await _recv(conn) == "attached"
+        blocked = await _fill_and_block(writer, 2)
+        started = time.monotonic()
+        conn.send("exit")  # the reader closes its endpoint and exits
+        with pytest.raises(ReaderGoneError, match="reader 0: closed") as info:
+            await asyncio.wait_for(blocked, 5)
+        assert info.value.rank == 0
+        assert time.monotonic() - started < 1.0
+        # Later calls say so at once, whatever their timeout.
+        with pytest.raises(ReaderGoneError):
+            writer.enqueue_nowait(b"2")
+        with pytest.raises(ReaderGoneError):
+            await writer.enqueue(b"2", timeout=20)
+
+
+class _CheckLate(ShmRingBufferIO):
+    """A reader whose first peer check runs ``cue`` before it: the writer then
+    publishes and goes right between the reader's last poll and that check."""
+
+    cue: Callable[[], None] | None = None
+
+    def _check_peer(self, reason: str | None) -> None:
+        cue, self.cue = self.cue, None
+        if cue is not None:
+            cue()
+        super()._check_peer(reason)
+
+
+@pytest.mark.parametrize(
+    ("how", "call"),
+    [("close", "dequeue"), ("hang", "dequeue"), ("close", "dequeue_nowait")],
+    ids=["writer-closes", "writer-killed", "writer-closes-nowait"],
+)
+async def test_reader_gets_what_a_writer_published_right_before_it_went(
+    how: str, call: str
+) -> None:
+    msgs: list[Any] = [b"last", b"x" * 300, {"final": True}]  # the middle one spans chunks
+    with (
+        ShmRingBuffer(1, 128, 8) as ring,
+        shm_workers.child(shm_workers.writer_on_cue, ring.export_handle(), msgs) as (proc, wconn),
+        _CheckLate(ring, 0) as reader,
+    ):
+        assert await _recv(wconn) == "attached"
+
+        def cue() -> None:
+            wconn.send(how)
+            assert wconn.poll(30) and wconn.recv() == "sent"
+            if how == "hang":
+                proc.kill()
+                proc.join(10)
+
+        reader.cue = cue
+        first = await reader.dequeue(timeout=10) if call == "dequeue" else reader.dequeue_nowait()
+        assert reader.cue is None, "the writer went between the poll and the check"
+        got = [first] + [await reader.dequeue(timeout=10) for _ in msgs[1:]]
+        assert got == msgs
+        with pytest.raises(WriterGoneError):
+            await reader.dequeue(timeout=10)
 
 
 def test_create_from_process_group(tmp_path: Path) -> None:

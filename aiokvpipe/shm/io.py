@@ -39,6 +39,7 @@ from .ring import (
     SLOT_SPINNING,
     SLOT_STATE,
     STATE_CLOSED,
+    WRITER_PARKED_OFF,
     WRITER_STATE_OFF,
     ShmRingBuffer,
     ShmRingHandle,
@@ -396,11 +397,14 @@ class ShmRingBufferIO(RingEndpoint):
             while True:
                 idx = self._poll_readable()
                 if idx is None and nowait:
-                    self._check_peer(None)  # the writer gone and all read: say so
-                    raise RingEmptyError(
-                        f"reader {self.reader_rank} of ring {self.buffer.name!r}: "
-                        "no complete message waiting"
-                    )
+                    # The writer gone and all read: say so (a chunk it published
+                    # right before it went is still read first).
+                    idx = self._check_peer_or_poll(self._poll_readable, None)
+                    if idx is None:
+                        raise RingEmptyError(
+                            f"reader {self.reader_rank} of ring {self.buffer.name!r}: "
+                            "no complete message waiting"
+                        )
                 if idx is None:
                     if deadline is None:
                         deadline = deadline_after(timeout)
@@ -471,6 +475,11 @@ class ShmRingBufferIO(RingEndpoint):
                     slot = READER_SLOTS_OFF + SLOT_BYTES * self.reader_rank
                     hdr[slot + SLOT_SPINNING] = 0  # a call closed mid-spin cannot clear it
                     hdr[slot + SLOT_STATE] = STATE_CLOSED
+                    # A writer parked on a chunk this reader holds can never get
+                    # it now: wake it to see "closed" (ReaderGoneError) at once.
+                    fence()  # "closed" before reading its park word (as in _consume)
+                    if self._words[WRITER_PARKED_OFF // 4] & 1:
+                        self._bell.ring(self._writer_bell)
         finally:
             self._bell.close()
             if self._pidfd is not None:
