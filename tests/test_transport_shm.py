@@ -256,15 +256,16 @@ async def test_writer_gone_is_declared_only_after_draining_the_ring() -> None:
     async with opened(SHM) as (a, b):
         io: Any = b._receiver._io  # type: ignore[attr-defined]
         real_poll, real_check = io._poll_readable, io._check_peer
-        armed = False
+        armed = gone = False
 
         def poll() -> int | None:
             return None if armed else real_poll()
 
         def check(reason: str | None) -> None:
-            nonlocal armed
+            nonlocal armed, gone
             if armed:
-                armed = False
+                armed, gone = False, True
+            if gone:  # as a real close or exit, "gone" stays gone
                 raise WriterGoneError("simulated: the writer left between poll and check")
             real_check(reason)
 
