@@ -22,9 +22,11 @@ from .errors import (
     PeerUnreachableError,
     PipeClosedError,
     ProtocolError,
+    ReaderGoneError,
     SlowReaderError,
     TransferTimeout,
     UnsupportedTensorError,
+    WriterGoneError,
 )
 from .semaphore import ByteSemaphore
 
@@ -71,10 +73,12 @@ __all__ = [
     "PipeClosedError",
     "PipeConfig",
     "ProtocolError",
+    "ReaderGoneError",
     "SlowReaderError",
     "Transfer",
     "TransferTimeout",
     "UnsupportedTensorError",
+    "WriterGoneError",
 ]
 
 
