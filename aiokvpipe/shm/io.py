@@ -226,8 +226,10 @@ class ShmRingBufferIO(RingEndpoint):
         """Send ``obj`` to every reader (bytes as-is, arrays out of band, else pickle).
 
         Objects larger than one chunk span consecutive chunks. Raises
-        SlowReaderError when no chunk frees up within ``timeout``; the
-        message is copied before this returns.
+        SlowReaderError when no chunk frees up within ``timeout``, and
+        ReaderGoneError (at once, whatever the timeout) when a reader holding
+        the chunk needed closed or exited; the message is copied before this
+        returns.
         """
         if self._idle and self.is_writer and type(obj) is bytes and len(obj) <= self._cap:
             try:
@@ -254,7 +256,8 @@ class ShmRingBufferIO(RingEndpoint):
         plain functions and loop callbacks (as fast as :meth:`enqueue`'s own
         fast path: measured equal).
         Raises SlowReaderError, naming the readers that hold the chunks,
-        when fewer chunks are free than the message needs; RingUsageError
+        when fewer chunks are free than the message needs (ReaderGoneError
+        when one of them closed or exited: retrying cannot help); RingUsageError
         when the message needs more chunks than the ring has (use
         :meth:`enqueue`, which streams it as readers consume).
         """
