@@ -227,9 +227,9 @@ class ShmRingBufferIO(RingEndpoint):
 
         Objects larger than one chunk span consecutive chunks. Raises
         SlowReaderError when no chunk frees up within ``timeout``, and
-        ReaderGoneError (at once, whatever the timeout) when a reader holding
-        the chunk needed closed or exited; the message is copied before this
-        returns.
+        ReaderGoneError, whatever the timeout, when a reader holding the chunk
+        needed closed (seen at once) or exited (seen on a safety recheck,
+        within 50 ms); the message is copied before this returns.
         """
         if self._idle and self.is_writer and type(obj) is bytes and len(obj) <= self._cap:
             try:
