@@ -1,15 +1,15 @@
-"""Test-only link layer for the block tests, and the remote-controlled peer process.
+"""Test-only host for the block tests, and the remote-controlled peer process.
 
-:class:`BlockNode` plays the Endpoint's part for a :class:`BlockService`: a
-listening socket, the token handshake in both directions (the project's own
-``authenticate_*``), and a one-message hello naming the dialler, then the
-socket is handed to the service (``accept``) or returned by ``dial``. It has
-no liveness; tests call ``service.peer_lost`` where the Endpoint would.
+:class:`BlockNode` gives a :class:`BlockService` what an Endpoint gives it
+(``serve`` / ``dial`` / ``on_peer_event`` over the project's link layer)
+without the Endpoint's sessions and heartbeats, so the block tests do not
+depend on them; ``lose`` plays the Endpoint declaring a peer dead.
 
 :func:`peer_main` is a whole peer in a spawned process, driven over a
 multiprocessing Connection: ``{"id", "cmd", ...}`` in, ``{"id", "ok" |
 "error"}`` out, every command in its own task so a ``wait`` does not block a
-``read``.
+``read``. The ``raw_*`` peers speak the block protocol by hand to stop
+halfway through a transfer, deterministically.
 """
 
 from __future__ import annotations
@@ -18,21 +18,22 @@ import asyncio
 import contextlib
 import multiprocessing as mp
 import os
+import secrets
 import socket
+import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
 
-from aiokvpipe.blocks import BlockService, Lease
+from aiokvpipe.blocks import Lease
+from aiokvpipe.blocks.wiring import attach
 from aiokvpipe.errors import AiokvpipeError
-from aiokvpipe.handshake import (
-    authenticate_acceptor,
-    authenticate_connector,
-    recv_message,
-    send_message,
-)
+from aiokvpipe.links import Dialed, Handler, Incoming, Listener, dial, host_identity
+from aiokvpipe.peers import PeerEvent
+from aiokvpipe.transport.base import PeerInfo
 
 TOKEN = b"blocks-test-token"
 # Small vLLM-shaped layers: [2 (K, V), blocks, block_size, kv_heads, head_dim].
@@ -52,20 +53,34 @@ def make_layers(
 
 
 class BlockNode:
-    """A BlockService reachable at ``address`` over authenticated TCP."""
+    """The link-layer side an Endpoint gives a BlockService, and nothing else.
+
+    A :class:`~aiokvpipe.links.Listener` and :func:`~aiokvpipe.links.dial`
+    with this node's PeerInfo (a fresh instance id), so block connections go
+    through the project's one listener, handshake and hello; ``attach``
+    wires the service exactly as it would to an Endpoint. No liveness:
+    :meth:`lose` plays the Endpoint's peer event.
+    """
 
     def __init__(self, token: bytes | None, **service_options: Any) -> None:
         self.token = token
         self.dials = 0
-        self.service = BlockService(self.dial, **service_options)
-        self._listener = socket.socket()
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(64)
-        self._listener.setblocking(False)
-        host, port = self._listener.getsockname()
-        self.address = f"{host}:{port}"
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop())
+        self._listener = Listener("127.0.0.1", 0, token=token, what="block node").start()
+        self.local = PeerInfo(
+            rank=-1,
+            address="127.0.0.1",
+            port=self._listener.port,
+            host_id=host_identity(),
+            pid=os.getpid(),
+            device="cpu",
+            transport="tcp",
+            name=f"node-{self._listener.port}",
+            instance=secrets.token_hex(8),
+        )
+        self.address = self.local.endpoint
+        self.instance = self.local.instance
+        self._callbacks: list[Callable[[Any], None]] = []
+        self.service = attach(self, **service_options)
 
     @classmethod
     async def start(cls, token: bytes | None = TOKEN, **service_options: Any) -> BlockNode:
@@ -77,50 +92,37 @@ class BlockNode:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def dial(self, address: str) -> tuple[socket.socket, str]:
+    # -- the LinkHost hooks -------------------------------------------------------
+    def serve(self, purpose: str, handler: Handler) -> None:
+        self._listener.serve(purpose, handler)
+
+    async def dial(self, address: str, purpose: str, *, extra: Any = None) -> Dialed:
         self.dials += 1
         host, port = address.rsplit(":", 1)
-        sock = socket.socket()
-        sock.setblocking(False)
-        try:
-            await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await authenticate_connector(sock, self.token, f"dial {address}")
-            await send_message(sock, {"peer": self.address}, f"dial {address}")
-        except BaseException:
-            sock.close()
-            raise
-        return sock, address
+        return await dial(
+            host,
+            int(port),
+            purpose=purpose,
+            local=self.local,
+            token=self.token,
+            until=time.monotonic() + 10,
+            what=f"{self.address} -> {address} ({purpose})",
+            extra=extra,
+        )
 
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            sock, _ = await loop.sock_accept(self._listener)
-            sock.setblocking(False)
-            task = loop.create_task(self._admit(sock))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def on_peer_event(self, callback: Callable[[Any], None]) -> Callable[[], None]:
+        self._callbacks.append(callback)
+        return lambda: self._callbacks.remove(callback)
 
-    async def _admit(self, sock: socket.socket) -> None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await authenticate_acceptor(sock, self.token, "accept")
-            hello = await recv_message(sock, "accept")
-        except Exception:
-            sock.close()  # a peer that fails the handshake never reaches the service
-            return
-        except BaseException:
-            sock.close()
-            raise
-        self.service.accept(sock, str(hello.get("peer")))
+    def lose(self, address: str, instance: str, error: BaseException) -> None:
+        """What the Endpoint does when it declares ``instance`` dead or replaced."""
+        event = PeerEvent(address, instance, "dead", error)
+        for callback in list(self._callbacks):
+            callback(event)
 
     async def aclose(self) -> None:
-        self._accepting.cancel()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(self._accepting, *self._tasks, return_exceptions=True)
-        self._listener.close()
         await self.service.aclose()
+        await self._listener.aclose()
 
 
 # ------------------------------------------------------------------ the peer process
@@ -148,7 +150,7 @@ async def _peer(conn: Connection) -> None:
     node = await BlockNode.start()
     leases: dict[str, Lease] = {}
     tasks: set[asyncio.Task[None]] = set()
-    conn.send({"address": node.address, "pid": os.getpid()})
+    conn.send({"address": node.address, "pid": os.getpid(), "instance": node.instance})
 
     async def run(cmd: dict[str, Any]) -> Any:
         kind = cmd["cmd"]
@@ -235,6 +237,7 @@ class PeerClient:
         hello = conn.recv()
         self.address: str = hello["address"]
         self.pid: int = hello["pid"]
+        self.instance: str = hello["instance"]
         self._next = 0
         self._replies: dict[int, dict[str, Any]] = {}
         self._readable: asyncio.Task[None] | None = None
@@ -313,14 +316,14 @@ def raw_reader_main(conn: Connection, owner: str, request_id: str, name: str, bl
 
 
 async def _dial_raw(address: str) -> tuple[socket.socket, str]:
-    sock = socket.socket()
-    sock.setblocking(False)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
-    host, port = address.rsplit(":", 1)
-    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-    await authenticate_connector(sock, TOKEN, "raw dial")
-    await send_message(sock, {"peer": "raw-reader"}, "raw dial")
-    return sock, address
+    """An authenticated block connection that reads slowly (a small receive buffer)."""
+    node = await BlockNode.start()
+    try:
+        dialed = await node.dial(address, "blocks")
+    finally:
+        await node.aclose()
+    dialed.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    return dialed.sock, address
 
 
 def raw_owner_main(conn: Connection) -> None:
@@ -329,24 +332,23 @@ def raw_owner_main(conn: Connection) -> None:
     from aiokvpipe.blocks import protocol
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(4)
-        listener.setblocking(False)
-        host, port = listener.getsockname()
-        conn.send(f"{host}:{port}")
-        sock, _ = await loop.sock_accept(listener)
-        sock.setblocking(False)
-        await authenticate_acceptor(sock, TOKEN, "raw owner")
-        await recv_message(sock, "raw owner")
+        taken: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()
+
+        async def handler(incoming: Incoming) -> None:
+            await incoming.accept()
+            taken.set_result(incoming.sock)
+
+        listener = Listener("127.0.0.1", 0, token=TOKEN, what="raw owner").start()
+        listener.serve("blocks", handler)
+        conn.send(f"127.0.0.1:{listener.port}")
+        sock = await taken
         message = await protocol.read_message(sock, "raw owner")
         assert message is not None
         request = protocol.parse_request(message, "raw owner")
         await protocol.send_message(
             sock, protocol.Kind.REPLY, protocol.reply_ok(request.nbytes), "raw owner"
         )
-        await loop.sock_sendall(sock, b"\xab" * (request.nbytes // 2))
+        await asyncio.get_running_loop().sock_sendall(sock, b"\xab" * (request.nbytes // 2))
         conn.send("mid-read")
         await asyncio.sleep(60)
 

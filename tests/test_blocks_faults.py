@@ -90,7 +90,7 @@ async def test_reader_dies_mid_read_fails_the_owners_lease(node: BlockNode) -> N
         assert await asyncio.wait_for(message_from(conn), 30) == "mid-read"
         assert not lease.ended
         process.kill()
-        with pytest.raises(PeerClosedError, match="raw-reader was lost mid-read"):
+        with pytest.raises(PeerClosedError, match=r"node-[0-9]+ was lost mid-read"):
             await asyncio.wait_for(lease.wait(), 5)
     finally:
         reap(conn, process)
@@ -128,8 +128,8 @@ async def test_a_lost_peer_fails_the_leases_it_used(peer: PeerClient, node: Bloc
         "read", owner=node.address, request_id="bound", name=name, remote=[1, 2], local=[3, 4],
         layers=[0],
     )  # fmt: skip
-    node.service.peer_lost(peer.address, RuntimeError("silent for 2.0 s"))
-    with pytest.raises(PeerClosedError, match=f"peer {peer.address} was lost: silent for 2.0 s"):
+    node.lose(peer.address, peer.instance, RuntimeError("silent for 2.0 s"))
+    with pytest.raises(PeerClosedError, match=f"peer {peer.instance} was lost: silent for 2.0 s"):
         await lease.wait()
     assert not untouched.ended  # a lease the lost peer never used is not its business
     untouched.cancel()
@@ -145,7 +145,7 @@ async def test_a_lost_owner_fails_the_read_in_flight(peer: PeerClient, node: Blo
         node.service.read(peer.address, rid, name, list(range(64)), list(range(64)))
     )
     await moving(node)
-    node.service.peer_lost(peer.address, RuntimeError("replaced by a new instance"))
+    node.lose(peer.address, peer.instance, RuntimeError("replaced by a new instance"))
     with pytest.raises(PeerClosedError, match="replaced by a new instance"):
         await asyncio.wait_for(read, 5)
     # the owner saw the connection break mid-transfer: its lease failed too

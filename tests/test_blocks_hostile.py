@@ -21,11 +21,10 @@ from typing import Any
 
 import pytest
 import torch
-from blocks_net import TOKEN, BlockNode, make_layers
+from blocks_net import BlockNode, make_layers
 
 from aiokvpipe.blocks import protocol
 from aiokvpipe.blocks.protocol import Kind
-from aiokvpipe.handshake import authenticate_connector, send_message
 
 GRANTED = [3, 4, 9]
 LAYERS = 2
@@ -38,16 +37,11 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
-async def session(address: str, frames: list[bytes]) -> None:
+async def session(hostile: BlockNode, address: str, frames: list[bytes]) -> None:
     """Send ``frames`` back to back on one authenticated connection, then drain to EOF."""
     loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setblocking(False)
+    sock = (await hostile.dial(address, "blocks")).sock
     try:
-        host, port = address.rsplit(":", 1)
-        await loop.sock_connect(sock, (host, int(port)))
-        await authenticate_connector(sock, TOKEN, "hostile")
-        await send_message(sock, {"peer": "hostile"}, "hostile")
         with contextlib.suppress(OSError):
             for frame in frames:
                 await loop.sock_sendall(sock, frame)
@@ -128,7 +122,7 @@ def frames_for(
 @pytest.mark.timeout(120)
 async def test_a_fuzzing_peer_never_writes_outside_the_granted_blocks() -> None:
     rng = random.Random(1234)
-    async with await BlockNode.start() as owner:
+    async with await BlockNode.start() as owner, await BlockNode.start() as hostile:
         region = make_layers(0, LAYERS, BLOCKS)
         owner.service.register("kv", region, block_dim=1)
         reg = owner.service.regions.get("kv")
@@ -149,7 +143,7 @@ async def test_a_fuzzing_peer_never_writes_outside_the_granted_blocks() -> None:
                 owner.service.expect(rid, "kv", GRANTED, ttl=60)
             before = [t.clone() for t in region]
             frames, refused = frames_for(rng, rid, layouts, block_bytes)
-            await session(owner.address, frames)
+            await session(hostile, owner.address, frames)
             for now, old in zip(region, pristine, strict=True):
                 assert same_bits(now[:, outside], old[:, outside]), frames[0][:200]
             if refused:  # cut off or refused before a payload byte was read

@@ -117,6 +117,7 @@ class BlockService:
         self._ops: dict[asyncio.Task[None], _Outbound] = {}
         self._inbound: dict[asyncio.Task[None], tuple[str, socket.socket]] = {}
         self._closed = False
+        self._on_close: list[Callable[[], object]] = []
         #: Inbound connections cut off for a protocol violation, and the last reason.
         self.cut_off = 0
         self.last_cut_off: str = ""
@@ -345,13 +346,14 @@ class BlockService:
             idle.append(conn)
 
     # ------------------------------------------------------------ inbound
-    def accept(self, sock: socket.socket, peer: str) -> None:
-        """Serve an inbound, authenticated block connection from ``peer``; owns ``sock``."""
+    def accept(self, sock: socket.socket, peer: str, label: str = "") -> None:
+        """Serve an inbound, authenticated block connection from ``peer`` (the
+        key :meth:`peer_lost` uses; ``label`` names it in messages); owns ``sock``."""
         if self._closed:
             sock.close()
             return
         sock.setblocking(False)
-        task = asyncio.get_running_loop().create_task(self._serve(sock, peer))
+        task = asyncio.get_running_loop().create_task(self._serve(sock, peer, label or peer))
         self._inbound[task] = (peer, sock)
         task.add_done_callback(self._inbound_done)
 
@@ -362,8 +364,8 @@ class BlockService:
         if entry is not None:
             entry[1].close()
 
-    async def _serve(self, sock: socket.socket, peer: str) -> None:
-        what = f"blocks from {peer}"
+    async def _serve(self, sock: socket.socket, peer: str, label: str) -> None:
+        what = f"blocks from {label}"
         try:
             while True:
                 message = await protocol.read_message(sock, what, eof_ok=True)
@@ -377,9 +379,9 @@ class BlockService:
                     continue
                 lease.peers.add(peer)
                 if request.op == "read":
-                    await self._serve_read(sock, peer, request, region, lease, what)
+                    await self._serve_read(sock, label, request, region, lease, what)
                 else:
-                    await self._serve_write(sock, peer, request, region, lease, what)
+                    await self._serve_write(sock, label, request, region, lease, what)
         except ProtocolError as exc:
             self.cut_off += 1
             self.last_cut_off = str(exc)
@@ -489,6 +491,10 @@ class BlockService:
                     conn.sock.close()
             self._idle[owner] = keep
 
+    def on_close(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` when the service closes (to unsubscribe from the links)."""
+        self._on_close.append(callback)
+
     def _check_open(self) -> None:
         if self._closed:
             raise PipeClosedError("block service closed")
@@ -498,6 +504,8 @@ class BlockService:
         if self._closed:
             return
         self._closed = True
+        for callback in self._on_close:
+            callback()
         closed = PipeClosedError("block service closed")
         for op in list(self._ops.values()):
             op.stop(closed, close=True)

@@ -1,0 +1,76 @@
+"""Plugging a BlockService into whatever owns the links (the Endpoint).
+
+The owner of the links needs three hooks, which the Endpoint has as
+``serve(purpose, handler)``, ``dial(address, purpose)`` and
+``on_peer_event(callback)`` (see :class:`LinkHost`). Block connections are
+dialled with purpose ``"blocks"``; leases and transfers are bound to the
+peer's *instance* id, so a restarted peer on the same address is a
+different peer, and a ``PeerEvent`` for the old instance fails exactly what
+the old one held.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..links.accept import Handler, Incoming
+from ..links.dial import Dialed
+from ..transport.base import PeerInfo
+from .service import BlockService
+
+PURPOSE = "blocks"
+
+
+class PeerEventLike(Protocol):
+    @property
+    def instance(self) -> str: ...
+    @property
+    def error(self) -> BaseException: ...
+
+
+class LinkHost(Protocol):
+    """What :func:`attach` needs from the owner of the links (an Endpoint)."""
+
+    @property
+    def local(self) -> PeerInfo: ...
+
+    def serve(self, purpose: str, handler: Handler) -> None: ...
+
+    async def dial(
+        self, address: str, purpose: str, *, extra: dict[str, Any] | None = None
+    ) -> Dialed: ...
+
+    def on_peer_event(self, callback: Callable[[Any], None]) -> Callable[[], None]: ...
+
+
+def peer_key(peer: PeerInfo | None, address: str) -> str:
+    """What leases and transfers are bound to: the instance, else the address."""
+    return peer.instance if peer is not None and peer.instance else address
+
+
+def attach(host: LinkHost, **options: Any) -> BlockService:
+    """A BlockService serving and dialling block connections over ``host``'s links.
+
+    ``options`` go to :class:`BlockService` (``op_timeout``, ...). Close the
+    service (``await service.aclose()``) before the host.
+    """
+
+    async def dial(address: str) -> tuple[socket.socket, str]:
+        dialed = await host.dial(address, PURPOSE)
+        return dialed.sock, peer_key(dialed.peer, address)
+
+    service = BlockService(dial, **options)
+
+    async def on_blocks(incoming: Incoming) -> None:
+        await incoming.accept(host.local)
+        peer = incoming.peer
+        service.accept(incoming.sock, peer_key(peer, peer.endpoint), peer.label)
+
+    def on_event(event: PeerEventLike) -> None:
+        service.peer_lost(event.instance, event.error)
+
+    host.serve(PURPOSE, on_blocks)
+    service.on_close(host.on_peer_event(on_event))
+    return service
