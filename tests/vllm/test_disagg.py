@@ -1,0 +1,190 @@
+"""Disaggregated prefill/decode on real vLLM CPU engines through AiokvpipeConnector.
+
+Four servers for the module: prefill ``p1`` (also the colocated reference:
+plain requests to it never touch the connector), prefill ``p2``, decode
+``d`` (kv_load_failure_policy=recompute) and decode ``dfail`` (fail). All
+requests are greedy with ``ignore_eos``; prompts are token ids of a
+random-weight tiny Llama, so "identical tokens" checks the transferred KV
+and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import pytest
+
+from aiokvpipe.integrations.vllm.params import CORRUPT_KEY
+from aiokvpipe.integrations.vllm.serving import VllmServer, kv_transfer_config
+
+pytestmark = pytest.mark.timeout(900)
+
+NEW_TOKENS = 16
+EXTERNAL = "vllm:prompt_tokens_by_source_total"
+
+
+def prompts(count: int, seed: int, low: int = 8, high: int = 400) -> list[list[int]]:
+    """``count`` distinct random prompts, lengths spread evenly over [low, high]."""
+    rng = random.Random(seed)
+    lengths = [low + (high - low) * i // max(count - 1, 1) for i in range(count)]
+    rng.shuffle(lengths)
+    return [[rng.randrange(1, 1024) for _ in range(n)] for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def servers(fleet: Any) -> dict[str, VllmServer]:
+    # Test hooks on: the negative control flips bits through kv_transfer_params.
+    return fleet.start(  # type: ignore[no-any-return]
+        p1=kv_transfer_config(test_hooks=True),
+        p2=kv_transfer_config(test_hooks=True),
+        d=kv_transfer_config(failure_policy="recompute", test_hooks=True, read_timeout=20.0),
+        dfail=kv_transfer_config(failure_policy="fail", test_hooks=True, read_timeout=20.0),
+    )
+
+
+async def colocated(
+    server: VllmServer, client: httpx.AsyncClient, ps: Sequence[list[int]]
+) -> list[list[int]]:
+    outs = await asyncio.gather(*(server.complete_plain(client, p, NEW_TOKENS) for p in ps))
+    return [o.token_ids for o in outs]
+
+
+async def prefill(
+    server: VllmServer, client: httpx.AsyncClient, prompt: list[int], **extra: Any
+) -> dict[str, Any]:
+    out = await server.complete_plain(client, prompt, 1, {"do_remote_decode": True})
+    params = out.kv_transfer_params
+    assert params is not None and params["do_remote_prefill"] is True, out.raw
+    params.update(extra)
+    return params
+
+
+async def disagg(
+    prefillers: Sequence[VllmServer],
+    decode: VllmServer,
+    client: httpx.AsyncClient,
+    ps: Sequence[list[int]],
+    **extra: Any,
+) -> list[list[int]]:
+    """The proxy's job: prefill (round robin), then decode with the returned params."""
+
+    async def one(i: int, prompt: list[int]) -> list[int]:
+        params = await prefill(prefillers[i % len(prefillers)], client, prompt, **extra)
+        out = await decode.complete(client, prompt, NEW_TOKENS, params)
+        assert out.finish_reason == "length", out
+        return out.token_ids
+
+    sem = asyncio.Semaphore(4)
+
+    async def bounded(i: int, prompt: list[int]) -> list[int]:
+        async with sem:
+            return await one(i, prompt)
+
+    return list(await asyncio.gather(*(bounded(i, p) for i, p in enumerate(ps))))
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_one_prefill_one_decode_matches_colocated(servers: dict[str, VllmServer]) -> None:
+    """20 prompts of 8-400 tokens: the decode's tokens equal a colocated run's, and
+    the decode computed at most the last prompt token of each (vLLM's counters)."""
+    ps = prompts(20, seed=1)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=120) as client:
+            reference = await colocated(servers["p1"], client, ps)
+            d = servers["d"]
+            ext0 = await d.metric(client, EXTERNAL, source="external_kv_transfer")
+            local0 = await d.metric(client, EXTERNAL, source="local_compute")
+            got = await disagg([servers["p1"]], d, client, ps)
+            await asyncio.sleep(1.5)  # the metrics of the last step reach /metrics
+            ext = await d.metric(client, EXTERNAL, source="external_kv_transfer") - ext0
+            local = await d.metric(client, EXTERNAL, source="local_compute") - local0
+        assert got == reference
+        total = sum(len(p) for p in ps)
+        # vLLM recomputes the last prompt token to sample the next one.
+        assert ext in (total, total - len(ps)), (ext, local, total)
+        assert local <= len(ps), (ext, local, total)
+
+    run(main())
+
+
+def test_flipped_bits_change_the_output(servers: dict[str, VllmServer]) -> None:
+    """Negative control: the same pull with every bit of the landed blocks flipped
+    gives other tokens, so the decode really attends over the transferred KV."""
+    ps = prompts(4, seed=2, low=64, high=300)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=120) as client:
+            reference = await colocated(servers["p1"], client, ps)
+            clean = await disagg([servers["p1"]], servers["d"], client, ps)
+            flipped = await disagg([servers["p1"]], servers["d"], client, ps, **{CORRUPT_KEY: True})
+        assert clean == reference
+        for ref, bad in zip(reference, flipped, strict=True):
+            assert bad != ref
+
+    run(main())
+
+
+def test_two_prefills_one_decode(servers: dict[str, VllmServer]) -> None:
+    """Requests alternate between two prefill instances; the decode's tokens are
+    identical to the colocated run's."""
+    ps = prompts(10, seed=3)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=120) as client:
+            reference = await colocated(servers["p1"], client, ps)
+            got = await disagg([servers["p1"], servers["p2"]], servers["d"], client, ps)
+        assert got == reference
+
+    run(main())
+
+
+def test_prefill_killed_before_the_read(servers: dict[str, VllmServer]) -> None:
+    """The prefill answers, then dies before any decode read its blocks.
+
+    recompute: the decode computes the prompt itself and returns the right
+    tokens. fail: the request fails with an error, promptly. Either way no
+    hang, and both decodes go on serving disaggregated requests."""
+    ps = prompts(3, seed=4, low=100, high=300)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=120) as client:
+            reference = await colocated(servers["p1"], client, ps)
+            for_recompute = await prefill(servers["p2"], client, ps[0])
+            for_fail = await prefill(servers["p2"], client, ps[1])
+            servers["p2"].kill()
+
+            started = time.monotonic()
+            out = await servers["d"].complete(client, ps[0], NEW_TOKENS, for_recompute)
+            assert out.token_ids == reference[0]
+            assert time.monotonic() - started < 30
+
+            started = time.monotonic()
+            with pytest.raises((httpx.HTTPStatusError, RuntimeError)) as info:
+                bad = await servers["dfail"].complete(client, ps[1], NEW_TOKENS, for_fail)
+                # Some vLLM versions end the stream with finish_reason "error".
+                if bad.finish_reason == "error" or bad.token_ids != reference[1]:
+                    raise RuntimeError(f"request failed: finish_reason={bad.finish_reason}")
+            assert time.monotonic() - started < 30, info.value
+            assert "KV load of request" in servers["dfail"].log_text()
+
+            # Both decode instances keep serving.
+            for decode in (servers["d"], servers["dfail"]):
+                again = await disagg([servers["p1"]], decode, client, ps[2:])
+                assert again == reference[2:]
+
+    run(main())
+
+
+def test_token_never_logged(servers: dict[str, VllmServer], token: str) -> None:
+    """The shared token is read from the environment and appears in no log."""
+    for server in servers.values():
+        assert token not in server.log_text(), server.name
