@@ -1,0 +1,131 @@
+"""``python -m aiokvpipe.bench blocks``: paged KV block transfers against today's API.
+
+Workload (issue 13): ``--layers`` (8) layers in vLLM's CPU layout, bf16
+blocks of 16 tokens x 8 kv heads x 128 dims for K and V (64 KiB a block per
+layer), a request of ``--blocks`` (256) scattered blocks: 128 MiB. Two
+spawned processes per event loop (:mod:`aiokvpipe.bench.blocks_workers`).
+
+Figures, each beside a baseline measured in the same processes:
+
+* pull of the request vs ``index_select`` gather -> Pipe send -> recv ->
+  ``index_copy_`` scatter (target: >= 1.5x faster);
+* pull throughput vs the Pipe's throughput for one contiguous tensor of the
+  same bytes (target: >= 0.8x);
+* layer-wise push with ``--compute-ms`` (2 ms) of simulated compute per
+  layer vs max(compute alone, transfer alone) (target: <= 1.15x);
+* a 16-block read, p50, vs a Pipe round trip of the same bytes (target:
+  <= 2x).
+
+Blocks move over the Endpoint's tcp links (``sendmsg`` / ``recvmsg_into``
+on the blocks themselves); the Pipe baselines are forced onto tcp too. A
+same-host shared-memory block path does not exist yet, so there is no shm
+row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+
+from .blocks_workers import BLOCK, worker
+from .procs import free_port, percentile, run_pair
+from .report import Progress, Result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layers", type=int, default=8, help="registered layers (default 8)")
+    parser.add_argument(
+        "--blocks", type=int, default=0, help="blocks in the request (default 256, 32 --quick)"
+    )
+    parser.add_argument(
+        "--iters", type=int, default=0, help="large transfers per figure (default 10, 2 --quick)"
+    )
+    parser.add_argument(
+        "--small-iters", type=int, default=0, help="16-block reads (default 300, 20 --quick)"
+    )
+    parser.add_argument("--compute-ms", type=float, default=2.0, help="simulated compute/layer")
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    count = args.blocks or (32 if args.quick else 256)
+    iters = args.iters or (2 if args.quick else 10)
+    small_iters = args.small_iters or (20 if args.quick else 300)
+    layers = args.layers
+    num_blocks = 2 * count  # room to scatter the request
+    nbytes = count * layers * 2 * BLOCK[0] * BLOCK[1] * BLOCK[2] * 2
+    small_bytes = nbytes * 16 // count
+    loops = ["asyncio", "uvloop"] if args.loop == "both" else [args.loop]
+    progress = Progress(len(loops), "blocks")
+    results: list[Result] = []
+    for loop_name in loops:
+        got = run_pair(
+            worker,
+            (free_port(), free_port()),
+            secrets.token_hex(16),
+            loop_name,
+            layers,
+            num_blocks,
+            count,
+            iters,
+            small_iters,
+            args.compute_ms,
+            "tcp",
+        )
+        progress.step(loop_name)
+        extra = {"loop": loop_name, "transport": "tcp", "bytes": nbytes, "blocks": count}
+        mib = nbytes / (1 << 20)
+        what = f"{count} blocks x {layers} layers ({mib:.0f} MiB), tcp, {loop_name}"
+        pull, gather = percentile(got["pull"], 0.5), percentile(got["gather"], 0.5)
+        contig = percentile(got["contig"], 0.5)
+        transfer = percentile(got["transfer"], 0.5)
+        compute = percentile(got["compute"], 0.5)
+        overlap = percentile(got["overlap"], 0.5)
+        small, pipe_small = percentile(got["small"], 0.5), percentile(got["pipe_small"], 0.5)
+        bound = max(compute, transfer)
+        results += [
+            Result(
+                "blocks",
+                f"pull p50, {what}",
+                pull * 1e3,
+                "ms",
+                "index_select -> Pipe -> index_copy_",
+                gather * 1e3,
+                ">= 1.5x faster",
+                pull * 1.5 <= gather,
+                extra,
+            ),
+            Result(
+                "blocks",
+                f"pull throughput, {what}",
+                nbytes / pull / 1e9,
+                "GB/s",
+                "Pipe, one contiguous tensor of the same bytes",
+                nbytes / contig / 1e9,
+                ">= 0.80x",
+                pull * 0.8 <= contig,
+                extra,
+            ),
+            Result(
+                "blocks",
+                f"layer-wise push, {args.compute_ms:g} ms compute/layer, {what}",
+                overlap * 1e3,
+                "ms",
+                f"max(compute {compute * 1e3:.1f} ms, transfer {transfer * 1e3:.1f} ms)",
+                bound * 1e3,
+                "<= 1.15x",
+                overlap <= 1.15 * bound,
+                extra,
+            ),
+            Result(
+                "blocks",
+                f"16-block read p50 ({small_bytes >> 20} MiB), tcp, {loop_name}",
+                small * 1e6,
+                "us",
+                "Pipe round trip of the same bytes",
+                pipe_small * 1e6,
+                "<= 2x",
+                small <= 2 * pipe_small,
+                {**extra, "bytes": small_bytes, "blocks": 16},
+            ),
+        ]
+    return results

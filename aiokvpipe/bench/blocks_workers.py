@@ -1,0 +1,215 @@
+"""Worker processes of ``python -m aiokvpipe.bench blocks``.
+
+Rank 0 is the prefill instance, rank 1 the decode instance. Each starts an
+Endpoint with a BlockService attached (:func:`aiokvpipe.blocks.wiring.attach`)
+and a Pipe forced onto the same transport for the baselines and for pacing;
+both register the same vLLM CPU layout, ``layers`` tensors of
+``[2, num_blocks, 16, 8, 128]`` bf16.
+
+Phases, every figure beside its baseline in the same processes, interleaved
+iteration by iteration so a noisy machine slows both alike:
+
+1. pull: decode reads the request's scattered blocks; baselines: the best a
+   user can do with the Pipe (prefill ``index_select`` per layer -> send ->
+   decode recv -> ``index_copy_``), and one contiguous tensor of the same
+   bytes over the Pipe;
+2. small: a 16-block read against a Pipe round trip of the same bytes;
+3. push: prefill writes every layer at once (transfer alone), sleeps
+   ``compute`` per layer (compute alone), then computes and writes layer by
+   layer, each write overlapping the next layer's compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import torch
+
+from .procs import report, run_loop
+
+BLOCK = (16, 8, 128)  # tokens x kv heads x head dim, bf16: 32 KiB per K or V block
+WARMUP = 1  # first iterations dial the block connections and fault pages in: not counted
+
+
+def request_blocks(count: int, num_blocks: int, seed: int) -> tuple[list[int], list[int]]:
+    """Scattered source and destination ids (distinct, unsorted), as a real request's."""
+    gen = torch.Generator().manual_seed(seed)
+    src = torch.randperm(num_blocks, generator=gen)[:count].tolist()
+    dst = torch.randperm(num_blocks, generator=gen)[:count].tolist()
+    return src, dst
+
+
+def layer_zero(num_blocks: int, seed: int) -> torch.Tensor:
+    """The first registered layer of the worker seeded ``seed`` (what a reader checks)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn((2, num_blocks, *BLOCK), generator=gen).to(torch.bfloat16)
+
+
+def worker(
+    rank: int,
+    queue: Any,
+    ports: tuple[int, int],
+    token: str,
+    loop_name: str,
+    layers: int,
+    num_blocks: int,
+    count: int,
+    iters: int,
+    small_iters: int,
+    compute_ms: float,
+    transport: str,
+) -> None:
+    from ..blocks.wiring import attach
+    from ..config import EndpointConfig, PipeConfig
+    from ..endpoint import Endpoint
+    from ..pipe import Pipe
+
+    # torch's intra-op threads spin after parallel ops (the baseline's gathers)
+    # and steal the cores both loops need.
+    torch.set_num_threads(1)
+    block_numel = 2 * BLOCK[0] * BLOCK[1] * BLOCK[2]
+    iters += WARMUP
+    small_iters += WARMUP
+
+    async def main() -> dict[str, Any]:
+        ep_port, pipe_port = ports
+        ep = await Endpoint.start(
+            EndpointConfig(
+                name=f"bench-{rank}",
+                host="127.0.0.1",
+                port=ep_port if rank == 0 else 0,
+                token=token,
+                transport=transport,  # type: ignore[arg-type]
+            )
+        )
+        service = attach(ep)
+        try:
+            async with await Pipe.connect(
+                PipeConfig(
+                    rank=rank,
+                    world_size=2,
+                    port=pipe_port,
+                    token=token,
+                    transport=transport,  # type: ignore[arg-type]
+                    buffer_bytes=1 << 30,
+                    connect_timeout=60,
+                )
+            ) as pipe:
+                gen = torch.Generator().manual_seed(rank)
+                region = [
+                    torch.randn((2, num_blocks, *BLOCK), generator=gen).to(torch.bfloat16)
+                    for _ in range(layers)
+                ]
+                service.register("kv", region, block_dim=1)
+                if rank == 0:
+                    return await prefill(service, pipe, region)
+                return await decode(service, pipe, region, f"127.0.0.1:{ep_port}", ep.address)
+        finally:
+            await service.aclose()
+            await ep.aclose()
+
+    async def prefill(service: Any, pipe: Any, region: list[torch.Tensor]) -> dict[str, Any]:
+        src, _ = request_blocks(count, num_blocks, 1)
+        small_src, _ = request_blocks(16, num_blocks, 2)
+        leases = [service.expose(f"pull-{i}", "kv", src, ttl=3600) for i in range(iters)]
+        leases += [
+            service.expose(f"small-{i}", "kv", small_src, ttl=3600) for i in range(small_iters)
+        ]
+        index = torch.tensor(src)
+        contiguous = torch.zeros(count * block_numel * layers, dtype=torch.bfloat16)
+        small = torch.zeros(16 * block_numel * layers, dtype=torch.bfloat16)
+        await pipe.send(None)  # ready: the leases are granted
+        for _ in range(iters):
+            await pipe.recv()  # the baseline's request
+            for layer in region:
+                await pipe.send(layer.index_select(1, index))
+            await pipe.recv()
+            await pipe.send(contiguous)
+        for _ in range(small_iters):
+            await pipe.recv()
+            await pipe.send(small)
+        for lease in leases:
+            await lease.wait()  # the reader reported every read done
+
+        decode = bytes((await pipe.recv()).tolist()).decode()  # it expects our pushes now
+        _, dst = request_blocks(count, num_blocks, 3)
+        local = list(range(count))
+        samples: dict[str, list[float]] = {"transfer": [], "compute": [], "overlap": []}
+        for i in range(iters):
+            t0 = time.perf_counter()
+            await service.write(decode, f"all-{i}", "kv", local, dst)
+            t1 = time.perf_counter()
+            for _ in range(layers):
+                await asyncio.sleep(compute_ms / 1e3)
+            t2 = time.perf_counter()
+            writes = []
+            for index in range(layers):
+                await asyncio.sleep(compute_ms / 1e3)  # compute layer ``index``...
+                writes.append(  # ...and ship it while the next one computes
+                    asyncio.ensure_future(
+                        service.write(decode, f"wise-{i}", "kv", local, dst, layers=[index])
+                    )
+                )
+            await asyncio.gather(*writes)
+            t3 = time.perf_counter()
+            if i >= WARMUP:
+                samples["transfer"].append(t1 - t0)
+                samples["compute"].append(t2 - t1)
+                samples["overlap"].append(t3 - t2)
+        await pipe.send(None)
+        await pipe.recv()  # decode saw every push lease complete
+        return samples
+
+    async def decode(
+        service: Any, pipe: Any, region: list[torch.Tensor], owner: str, me: str
+    ) -> dict[str, Any]:
+        src, dst = request_blocks(count, num_blocks, 1)
+        small_src, small_dst = request_blocks(16, num_blocks, 2)
+        index = torch.tensor(dst)
+        expected = layer_zero(num_blocks, 0)[:, src].clone()
+        samples: dict[str, list[float]] = {"pull": [], "gather": [], "contig": []}
+        samples.update(small=[], pipe_small=[])
+        await pipe.recv()
+        for i in range(iters):
+            t0 = time.perf_counter()
+            await service.read(owner, f"pull-{i}", "kv", src, dst)
+            t1 = time.perf_counter()
+            if i == 0 and not torch.equal(region[0][:, dst], expected):
+                raise RuntimeError("pulled blocks differ from the owner's")
+            await pipe.send(None)
+            for layer in region:
+                layer.index_copy_(1, index, await pipe.recv())
+            t2 = time.perf_counter()
+            await pipe.send(None)
+            await pipe.recv()
+            t3 = time.perf_counter()
+            if i >= WARMUP:
+                samples["pull"].append(t1 - t0)
+                samples["gather"].append(t2 - t1)
+                samples["contig"].append(t3 - t2)
+        for i in range(small_iters):
+            t0 = time.perf_counter()
+            await service.read(owner, f"small-{i}", "kv", small_src, small_dst)
+            t1 = time.perf_counter()
+            await pipe.send(None)
+            await pipe.recv()
+            t2 = time.perf_counter()
+            if i >= WARMUP:
+                samples["small"].append(t1 - t0)
+                samples["pipe_small"].append(t2 - t1)
+
+        _, push_dst = request_blocks(count, num_blocks, 3)
+        leases = []
+        for i in range(iters):
+            leases.append(service.expect(f"all-{i}", "kv", push_dst, ttl=3600))
+            leases.append(service.expect(f"wise-{i}", "kv", push_dst, ttl=3600))
+        await pipe.send(torch.tensor(list(me.encode()), dtype=torch.uint8))
+        await pipe.recv()  # prefill is done writing
+        for lease in leases:
+            await lease.wait()
+        await pipe.send(None)
+        return samples
+
+    report(queue, lambda: run_loop(loop_name, main))

@@ -1,0 +1,41 @@
+"""The blocks benchmark end to end with tiny sizes: every figure measured beside its baseline.
+
+Speed is not asserted (the lead's runs report it); this checks the suite runs
+its two spawned workers to the end over a real Endpoint, verifies the pulled
+blocks, and reports each figure with its baseline and target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+import shm_workers
+
+from aiokvpipe.bench import blocks
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tracker() -> None:
+    shm_workers.start_resource_tracker()  # spawn's process-wide helper: not a leak
+
+
+def test_every_blocks_figure_is_measured_with_its_baseline() -> None:
+    args = argparse.Namespace(
+        loop="asyncio", quick=True, layers=2, blocks=4, iters=2, small_iters=3, compute_ms=0.5
+    )
+    results = blocks.run(args)
+    assert [r.target for r in results] == [
+        ">= 1.5x faster",
+        ">= 0.80x",
+        "<= 1.15x",
+        "<= 2x",
+    ]
+    for r in results:
+        assert r.suite == "blocks" and r.ok is not None, r
+        assert math.isfinite(r.value) and r.value > 0, r
+        assert r.baseline_value is not None and r.baseline_value > 0, r
+    assert results[0].extra["bytes"] == 4 * 2 * 2 * 16 * 8 * 128 * 2
