@@ -145,11 +145,11 @@ def worker(
                 await asyncio.sleep(compute_ms / 1e3)
             t2 = time.perf_counter()
             writes = []
-            for index in range(layers):
-                await asyncio.sleep(compute_ms / 1e3)  # compute layer ``index``...
+            for layer_no in range(layers):
+                await asyncio.sleep(compute_ms / 1e3)  # compute layer ``layer_no``...
                 writes.append(  # ...and ship it while the next one computes
                     asyncio.ensure_future(
-                        service.write(decode, f"wise-{i}", "kv", local, dst, layers=[index])
+                        service.write(decode, f"wise-{i}", "kv", local, dst, layers=[layer_no])
                     )
                 )
             await asyncio.gather(*writes)
