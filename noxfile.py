@@ -92,7 +92,12 @@ def vllm(session: nox.Session) -> None:
         *(session.posargs or ("--durations=10", "tests/vllm")),
         env=env,
     )
-    session.run("python", "examples/vllm_disagg/run.py", "--model", model, env=env)
+    session.run(
+        "python",
+        "examples/vllm_disagg/run.py",
+        *("--model", model, "--prompts", "20", "--compare"),
+        env=env,
+    )
 
 
 @nox.session(python=PYTHON)
