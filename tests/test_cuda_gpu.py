@@ -24,7 +24,7 @@ from aiokvpipe import PipeConfig
 from aiokvpipe.cuda.events import wait_event, wait_stream
 from aiokvpipe.cuda.runtime import cuda_available, nccl_or_raise
 from aiokvpipe.cuda.staging import to_device, to_host
-from aiokvpipe.cuda.streams import TorchCudaOps
+from aiokvpipe.cuda.streams import TorchCudaOps, dedicated_stream, staging_stream
 from aiokvpipe.errors import CudaUnavailableError
 from aiokvpipe.pipe import Pipe
 from aiokvpipe.transport.nccl import create_endpoint, unique_id_bytes
@@ -52,19 +52,25 @@ def _nccl_or_skip() -> Any:
 @pytest.fixture(scope="module", autouse=True)
 def warm_cuda() -> Iterator[None]:
     """Open CUDA's (and NCCL's, and multiprocessing's) process-wide fds up front,
-    so the per-test leak check sees only what a test itself leaves behind."""
+    on every device a test may use, so the per-test leak check sees only what
+    a test itself leaves behind."""
     torch.cuda.init()  # type: ignore[no-untyped-call]
-    torch.empty(1, device=DEVICE).add_(1)
     torch.empty(1, pin_memory=True)
-    torch.cuda.synchronize()
-    multiprocessing.resource_tracker.ensure_running()
     try:
         nccl = nccl_or_raise("warm-up")
     except CudaUnavailableError:
         nccl = None
-    if nccl is not None:
-        comm = nccl.NcclCommunicator(1, nccl.get_unique_id(), 0)
-        comm.abort()
+    for index in range(torch.cuda.device_count()):
+        device = torch.device("cuda", index)
+        torch.empty(1, device=device).add_(1)
+        dedicated_stream(device)  # cupy's per-device state, as the transports create it
+        staging_stream(device)
+        torch.cuda.synchronize(device)
+        if nccl is not None:
+            with torch.cuda.device(device):
+                comm = nccl.NcclCommunicator(1, nccl.get_unique_id(), 0)
+                comm.abort()
+    multiprocessing.resource_tracker.ensure_running()
     yield
 
 
@@ -131,16 +137,14 @@ async def test_nccl_grouped_self_send_recv() -> None:
     nccl = _nccl_or_skip()
     ops = TorchCudaOps(DEVICE)
     uid = unique_id_bytes(nccl.get_unique_id())
-    endpoint = await create_endpoint(
-        nccl, ops, uid, world_size=1, rank=0, warmup=None, timeout=60, what="self"
-    )
+    endpoint = await create_endpoint(nccl, ops, uid, world_size=1, rank=0, timeout=60, what="self")
     try:
         for nbytes in (1, 4096, 64 << 20):
             src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=DEVICE)
             dst = torch.zeros_like(src)
             endpoint.stream.wait_stream(torch.cuda.current_stream(DEVICE))
-            endpoint.exchange(src, dst, peer=0)
-            await endpoint.wait(endpoint.stream.record_event(), timeout=30, what="self send/recv")
+            event = await endpoint.exchange(src, dst, peer=0)
+            await endpoint.wait(event, timeout=30, what="self send/recv")
             assert torch.equal(src, dst)
         endpoint.check()  # no asynchronous error pending
     finally:
@@ -186,6 +190,60 @@ async def _exchange_and_check(a: Pipe, b: Pipe, receiver_device: torch.device) -
         assert got is not None and got.device == receiver_device
         assert torch.equal(got.cpu(), item.contiguous())
     await asyncio.wait_for(a.flush(), 30)
+
+
+async def test_transport_streams_are_dedicated() -> None:
+    """Not torch's pool: a fresh non-blocking stream per direction, one staging stream."""
+    ops = TorchCudaOps(DEVICE)
+    first, second = ops.new_stream(), ops.new_stream()
+    pool = {torch.cuda.Stream(DEVICE).cuda_stream for _ in range(64)}  # type: ignore[no-untyped-call]
+    assert first.cuda_stream != second.cuda_stream
+    assert not {first.cuda_stream, second.cuda_stream} & pool
+    assert ops.staging_stream() is ops.staging_stream()
+    assert ops.staging_stream().cuda_stream not in pool
+
+
+@pytest.mark.parametrize(
+    ("transport", "devices"),
+    [("tcp", ("cpu", "cuda:0")), ("tcp", ("cuda:0", "cpu")), ("auto", ("cpu", "cuda:0"))],
+)
+async def test_cuda_tensors_staged_over_tcp(transport: str, devices: tuple[str, str]) -> None:
+    """CPU<->GPU pairs (what auto picks tcp for): GPU tensors are staged through the host."""
+    a, b = await _ring_pair(transport, devices)
+    try:
+        assert a.send_transport == "tcp"
+        receiver_device = torch.device(devices[1] if devices[1] == "cpu" else DEVICE)
+        for item in SAMPLES:
+            sent = item if item is None or devices[0] == "cpu" else item.to(DEVICE)
+            await a.send(sent)
+        for item in SAMPLES:
+            got = await asyncio.wait_for(b.recv(), 30)
+            if item is None:
+                assert got is None
+                continue
+            assert got is not None and got.device == receiver_device
+            assert torch.equal(got.cpu(), item.contiguous())
+        await asyncio.wait_for(a.flush(), 30)
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_send_with_an_explicit_fence() -> None:
+    """``send(ready=stream)``: the transfer waits for work on that stream, not the current one."""
+    a, b = await _ring_pair("cuda_ipc", ("cuda:0", "cuda:0"))
+    side: Any = torch.cuda.Stream(DEVICE)  # type: ignore[no-untyped-call]
+    try:
+        src = torch.zeros(1 << 20, device=DEVICE)
+        with torch.cuda.stream(side):
+            _gpu_sleep(20_000_000)  # the producer is still busy...
+            src.fill_(7.0)  # ...when this lands
+        await a.send(src, ready=side)
+        got = await asyncio.wait_for(b.recv(), 30)
+        assert got is not None and bool((got == 7.0).all())
+    finally:
+        await a.aclose()
+        await b.aclose()
 
 
 async def test_cuda_ipc_between_ranks_of_one_process() -> None:

@@ -9,6 +9,7 @@ tests/test_cuda_gpu.py for the same paths on a device.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import pytest
 import torch
 
 from aiokvpipe import PipeConfig
+from aiokvpipe.cuda.channel import MAX_INFLIGHT
+from aiokvpipe.cuda.nccl_thread import NcclThread
 from aiokvpipe.cuda.testing import FakeDevice, FakeNccl, FakeNcclError, FakeOps, link_pair
 from aiokvpipe.errors import (
     CudaTransferError,
@@ -44,6 +47,8 @@ class Pair:
     rx: FakeOps
     sender: NcclSendChannel
     receiver: NcclRecvChannel
+    rx_nccl: FakeNccl
+    threads: tuple[NcclThread, NcclThread]
     seq: int = 0
 
     def send(self, tensor: torch.Tensor | None) -> OutgoingMessage:
@@ -54,7 +59,8 @@ class Pair:
         return message
 
     def comm(self, rank: int) -> Any:
-        return next(c for c in self.nccl.comms if c.rank == rank)
+        comms = self.nccl.comms if rank == 0 else self.rx_nccl.comms
+        return next(c for c in comms if c.rank == rank)
 
 
 @pytest.fixture
@@ -63,13 +69,19 @@ def nccl_device() -> tuple[FakeDevice, FakeNccl]:
     return device, FakeNccl(device)
 
 
-async def open_pair(device: FakeDevice, nccl: FakeNccl, **config: Any) -> Pair:
+async def open_pair(
+    device: FakeDevice, nccl: FakeNccl, *, processes: int = 1, **config: Any
+) -> Pair:
+    """Both ends in one process (one NCCL thread), or in two fake processes."""
     config.setdefault("connect_timeout", 5.0)
     send_link, recv_link = link_pair(PipeConfig(rank=0, **config))
     tx, rx = FakeOps(device, "tx"), FakeOps(device, "rx")
-    sender = NcclSendChannel.open(send_link, nccl=nccl, ops=tx)
-    receiver = NcclRecvChannel.open(recv_link, nccl=nccl, ops=rx)
-    return Pair(device, nccl, tx, rx, sender, receiver)
+    rx_nccl = nccl if processes == 1 else nccl.other_process()
+    tx_thread = NcclThread()
+    rx_thread = tx_thread if processes == 1 else NcclThread()
+    sender = NcclSendChannel.open(send_link, nccl=nccl, ops=tx, thread=tx_thread)
+    receiver = NcclRecvChannel.open(recv_link, nccl=rx_nccl, ops=rx, thread=rx_thread)
+    return Pair(device, nccl, tx, rx, sender, receiver, rx_nccl, (tx_thread, rx_thread))
 
 
 @pytest.fixture
@@ -158,10 +170,13 @@ async def test_stream_ordering(pair: Pair) -> None:
     assert tx_stream[-3:] == [f"wait {fence_event}", "nccl_send 16B", tx_stream[-1]]
     assert tx_stream[-1].startswith("record tx.side1-")
     # Receiver: the buffer comes from the consumer's stream, so the NCCL stream
-    # waits for that stream first and records its use of the buffer.
+    # waits for that stream first and records its use of the buffer (on the
+    # loop, so anywhere around the NCCL thread's wait/recv/record).
     rx_stream = pair.device.actions("rx.side1")
-    assert rx_stream[-4].startswith("wait rx.current-")
-    assert rx_stream[-3:-1] == ["nccl_recv 16B", "record_stream"]
+    assert "record_stream" in rx_stream
+    rx_stream.remove("record_stream")
+    assert rx_stream[-3].startswith("wait rx.current-")
+    assert rx_stream[-2] == "nccl_recv 16B"
     assert rx_stream[-1].startswith("record rx.side1-")
 
 
@@ -184,7 +199,7 @@ async def test_none_and_empty_frames_skip_nccl(pair: Pair) -> None:
     got = await asyncio.wait_for(pair.receiver.recv(), 5)
     assert got is not None and got.shape == (0, 3)
     await asyncio.gather(*(m.done for m in messages))
-    assert pair.device.actions("tx.side1") == ["nccl_send 1B"]  # the warm-up only
+    assert pair.device.actions("tx.side1") == ["nccl_send 1B", "record tx.side1-1"]  # warm-up
 
 
 async def test_timeout_aborts_the_communicator(nccl_device: tuple[FakeDevice, FakeNccl]) -> None:
@@ -251,10 +266,10 @@ async def test_sender_gone_fails_the_receiver(pair: Pair) -> None:
 
 async def test_peer_init_failure_stops_the_wait(nccl_device: tuple[FakeDevice, FakeNccl]) -> None:
     device, nccl = nccl_device
+    p = await open_pair(device, nccl, processes=2, connect_timeout=30.0)
     nccl.hold_rank = 0  # the sender's ncclCommInitRank blocks, waiting for a peer
-    nccl.fail_rank = 1  # ...and the receiver's fails
-    nccl.fail_init = FakeNcclError("ncclInvalidUsage")
-    p = await open_pair(device, nccl, connect_timeout=30.0)
+    nccl.init_timeout = 0.3  # ...and gives up once released, as its peer never joins
+    p.rx_nccl.fail_init = FakeNcclError("ncclInvalidUsage")  # the receiver's fails
     try:
         started = time.perf_counter()
         with pytest.raises(CudaTransferError, match="could not set up NCCL"):
@@ -263,14 +278,15 @@ async def test_peer_init_failure_stops_the_wait(nccl_device: tuple[FakeDevice, F
         with pytest.raises(CudaTransferError, match="ncclInvalidUsage"):
             await p.receiver.recv()
     finally:
-        nccl.release_init.set()  # the abandoned set-up finishes and is aborted
+        nccl.release_init.set()  # the abandoned set-up ends (and would be aborted if built)
         await p.sender.aclose()
         await p.receiver.aclose()
     for _ in range(200):
-        if nccl.comms and nccl.comms[0].aborted:
+        if all(t.ident is None for t in p.threads):
             break
         await asyncio.sleep(0.01)
-    assert [c.aborted for c in nccl.comms] == [True]
+    assert all(t.ident is None for t in p.threads)  # the NCCL threads are done
+    assert not [c for c in nccl.comms + p.rx_nccl.comms if not c.aborted]
 
 
 async def test_cancelled_recv_loses_nothing(pair: Pair) -> None:
@@ -292,9 +308,16 @@ async def test_receiver_window_bounds_unconsumed_bytes(
     p = await open_pair(device, nccl, buffer_bytes=64)
     try:
         messages = [p.send(torch.full((16,), float(i))) for i in range(3)]  # 64 B each
+
+        def posted() -> int:
+            return sum(1 for a in p.device.actions("rx.side1") if a.startswith("nccl_recv 64B"))
+
+        for _ in range(300):
+            if posted():
+                break
+            await asyncio.sleep(0.01)
         await asyncio.sleep(0.1)
-        posted = [a for a in p.device.actions("rx.side1") if a.startswith("nccl_recv 64B")]
-        assert len(posted) == 1  # the second waits until the first is taken
+        assert posted() == 1  # the second waits until the first is taken
         for i in range(3):
             got = await asyncio.wait_for(p.receiver.recv(), 5)
             assert torch.equal(got, torch.full((16,), float(i)))
@@ -321,13 +344,137 @@ async def test_grouped_self_exchange(nccl_device: tuple[FakeDevice, FakeNccl]) -
     ops = FakeOps(device, "solo")
     uid = unique_id_bytes(nccl.get_unique_id())
     endpoint = await create_endpoint(
-        nccl, ops, uid, world_size=1, rank=0, warmup=None, timeout=5, what="self"
+        nccl, ops, uid, world_size=1, rank=0, timeout=5, what="self", thread=NcclThread()
     )
     src = torch.arange(32, dtype=torch.int32)
     dst = torch.zeros(32, dtype=torch.int32)
-    endpoint.exchange(src, dst, peer=0)
-    await endpoint.wait(endpoint.stream.record_event(), timeout=5, what="self exchange")
+    event = await endpoint.exchange(src, dst, peer=0)
+    await endpoint.wait(event, timeout=5, what="self exchange")
     assert torch.equal(src, dst)
     assert device.actions("solo.side1")[:2] == ["nccl_send 128B", "nccl_recv 128B"]
     await endpoint.abort(timeout=5)
     assert nccl.comms[0].aborted
+
+
+async def _settled(*threads: NcclThread) -> None:
+    """Wait until the NCCL threads ran out of work and exited."""
+    for _ in range(300):
+        if all(t.ident is None for t in threads):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("an NCCL thread never went idle")
+
+
+async def test_every_nccl_call_runs_on_the_one_nccl_thread(
+    nccl_device: tuple[FakeDevice, FakeNccl],
+) -> None:
+    """Init, warm-up, send/recv, error checks and abort: one thread, never the loop's."""
+    device, nccl = nccl_device
+    p = await open_pair(device, nccl)
+    try:
+        messages = [p.send(torch.full((4,), float(i))) for i in range(5)]
+        for i in range(5):
+            got = await asyncio.wait_for(p.receiver.recv(), 5)
+            assert torch.equal(got, torch.full((4,), float(i)))
+        await asyncio.wait_for(asyncio.gather(*(m.done for m in messages)), 5)
+        await asyncio.wait_for(p.sender.aclose(), 5)
+    finally:
+        await p.sender.aclose(graceful=False)
+        await p.receiver.aclose()
+    await _settled(*p.threads)
+    called = {name for name, _, _ in nccl.calls}
+    assert {"NcclCommunicator", "send", "recv", "check_async_error", "abort"} <= called
+    assert threading.get_ident() not in nccl.threads()
+    assert nccl.thread_names() == {"aiokvpipe: nccl"}
+    assert nccl.overlaps == []  # no NCCL call ever ran beside another
+
+
+async def test_set_ups_of_two_processes_cannot_deadlock(
+    nccl_device: tuple[FakeDevice, FakeNccl],
+) -> None:
+    """Two processes, two links, one NCCL thread each: whichever set-up each
+    process reaches first, neither blocks its thread on a communicator the
+    other has not started (each init blocks until its peer joins)."""
+    device, nccl = nccl_device
+    a_to_b = await open_pair(device, nccl, processes=2)
+    # b -> a: the second process sends; it reuses the fakes of the first pair.
+    send_link, recv_link = link_pair(PipeConfig(rank=0, connect_timeout=5.0))
+    b_nccl, a_thread, b_thread = a_to_b.rx_nccl, *a_to_b.threads
+    back_tx, back_rx = FakeOps(device, "btx"), FakeOps(device, "brx")
+    back = NcclSendChannel.open(send_link, nccl=b_nccl, ops=back_tx, thread=b_thread)
+    back_in = NcclRecvChannel.open(recv_link, nccl=nccl, ops=back_rx, thread=a_thread)
+    try:
+        forward = a_to_b.send(torch.arange(3))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        back.submit(OutgoingMessage(header_for(0, torch.arange(4)), torch.arange(4), done))
+        got = await asyncio.wait_for(a_to_b.receiver.recv(), 5)
+        assert torch.equal(got, torch.arange(3))
+        assert torch.equal(await asyncio.wait_for(back_in.recv(), 5), torch.arange(4))
+        await asyncio.wait_for(asyncio.gather(forward.done, done), 5)
+        assert nccl.overlaps == [] and b_nccl.overlaps == []
+    finally:
+        for channel in (a_to_b.sender, back):
+            await channel.aclose(graceful=False)
+        for receiver in (a_to_b.receiver, back_in):
+            await receiver.aclose()
+    await _settled(a_thread, b_thread)
+
+
+async def test_abandoned_set_up_aborts_each_communicator_once(
+    nccl_device: tuple[FakeDevice, FakeNccl],
+) -> None:
+    """Set-up given up during the warm-up: each communicator aborted exactly once.
+
+    cupy's abort is not atomic; a second abort while the first runs is a
+    double free (the fake's slow abort catches one).
+    """
+    device, nccl = nccl_device
+    nccl.hang = True  # the warm-up transfer never completes
+    nccl.abort_seconds = 0.2
+    p = await open_pair(device, nccl, connect_timeout=0.3)
+    try:
+        with pytest.raises(TransferTimeout, match="NCCL set-up"):
+            await asyncio.wait_for(p.send(torch.ones(1)).done, 10)
+        with pytest.raises((TransferTimeout, CudaTransferError, PeerClosedError)):
+            await asyncio.wait_for(p.receiver.recv(), 10)
+    finally:
+        await p.sender.aclose()
+        await p.receiver.aclose()
+    await _settled(*p.threads)
+    assert len(nccl.comms) == 2
+    assert [c.abort_calls for c in nccl.comms] == [1, 1]
+    assert [c.concurrent_aborts for c in nccl.comms] == [0, 0]
+
+
+async def test_messages_in_flight_on_the_device_are_capped(
+    nccl_device: tuple[FakeDevice, FakeNccl],
+) -> None:
+    """Thousands of tiny sends fit any byte window; the message cap stops them at 128."""
+    device, nccl = nccl_device
+    p = await open_pair(device, nccl)
+    try:
+        first = p.send(torch.ones(1))
+        await asyncio.wait_for(p.receiver.recv(), 5)
+        await first.done
+        device.paused = True  # nothing completes: everything queued stays in flight
+        count = 300
+        messages = [p.send(torch.full((2,), float(i))) for i in range(count)]
+
+        def queued(stream: str, op: str) -> int:
+            return sum(1 for a in device.actions(stream) if a == f"{op} 8B")
+
+        for _ in range(300):
+            if queued("tx.side1", "nccl_send") >= MAX_INFLIGHT:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # room to overshoot, if the cap let it
+        assert queued("tx.side1", "nccl_send") == MAX_INFLIGHT
+        assert queued("rx.side1", "nccl_recv") <= MAX_INFLIGHT
+        device.paused = False
+        for i in range(count):
+            got = await asyncio.wait_for(p.receiver.recv(), 5)
+            assert torch.equal(got, torch.full((2,), float(i)))
+        await asyncio.wait_for(asyncio.gather(*(m.done for m in messages)), 10)
+    finally:
+        await p.sender.aclose()
+        await p.receiver.aclose()

@@ -35,11 +35,11 @@ async def test_to_host_orders_after_the_producer_and_waits() -> None:
     host = await asyncio.wait_for(copying, 5)
     assert torch.equal(host, src) and host.is_contiguous()
     assert ops.fake.actions("current") == ["record current-1"]  # the producer fence
-    assert ops.fake.actions("side1") == [
+    assert ops.fake.actions("staging") == [
         "wait current-1",
         "copy 12xtorch.float32",
         "record_stream",
-        "record side1-1",
+        "record staging-1",
     ]
 
 
@@ -50,12 +50,12 @@ async def test_to_device_fences_destination_and_source() -> None:
     src = torch.randn(3, 5)
     dst = await asyncio.wait_for(copy_to_device(src, ops, src_ready=src_ready), 5)
     assert torch.equal(dst, src) and dst.data_ptr() != src.data_ptr()
-    assert ops.fake.actions("side1") == [
+    assert ops.fake.actions("staging") == [
         "wait current-1",  # dst may be memory queued kernels just freed
         "wait other-gpu-1",  # the source's producer
         "copy 15xtorch.float32",
         "record_stream",
-        "record side1-1",
+        "record staging-1",
     ]
 
 
@@ -64,3 +64,25 @@ async def test_staging_is_bounded_by_its_timeout() -> None:
     ops.fake.paused = True
     with pytest.raises(TransferTimeout, match="copy of 16 bytes to the host"):
         await copy_to_host(torch.ones(4), ops, timeout=0.05)
+
+
+async def test_staging_reuses_one_stream_per_device() -> None:
+    """No new stream per copy: every staging copy of a device goes on its one stream."""
+    ops = FakeOps(FakeDevice())
+    for _ in range(3):
+        await asyncio.wait_for(copy_to_host(torch.ones(4), ops), 5)
+        await asyncio.wait_for(copy_to_device(torch.ones(4), ops), 5)
+    assert ops.new_streams == 0
+    assert ops.fake.actions("staging").count("copy 4xtorch.float32") == 6
+
+
+async def test_staging_waits_for_an_explicit_fence() -> None:
+    """``ready=`` names the producer: an event, or a stream marked at call time."""
+    ops = FakeOps(FakeDevice())
+    producer = ops.fake.stream("producer")
+    await asyncio.wait_for(copy_to_host(torch.ones(2), ops, ready=producer), 5)
+    event = producer.record_event()
+    await asyncio.wait_for(copy_to_host(torch.ones(2), ops, ready=event), 5)
+    waits = [a for a in ops.fake.actions("staging") if a.startswith("wait")]
+    assert waits == ["wait producer-1", "wait producer-2"]
+    assert ops.fake.actions("current") == []  # the current stream was not the fence

@@ -203,38 +203,50 @@ async def _event_overhead(
     )
 
 
-async def _nccl_bandwidth(nccl: Any, device: torch.device, quick: bool) -> Result:
+async def _self_communicator(nccl: Any, device: torch.device) -> Any:
+    """A one-rank communicator on ``device`` (grouped send/recv to itself)."""
     from ..cuda.streams import TorchCudaOps
     from ..transport.nccl import create_endpoint, unique_id_bytes
 
+    uid = unique_id_bytes(nccl.get_unique_id())
+    ops = TorchCudaOps(device)
+    return await create_endpoint(nccl, ops, uid, world_size=1, rank=0, timeout=120, what="bench")
+
+
+async def _nccl_seconds(endpoint: Any, work: Callable[[], None]) -> float:
+    """GPU time of NCCL ``work``, queued (with its timing events) on the NCCL thread."""
+    start, end = _timing_event(), _timing_event()
+
+    def job() -> None:
+        start.record(endpoint.stream)
+        work()
+        end.record(endpoint.stream)
+
+    await endpoint.thread.call(job, timeout=600, what="queuing the NCCL benchmark")
+    await wait_event(end, timeout=600)
+    return float(start.elapsed_time(end)) / 1e3
+
+
+async def _nccl_bandwidth(nccl: Any, device: torch.device, quick: bool) -> Result:
     size, iters = (64 * MiB, 5) if quick else (256 * MiB, 20)
-    endpoint = await create_endpoint(
-        nccl,
-        TorchCudaOps(device),
-        unique_id_bytes(nccl.get_unique_id()),
-        world_size=1,
-        rank=0,
-        warmup=None,
-        timeout=120,
-        what="bench",
-    )
+    endpoint = await _self_communicator(nccl, device)
     try:
         src = torch.randint(0, 256, (size,), dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
         stream = endpoint.stream
         stream.wait_stream(torch.cuda.current_stream(device))
 
-        def exchange() -> None:
+        def exchange() -> None:  # on the NCCL thread
             for _ in range(iters):
-                endpoint.exchange(src, dst, peer=0)
+                endpoint.exchange_now(src, dst, peer=0)
 
         def copy() -> None:
             with torch.cuda.stream(stream):
                 for _ in range(iters):
                     dst.copy_(src, non_blocking=True)
 
-        await _gpu_seconds(stream, lambda: endpoint.exchange(src, dst, peer=0))  # warm-up
-        nccl_s = await _gpu_seconds(stream, exchange)
+        await _nccl_seconds(endpoint, lambda: endpoint.exchange_now(src, dst, peer=0))  # warm-up
+        nccl_s = await _nccl_seconds(endpoint, exchange)
         copy_s = await _gpu_seconds(stream, copy)
         endpoint.check()
     finally:
@@ -391,27 +403,15 @@ async def _loop_lag(nccl: Any, device: torch.device, quick: bool, loop_name: str
     works.append(("1 GiB staged to pinned host memory", staging))
     endpoint = None
     if nccl is not None:
-        from ..cuda.streams import TorchCudaOps
-        from ..transport.nccl import create_endpoint, unique_id_bytes
-
-        endpoint = await create_endpoint(
-            nccl,
-            TorchCudaOps(device),
-            unique_id_bytes(nccl.get_unique_id()),
-            world_size=1,
-            rank=0,
-            warmup=None,
-            timeout=120,
-            what="bench",
-        )
+        endpoint = await _self_communicator(nccl, device)
         dst = torch.empty_like(src)
         endpoint.stream.wait_stream(torch.cuda.current_stream(device))
 
         async def nccl_transfer() -> None:
             assert endpoint is not None
             for _ in range(rounds):
-                endpoint.exchange(src, dst, peer=0)
-                await endpoint.wait(endpoint.stream.record_event(), timeout=600, what="1 GiB")
+                event = await endpoint.exchange(src, dst, peer=0)
+                await endpoint.wait(event, timeout=600, what="1 GiB")
 
         works.append(("1 GiB NCCL self send/recv", nccl_transfer))
     results = []

@@ -15,6 +15,12 @@ join), but every rank opens its send end before its receive end, so an
 returns at once and the set-up runs first thing in the background; messages
 submitted meanwhile queue behind it, and a failed set-up fails them.
 
+The byte windows bound memory, not work: thousands of tiny messages fit in
+any window, and each queues a kernel (and, for NCCL, a proxy operation) until
+launching the next one blocks the thread that queues it. So each channel
+also caps the messages it has in flight on the device at ``max_inflight``
+and waits on that cap the way it waits on the window.
+
 Subclasses supply the transport-specific steps; this module owns ordering,
 the first-error-wins failure path, the graceful close and its CLOSE frame.
 """
@@ -36,9 +42,12 @@ from ..tensors import dense
 from ..wire import FrameHeader, FrameKind
 from .control import ControlSocket
 from .staging import to_device
-from .streams import DeviceOps, fence
+from .streams import DeviceOps, as_fence, fence
 
 S = TypeVar("S")
+
+#: Messages with a payload that one channel may have queued on the device.
+MAX_INFLIGHT = 128
 
 
 class Message(Protocol):
@@ -87,13 +96,16 @@ class OrderedSender(abc.ABC, Generic[S]):
         *,
         op_timeout: float | None,
         close_timeout: float,
+        max_inflight: int = MAX_INFLIGHT,
     ) -> None:
         self._control = control
         self._ops = ops
         self._op_timeout = op_timeout
         self._close_timeout = close_timeout
         self._to_start: asyncio.Queue[tuple[Message, Any]] = asyncio.Queue()
-        self._to_finish: asyncio.Queue[tuple[Message, S]] = asyncio.Queue()
+        self._to_finish: asyncio.Queue[tuple[Message, S, bool]] = asyncio.Queue()
+        # One unit per message with a payload between _start and _finish.
+        self._inflight = ByteSemaphore(max_inflight)
         self._unresolved: deque[Message] = deque()
         self._set_up = False
         # Set when set-up is over and every submitted message is finished.
@@ -191,15 +203,22 @@ class OrderedSender(abc.ABC, Generic[S]):
         if tensor is None or message.header.nbytes == 0:
             return None
         tensor = dense(tensor)
+        # The caller may name the fence (an event, or a stream whose queued
+        # work is marked now); by default it is the current stream.
+        given = getattr(message, "ready", None)
+        ready = as_fence(given) if given is not None else None
         if tensor.device != self._ops.device:
-            return tensor, None
-        return tensor, fence(self._ops)
+            return tensor, ready
+        return tensor, ready if ready is not None else fence(self._ops)
 
     async def on_device(self, token: Any) -> tuple[torch.Tensor, Any]:
         """``(tensor on this channel's device, producer fence or None)`` for a token."""
         tensor, ready = token
         if tensor.device != self._ops.device:
-            return await to_device(tensor, self._ops.device, timeout=self._op_timeout), None
+            staged = await to_device(
+                tensor, self._ops.device, timeout=self._op_timeout, ready=ready
+            )
+            return staged, None
         return tensor, ready
 
     # -- machinery -------------------------------------------------------------
@@ -211,16 +230,21 @@ class OrderedSender(abc.ABC, Generic[S]):
                 self._idle.set()
             while True:
                 message, token = await self._to_start.get()
+                slot = token is not None
+                if slot:
+                    await self._inflight.acquire(1)
                 state = await self._start(message, token)
-                self._to_finish.put_nowait((message, state))
+                self._to_finish.put_nowait((message, state, slot))
         except Exception as exc:
             await self._fail(exc)
 
     async def _run_finisher(self) -> None:
         try:
             while True:
-                message, state = await self._to_finish.get()
+                message, state, slot = await self._to_finish.get()
                 await self._finish(message, state)
+                if slot:
+                    self._inflight.release(1)
                 finished = self._unresolved.popleft()
                 assert finished is message, "transfers finished out of order"
                 if not message.done.done():
@@ -231,10 +255,17 @@ class OrderedSender(abc.ABC, Generic[S]):
             await self._fail(exc)
 
     async def _fail(self, error: BaseException) -> None:
-        """First error wins: every unfinished message fails with it, the link closes."""
+        """First error wins: every unfinished message fails with it, the link closes.
+
+        Called by the channel's own workers, which start the teardown but do
+        not wait for it: the teardown waits for (cancels) them, and a worker
+        whose cancellation a timeout turned into an error would otherwise
+        wait for the teardown that waits for it.
+        """
         if self._error is None:
             self._error = error
-        await self._torn_down(self._error)
+        if self._teardown is None:
+            self._teardown = asyncio.ensure_future(self._run_teardown(self._error))
 
     async def _torn_down(self, error: BaseException) -> None:
         """Run the teardown once, in a task of its own, and wait for it.
@@ -249,6 +280,7 @@ class OrderedSender(abc.ABC, Generic[S]):
 
     async def _run_teardown(self, error: BaseException) -> None:
         await _cancel_all(self._tasks)
+        self._inflight.close(error)
         try:
             # Device work stops *before* any message fails: failing a message
             # hands its tensor back to the caller, so nothing may still read it.
@@ -293,10 +325,12 @@ class OrderedReceiver(abc.ABC):
         device: torch.device,
         window_bytes: int,
         max_frame_bytes: int,
+        max_inflight: int = MAX_INFLIGHT,
     ) -> None:
         self._control = control
         self._device = device
         self._window = ByteSemaphore(window_bytes)
+        self._inflight = ByteSemaphore(max_inflight)  # one unit per begun, unfinished transfer
         self._max_frame_bytes = max_frame_bytes
         self._expected_seq = 0
         self._to_finish: asyncio.Queue[Received | _Eof] = asyncio.Queue()
@@ -371,9 +405,15 @@ class OrderedReceiver(abc.ABC):
                 else:
                     await self._window.acquire(header.nbytes)
                     try:
+                        await self._inflight.acquire(1)
+                    except BaseException:
+                        self._window.release(header.nbytes)
+                        raise
+                    try:
                         item = await self._begin(header)
                     except BaseException:
                         self._window.release(header.nbytes)
+                        self._inflight.release(1)
                         raise
                     self._pending.append(item)
                 self._to_finish.put_nowait(item)
@@ -391,14 +431,17 @@ class OrderedReceiver(abc.ABC):
                 if item.nbytes:
                     await self._finish_item(item)
                     self._pending.popleft()
+                    self._inflight.release(1)
                 self._ready.put_nowait(item)
         except Exception as exc:
             await self._fail(exc)
 
     async def _fail(self, error: BaseException) -> None:
+        """First error wins; starts the teardown without waiting (see OrderedSender._fail)."""
         if self._error is None:
             self._error = error
-        await self._torn_down(self._error)
+        if self._teardown is None:
+            self._teardown = asyncio.ensure_future(self._run_teardown(self._error))
 
     async def _torn_down(self, error: BaseException) -> None:
         """Once, in its own task (see OrderedSender._torn_down)."""
@@ -409,6 +452,7 @@ class OrderedReceiver(abc.ABC):
     async def _run_teardown(self, error: BaseException) -> None:
         await _cancel_all(self._tasks)
         self._window.close(error)
+        self._inflight.close(error)
         pending = list(self._pending)
         self._pending.clear()
         # Messages that completed stay deliverable; after them, the error.

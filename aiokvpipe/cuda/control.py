@@ -29,7 +29,7 @@ from ..errors import (
 from ..wire import HEADER_SIZE, FrameHeader, decode_header
 
 HELLO_MAGIC = b"AKVG"
-HELLO_VERSION = 1
+HELLO_VERSION = 2  # 2: NCCL set-up answers the receiver's hello with a third one
 # magic, version, transport kind, status, (pad), payload length
 _HELLO = struct.Struct("<4sBBBxI")
 MAX_HELLO_PAYLOAD = 1 << 16

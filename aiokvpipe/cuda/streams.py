@@ -15,10 +15,21 @@ stream operations, which is where the correctness of a GPU transport lives:
   may have been freed by kernels still queued there), and the buffer is
   ``record_stream``-ed on the transport stream so that freeing it early (a
   cancelled or aborted receive) cannot recycle memory a copy still writes.
+
+**Whose streams.** ``torch.cuda.Stream()`` does not create a stream: it hands
+out one of a small pool (32 per device and priority) that every other
+``torch.cuda.Stream()`` user shares. An NCCL kernel blocked on its peer would
+then hold up whatever else lands on that stream, staging copies included. So
+each endpoint direction gets a stream of its own (:meth:`DeviceOps.new_stream`,
+created through cupy as a non-blocking stream and wrapped for torch), and
+host/device staging uses one stream per device (:func:`staging_stream`),
+created once and reused.
 """
 
 from __future__ import annotations
 
+import threading
+import warnings
 from typing import Any, Protocol
 
 import torch
@@ -34,7 +45,10 @@ class DeviceOps(Protocol):
         """The stream the application is using now (producer / consumer)."""
 
     def new_stream(self) -> Any:
-        """A stream owned by the transport, for its copies and NCCL calls."""
+        """A dedicated stream for one endpoint direction (not one of torch's pool)."""
+
+    def staging_stream(self) -> Any:
+        """The device's one stream for host/device staging copies (reused)."""
 
     def copy(self, stream: Any, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Queue ``dst.copy_(src)`` on ``stream`` without waiting for it."""
@@ -62,8 +76,10 @@ class TorchCudaOps:
         return torch.cuda.current_stream(self._device)
 
     def new_stream(self) -> Any:
-        stream_type: Any = torch.cuda.Stream  # untyped constructor in torch's stubs
-        return stream_type(self._device)
+        return dedicated_stream(self._device)
+
+    def staging_stream(self) -> Any:
+        return staging_stream(self._device)
 
     def copy(self, stream: Any, dst: torch.Tensor, src: torch.Tensor) -> None:
         with torch.cuda.stream(stream):
@@ -75,6 +91,50 @@ class TorchCudaOps:
 
     def empty_pinned(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def dedicated_stream(device: torch.device) -> Any:
+    """A new non-blocking CUDA stream that nobody else is handed.
+
+    Created by cupy (torch can only wrap a raw stream, ``ExternalStream``);
+    the cupy stream rides along on the torch object so that it lives exactly
+    as long as the stream is used. Without cupy (a CPU-to-GPU pipe over tcp
+    needs none) this falls back to torch's pool, which is what torch users
+    get anyway; the GPU transports always have cupy.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import cupy
+    except (ImportError, OSError, RuntimeError):
+        stream_type: Any = torch.cuda.Stream  # untyped constructor in torch's stubs
+        return stream_type(device)
+    with cupy.cuda.Device(device.index):
+        raw = cupy.cuda.Stream(non_blocking=True)
+    external: Any = torch.cuda.ExternalStream  # untyped constructor in torch's stubs
+    stream = external(raw.ptr, device=device)
+    stream.aiokvpipe_owner = raw  # cudaStreamDestroy only once torch's handle is gone
+    return stream
+
+
+_staging: dict[torch.device, Any] = {}
+_staging_lock = threading.Lock()
+
+
+def staging_stream(device: torch.device) -> Any:
+    """The one staging stream of ``device`` (created on first use, then reused)."""
+    with _staging_lock:
+        stream = _staging.get(device)
+        if stream is None:
+            stream = _staging[device] = dedicated_stream(device)
+        return stream
+
+
+def as_fence(ready: Any) -> Any:
+    """An event from what a caller passed as a fence: an event, or a stream to mark now."""
+    if hasattr(ready, "wait_event") and hasattr(ready, "record_event"):
+        return ready.record_event()  # a stream: everything queued on it so far
+    return ready
 
 
 def fence(ops: DeviceOps) -> Any:

@@ -2,22 +2,30 @@
 
 Each link (one direction of the ring) gets its own two-rank communicator: the
 sender is NCCL rank 0, the receiver rank 1. The sender creates the NCCL unique
-id and sends its raw 128 bytes in the transport hello (no pickle, no store);
-both ends then build the communicator in a daemon thread (``ncclCommInitRank``
-blocks until both joined) and push one byte through it, also off the loop, so
-that the lazy peer-connection set-up, which blocks the host until the peer
-takes part, is over before the first real transfer.
+id and sends its raw 128 bytes in the transport hello (no pickle, no store).
+Every NCCL call runs on the process's NCCL thread
+(:mod:`aiokvpipe.cuda.nccl_thread`): each end *reserves* its communicator
+set-up and is *armed* once the peer has reserved too. The hellos carry that:
+the sender reserves, sends the id; the receiver reserves, answers; the sender
+arms and says so; the receiver arms. The thread then builds the communicator
+and pushes one byte through it, so that the lazy peer-connection set-up is
+over before the first real transfer. A build cannot be interrupted: one whose
+peer vanished mid-way holds the NCCL thread, and with it every other NCCL
+set-up of the process, until NCCL gives up.
 
-Per message the sender writes the frame header on the socket, makes its NCCL
-stream wait on the producer fence captured at submit time, queues
-``ncclSend`` and records an event; the receiver reads the header, allocates
-the tensor on its device, queues the matching ``ncclRecv`` and records an
-event. Both await their events by polling (:mod:`aiokvpipe.cuda.events`),
-passing ``check_async_error`` so a failed peer is reported rather than waited
-on. The sent tensor is referenced until its event completes; only then is its
-``done`` future (and so the pipe's byte window) released. On ``op_timeout``,
-or any error, the communicator is aborted, which makes stuck NCCL kernels
-exit, and the error (TransferTimeout, CudaTransferError) is raised.
+Per message the sender writes the frame header on the socket and queues, on
+the NCCL thread, "the NCCL stream waits for the producer fence captured at
+submit time, ``ncclSend``, record an event"; the receiver reads the header,
+allocates the tensor on its device and queues the matching ``ncclRecv`` the
+same way. Both await their events by polling (:mod:`aiokvpipe.cuda.events`),
+checking the communicator's asynchronous error (read by the NCCL thread) so
+a failed peer is reported rather than waited on. The sent tensor is
+referenced until its event completes; only then is its ``done`` future (and
+so the pipe's byte window) released. At most ``max_inflight`` messages per
+channel are queued on the device at once (:mod:`aiokvpipe.cuda.channel`). On
+``op_timeout``, or any error, the communicator is aborted, which makes stuck
+NCCL kernels exit, and the error (TransferTimeout, CudaTransferError) is
+raised.
 
 Closing: the sender drains, writes CLOSE, and waits for the receiver to echo
 it once every payload has landed (with network transports a finished send
@@ -29,20 +37,18 @@ to destroy too, and nothing is left in flight to abort.
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .._timeouts import deadline
-from ..cuda.blocking import run_blocking
 from ..cuda.channel import Message, OrderedReceiver, OrderedSender, Received, empty_frame
+from ..cuda.communicator import Communicator, nbytes_of
 from ..cuda.control import ControlSocket, HelloKind
-from ..cuda.events import wait_event
+from ..cuda.nccl_thread import InitTicket, NcclThread, nccl_thread
 from ..cuda.runtime import cuda_errors, nccl_or_raise, require_cuda
-from ..cuda.streams import DeviceOps, TorchCudaOps, after, fence
+from ..cuda.streams import DeviceOps, TorchCudaOps, fence
 from ..errors import CudaTransferError, CudaUnavailableError, MalformedFrameError, ProtocolError
 from ..wire import HEADER_SIZE, FrameHeader, FrameKind, decode_header
 from .base import Link, RecvChannel, SendChannel, Transport
@@ -69,7 +75,7 @@ def unique_id_bytes(uid: Any) -> bytes:
 
 
 def new_communicator(nccl: Any, world_size: int, uid: bytes, rank: int) -> Any:
-    """``NcclCommunicator`` from raw id bytes, for either cupy id convention. Blocks."""
+    """``NcclCommunicator`` from raw id bytes, for either cupy id convention."""
     try:
         return nccl.NcclCommunicator(world_size, uid, rank)
     except TypeError:
@@ -78,77 +84,42 @@ def new_communicator(nccl: Any, world_size: int, uid: bytes, rank: int) -> Any:
         return nccl.NcclCommunicator(world_size, legacy, rank)
 
 
-class NcclEndpoint:
-    """One communicator and the stream every one of its operations runs on.
+def reserve_communicator(
+    thread: NcclThread,
+    nccl: Any,
+    ops: DeviceOps,
+    uid: bytes,
+    *,
+    world_size: int,
+    rank: int,
+    warmup_peer: int | None,
+    what: str,
+) -> InitTicket:
+    """Reserve the set-up of this rank's end of communicator ``uid``.
 
-    Queuing calls (``send``/``recv``/``exchange``) return at once; completion
-    is awaited through events with :meth:`wait`.
+    With ``warmup_peer``, one byte is sent to it (rank 0) or received from
+    it (other ranks) right after the build, in a group of its own.
     """
+    stream = ops.new_stream()  # the transport's own, for the communicator's life
+    device = ops.device
 
-    def __init__(self, nccl: Any, comm: Any, stream: Any, ops: DeviceOps, what: str) -> None:
-        self.nccl = nccl
-        self.comm = comm
-        self.stream = stream
-        self.ops = ops
-        self.what = what
-        self._aborted = False
+    def build() -> Any:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        with cuda_errors(f"{what}: ncclCommInitRank (rank {rank} of {world_size})"):
+            return new_communicator(nccl, world_size, uid, rank)
 
-    def send(self, tensor: torch.Tensor, peer: int) -> None:
-        with cuda_errors(f"{self.what}: ncclSend of {_nbytes(tensor)} bytes"):
-            self._queue(self.comm.send, tensor, peer)
+    warmup = None
+    if warmup_peer is not None:
+        probe = torch.zeros(1, dtype=torch.uint8, device=device)
+        peer = warmup_peer
 
-    def recv(self, tensor: torch.Tensor, peer: int) -> None:
-        with cuda_errors(f"{self.what}: ncclRecv of {_nbytes(tensor)} bytes"):
-            self._queue(self.comm.recv, tensor, peer)
+        def warmup(comm: Any) -> None:
+            op = comm.send if rank == SENDER_RANK else comm.recv
+            with cuda_errors(f"{what}: NCCL warm-up transfer"):
+                op(probe.data_ptr(), 1, nccl.NCCL_UINT8, peer, stream.cuda_stream)
 
-    def _queue(self, op: Callable[..., None], tensor: torch.Tensor, peer: int) -> None:
-        # Whole tensors go as bytes: every dtype works, even ones NCCL lacks.
-        op(tensor.data_ptr(), _nbytes(tensor), self.nccl.NCCL_UINT8, peer, self.stream.cuda_stream)
-
-    def exchange(self, src: torch.Tensor, dst: torch.Tensor, peer: int) -> None:
-        """Send ``src`` to and receive ``dst`` from ``peer`` as one NCCL group.
-
-        Grouping lets both run concurrently; it is also the only way a rank can
-        send to itself (a one-rank communicator) without deadlocking.
-        """
-        with cuda_errors(f"{self.what}: grouped send/recv of {_nbytes(src)} bytes"):
-            self.nccl.groupStart()
-            try:
-                self._queue(self.comm.send, src, peer)
-                self._queue(self.comm.recv, dst, peer)
-            finally:
-                self.nccl.groupEnd()
-
-    def check(self) -> None:
-        """Raise CudaTransferError if NCCL recorded an asynchronous error (peer lost...)."""
-        with cuda_errors(f"{self.what}: NCCL reported an asynchronous error"):
-            self.comm.check_async_error()
-
-    async def wait(self, event: Any, *, timeout: float | None, what: str) -> None:
-        await wait_event(event, timeout=timeout, check=self.check, what=f"{self.what}: {what}")
-
-    async def abort(self, *, timeout: float | None) -> None:
-        """Abort the communicator: stuck kernels exit, resources are freed. Idempotent."""
-        if self._aborted:
-            return
-        self._aborted = True
-
-        def abort() -> None:
-            with cuda_errors(f"{self.what}: ncclCommAbort"):
-                self.comm.abort()
-
-        await run_blocking(abort, timeout=timeout, what="ncclCommAbort")
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
-def _abort_quietly(comm: Any) -> None:
-    try:
-        comm.abort()
-    except Exception:  # cleanup of a communicator nobody waits for any more
-        pass
+    return thread.reserve(nccl, build, stream=stream, warmup=warmup, what=what)
 
 
 async def create_endpoint(
@@ -158,81 +129,64 @@ async def create_endpoint(
     *,
     world_size: int,
     rank: int,
-    warmup: Callable[[NcclEndpoint], None] | None,
     timeout: float | None,
     what: str,
-) -> NcclEndpoint:
-    """Build the communicator (and run ``warmup`` on it) in a daemon thread.
+    thread: NcclThread | None = None,
+) -> Communicator:
+    """A communicator of ``world_size`` ranks, for callers that need no peer hello.
 
-    ``warmup`` queues a tiny transfer that the thread then synchronizes on:
-    blocking there is fine, and afterwards queuing NCCL work no longer blocks
-    the host on connection set-up.
+    A one-rank communicator (``world_size=1``, the grouped self send/recv of
+    the tests and benchmarks) is armed at once. Bounded by ``timeout``; a
+    build that finishes after the caller gave up is aborted.
     """
-    stream = ops.new_stream()
-    built: list[Any] = []  # the communicator, as soon as it exists
-
-    def build() -> Any:
-        if ops.device.type == "cuda":
-            torch.cuda.set_device(ops.device)
-        with cuda_errors(f"{what}: ncclCommInitRank (rank {rank} of {world_size})"):
-            comm = new_communicator(nccl, world_size, uid, rank)
-        built.append(comm)
-        try:
-            if warmup is not None:
-                warmup(NcclEndpoint(nccl, comm, stream, ops, what))
-                with cuda_errors(f"{what}: NCCL warm-up transfer"):
-                    stream.synchronize()  # off the loop: this is a worker thread
-        except BaseException:
-            _abort_quietly(comm)
-            raise
-        return comm
-
-    try:
-        comm = await run_blocking(
-            build, timeout=timeout, what="NCCL communicator set-up", on_abandoned=_abort_quietly
-        )
-    except BaseException:
-        if built:
-            # Abandoned while the warm-up waits on a peer that is gone: abort
-            # now (from a thread: ncclCommAbort may block) so the set-up
-            # thread's synchronize returns instead of parking forever.
-            threading.Thread(
-                target=_abort_quietly, args=(built[0],), name="aiokvpipe: abort set-up", daemon=True
-            ).start()
-        raise
-    return NcclEndpoint(nccl, comm, stream, ops, what)
+    runner = thread if thread is not None else nccl_thread()
+    ticket = reserve_communicator(
+        runner, nccl, ops, uid, world_size=world_size, rank=rank, warmup_peer=None, what=what
+    )
+    ticket.arm()
+    communicator, _ = await runner.wait(
+        ticket.future, timeout=timeout, what=f"{what}: NCCL set-up", on_abandoned=_abort_pair
+    )
+    return communicator
 
 
-async def _establish(
-    link: Link, control: ControlSocket, nccl: Any, ops: DeviceOps, uid: bytes, rank: int
-) -> NcclEndpoint:
-    """Both ends build the communicator; each tells the other how it went.
+def _abort_pair(built: tuple[Communicator, Any]) -> None:
+    built[0].abort_now()  # on the NCCL thread: on_abandoned runs there
+
+
+async def _establish(link: Link, control: ControlSocket, ticket: InitTicket) -> Communicator:
+    """Wait for the armed set-up and its warm-up; each end tells the other how it went.
 
     The peer's status is read while our own set-up runs, so if the peer fails
-    (or dies) we stop waiting at once instead of at ``connect_timeout``; our
-    abandoned set-up thread then aborts whatever it eventually builds.
+    (or dies) we stop waiting at once instead of at ``connect_timeout``; a
+    set-up that finishes after that is aborted on the NCCL thread.
     """
-    peer = RECEIVER_RANK if rank == SENDER_RANK else SENDER_RANK
-    probe = torch.zeros(1, dtype=torch.uint8, device=ops.device)
+    thread = ticket._thread
+    assert thread is not None
 
-    def warmup(endpoint: NcclEndpoint) -> None:
-        if rank == SENDER_RANK:
-            endpoint.send(probe, peer)
-        else:
-            endpoint.recv(probe, peer)
+    async def build() -> Communicator:
+        communicator, warm = await thread.wait(
+            ticket.future,
+            timeout=None,
+            what=f"{link.describe}: NCCL set-up",
+            on_abandoned=_abort_pair,
+        )
+        try:
+            await communicator.wait(warm, timeout=None, what="NCCL warm-up transfer")
+        except BaseException:
+            await asyncio.shield(communicator.abort(timeout=link.config.close_timeout))
+            raise
+        return communicator
 
     peer_status = asyncio.ensure_future(control.recv_hello(HelloKind.NCCL))
-    setup = asyncio.ensure_future(
-        create_endpoint(
-            nccl, ops, uid, world_size=2, rank=rank, warmup=warmup, timeout=None, what=link.describe
-        )
-    )
+    setup = asyncio.ensure_future(build())
     try:
         done, _ = await asyncio.wait({setup, peer_status}, return_when=asyncio.FIRST_COMPLETED)
         if setup not in done:
             _peer_ok(peer_status, link)  # raises if the peer gave up
-        endpoint = await setup
+        communicator = await setup
     except BaseException as exc:
+        ticket.cancel()
         setup.cancel()
         if isinstance(exc, Exception) and not peer_status.done():
             reason = f"communicator set-up failed: {exc}"
@@ -245,9 +199,16 @@ async def _establish(
         _peer_ok(peer_status, link)
     except BaseException:
         await _reap(peer_status)
-        await endpoint.abort(timeout=link.config.close_timeout)
+        await asyncio.shield(communicator.abort(timeout=link.config.close_timeout))
         raise
-    return endpoint
+    return communicator
+
+
+async def _peer_hello(control: ControlSocket, link: Link) -> bytes:
+    try:
+        return await control.recv_hello(HelloKind.NCCL)
+    except CudaUnavailableError as exc:
+        raise CudaTransferError(f"{link.describe}: the peer could not set up NCCL: {exc}") from exc
 
 
 def _peer_ok(peer_status: asyncio.Future[bytes], link: Link) -> None:
@@ -270,13 +231,15 @@ async def _reap(*futures: asyncio.Future[Any]) -> None:
 @dataclass
 class _Sending:
     tensor: torch.Tensor  # referenced until the event completes
-    event: Any
+    queued: Any  # concurrent future of the event recorded after ncclSend
 
 
 class NcclSendChannel(OrderedSender[_Sending | None], SendChannel):
     """Sender end: rank 0 of the link's communicator."""
 
-    def __init__(self, link: Link, *, nccl: Any, ops: DeviceOps) -> None:
+    def __init__(
+        self, link: Link, *, nccl: Any, ops: DeviceOps, thread: NcclThread | None = None
+    ) -> None:
         super().__init__(
             _control(link),
             ops,
@@ -285,27 +248,50 @@ class NcclSendChannel(OrderedSender[_Sending | None], SendChannel):
         )
         self._link = link
         self._nccl = nccl
-        self._endpoint: NcclEndpoint | None = None
+        self._thread = thread if thread is not None else nccl_thread()
+        self._endpoint: Communicator | None = None
         self._close_echo: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @classmethod
-    def open(cls, link: Link, *, nccl: Any, ops: DeviceOps) -> NcclSendChannel:
+    def open(
+        cls, link: Link, *, nccl: Any, ops: DeviceOps, thread: NcclThread | None = None
+    ) -> NcclSendChannel:
         """The channel, at once; the NCCL set-up runs in the background."""
-        channel = cls(link, nccl=nccl, ops=ops)
+        channel = cls(link, nccl=nccl, ops=ops, thread=thread)
         channel.start()
         return channel
 
+    @property
+    def communicator(self) -> Communicator | None:
+        return self._endpoint
+
     async def _setup(self) -> None:
-        link, control = self._link, self._control
+        link, control, thread = self._link, self._control, self._thread
         async with deadline(link.config.connect_timeout, lambda: f"{link.describe}: NCCL set-up"):
             uid = unique_id_bytes(
-                await run_blocking(self._nccl.get_unique_id, timeout=None, what="ncclGetUniqueId")
+                await thread.call(self._nccl.get_unique_id, timeout=None, what="ncclGetUniqueId")
             )
-            await control.send_hello(HelloKind.NCCL, uid)
-            await control.recv_hello(HelloKind.NCCL)
-            self._endpoint = await _establish(
-                link, control, self._nccl, self._ops, uid, SENDER_RANK
+            # Reserved before the peer hears of it: the peer's answer then
+            # means both ends have reserved, and this end may arm.
+            ticket = reserve_communicator(
+                thread,
+                self._nccl,
+                self._ops,
+                uid,
+                world_size=2,
+                rank=SENDER_RANK,
+                warmup_peer=RECEIVER_RANK,
+                what=link.describe,
             )
+            try:
+                await control.send_hello(HelloKind.NCCL, uid)
+                await control.recv_hello(HelloKind.NCCL)  # the receiver has reserved
+                ticket.arm()
+                await control.send_hello(HelloKind.NCCL)  # ...and may arm in turn
+                self._endpoint = await _establish(link, control, ticket)
+            except BaseException:
+                ticket.cancel()
+                raise
         self._tasks.append(asyncio.ensure_future(self._watch_peer()))
 
     async def _start(self, message: Message, token: Any) -> _Sending | None:
@@ -315,16 +301,14 @@ class NcclSendChannel(OrderedSender[_Sending | None], SendChannel):
         assert self._endpoint is not None
         tensor, ready = await self.on_device(token)
         await self._control.send(message.header.encode())
-        stream = self._endpoint.stream
-        after(stream, ready)
-        self._endpoint.send(tensor, RECEIVER_RANK)
-        return _Sending(tensor, stream.record_event())
+        return _Sending(tensor, self._endpoint.queue_send(tensor, RECEIVER_RANK, ready))
 
     async def _finish(self, message: Message, state: _Sending | None) -> None:
         if state is not None:
             assert self._endpoint is not None
+            event = await self._endpoint.queued(state.queued, timeout=self._op_timeout)
             await self._endpoint.wait(
-                state.event,
+                event,
                 timeout=self._op_timeout,
                 what=f"ncclSend of {message.header.nbytes} bytes (seq {message.header.seq})",
             )
@@ -361,7 +345,9 @@ class NcclSendChannel(OrderedSender[_Sending | None], SendChannel):
 class NcclRecvChannel(OrderedReceiver, RecvChannel):
     """Receiver end: rank 1 of the link's communicator."""
 
-    def __init__(self, link: Link, *, nccl: Any, ops: DeviceOps) -> None:
+    def __init__(
+        self, link: Link, *, nccl: Any, ops: DeviceOps, thread: NcclThread | None = None
+    ) -> None:
         super().__init__(
             _control(link),
             device=ops.device,
@@ -371,39 +357,63 @@ class NcclRecvChannel(OrderedReceiver, RecvChannel):
         self._link = link
         self._nccl = nccl
         self._ops = ops
-        self._endpoint: NcclEndpoint | None = None
+        self._thread = thread if thread is not None else nccl_thread()
+        self._endpoint: Communicator | None = None
         self._op_timeout = link.config.op_timeout
         self._close_timeout = link.config.close_timeout
 
     @classmethod
-    def open(cls, link: Link, *, nccl: Any, ops: DeviceOps) -> NcclRecvChannel:
+    def open(
+        cls, link: Link, *, nccl: Any, ops: DeviceOps, thread: NcclThread | None = None
+    ) -> NcclRecvChannel:
         """The channel, at once; the NCCL set-up runs in the background."""
-        channel = cls(link, nccl=nccl, ops=ops)
+        channel = cls(link, nccl=nccl, ops=ops, thread=thread)
         channel.start()
         return channel
+
+    @property
+    def communicator(self) -> Communicator | None:
+        return self._endpoint
 
     async def _setup(self) -> None:
         link, control = self._link, self._control
         async with deadline(link.config.connect_timeout, lambda: f"{link.describe}: NCCL set-up"):
             uid = unique_id_bytes(await control.recv_hello(HelloKind.NCCL))
-            await control.send_hello(HelloKind.NCCL)
-            self._endpoint = await _establish(
-                link, control, self._nccl, self._ops, uid, RECEIVER_RANK
+            ticket = reserve_communicator(
+                self._thread,
+                self._nccl,
+                self._ops,
+                uid,
+                world_size=2,
+                rank=RECEIVER_RANK,
+                warmup_peer=SENDER_RANK,
+                what=link.describe,
             )
+            try:
+                await control.send_hello(HelloKind.NCCL)  # this end has reserved
+                # Armed only once the sender armed: a sender that gave up
+                # before that never leaves this end's set-up waiting for it.
+                await _peer_hello(control, link)
+                ticket.arm()
+                self._endpoint = await _establish(link, control, ticket)
+            except BaseException:
+                ticket.cancel()
+                raise
 
     async def _begin(self, header: FrameHeader) -> Received:
         assert self._endpoint is not None
         tensor, raw = empty_frame(header, self._ops.device)  # on the consumer's stream
-        stream = self._endpoint.stream
-        after(stream, fence(self._ops))
-        self._endpoint.recv(raw, SENDER_RANK)
-        self._ops.record_stream(raw, stream)
-        return Received(tensor, nbytes=header.nbytes, state=stream.record_event(), seq=header.seq)
+        # The fence is recorded here, on the loop thread, whose current stream
+        # is the consumer's; the NCCL stream waits for it on the NCCL thread.
+        queued = self._endpoint.queue_recv(raw, SENDER_RANK, fence(self._ops))
+        self._ops.record_stream(raw, self._endpoint.stream)
+        return Received(tensor, nbytes=header.nbytes, state=queued, seq=header.seq)
 
     async def _finish_item(self, item: Received) -> None:
         assert self._endpoint is not None
+        event = await self._endpoint.queued(item.state, timeout=self._op_timeout)
         what = f"ncclRecv of {item.nbytes} bytes (seq {item.seq})"
-        await self._endpoint.wait(item.state, timeout=self._op_timeout, what=what)
+        await self._endpoint.wait(event, timeout=self._op_timeout, what=what)
 
     async def _on_close_frame(self, close: FrameHeader) -> None:
         await self._control.send(close.encode())  # every payload has landed: tell the sender
@@ -443,3 +453,15 @@ class NcclTransport(Transport):
     async def open_receiver(cls, link: Link) -> RecvChannel:
         nccl, ops = await _runtime(link)
         return NcclRecvChannel.open(link, nccl=nccl, ops=ops)
+
+
+__all__ = [
+    "NcclRecvChannel",
+    "NcclSendChannel",
+    "NcclTransport",
+    "create_endpoint",
+    "nbytes_of",
+    "new_communicator",
+    "reserve_communicator",
+    "unique_id_bytes",
+]
