@@ -263,16 +263,18 @@ class TransferAgent:
         self._reads[order.request_id] = task
         task.add_done_callback(partial(self._read_ended, order.request_id))
 
-    def _read_ended(self, request_id: str, _task: asyncio.Future[None]) -> None:
+    def _read_ended(self, request_id: str, task: asyncio.Future[None]) -> None:
         self._reads.pop(request_id, None)
+        if task.cancelled():
+            # Also a task cancelled before it ever ran: it must still be
+            # reported, or vLLM would hold the request's blocks forever.
+            self.fail(request_id, "cancelled (the request was aborted or the worker is closing)")
 
     async def _pull(self, order: ReadOrder) -> None:
         started = time.perf_counter()
         failure: str | None = None
         try:
             await asyncio.wait_for(self._pull_retrying(order, started), self._settings.read_timeout)
-        except asyncio.CancelledError:
-            failure = "cancelled (the request was aborted or the worker is shutting down)"
         except (asyncio.TimeoutError, TransferTimeout):
             failure = (
                 f"no complete read from {order.address} within "
