@@ -302,10 +302,13 @@ class TcpRecvChannel(RecvChannel):
             if self._ready:
                 item, charge = self._ready[0]
                 if isinstance(item, asyncio.Future):
-                    # Device copy in flight: wait without consuming, so a
-                    # cancelled recv leaves the message at the head.
-                    await asyncio.shield(item)
-                    continue
+                    if not item.done():
+                        # Device copy in flight: wait without consuming (a
+                        # cancelled recv leaves the message at the head), then
+                        # look again: another recv may have taken it meanwhile.
+                        await asyncio.wait([item])
+                        continue
+                    item = self._landed(item)
                 self._ready.popleft()
                 self._queued_bytes -= charge
                 if self._queued_bytes < self._limit:
@@ -314,6 +317,28 @@ class TcpRecvChannel(RecvChannel):
             if self._error is not None:
                 raise self._error
             await self._waiters.wait_for(self._has_news)
+
+    def _landed(self, staged: asyncio.Future[torch.Tensor]) -> torch.Tensor:
+        """The tensor a finished device copy produced, or the channel fails with its error.
+
+        A message that cannot be delivered leaves a hole in the stream, so
+        nothing after it is delivered either.
+        """
+        if not staged.cancelled() and staged.exception() is None:
+            return staged.result()
+        error = staged.exception() if not staged.cancelled() else None
+        if error is None:
+            error = PipeClosedError(f"{self._link.describe}: copy to {self._device} cancelled")
+        for item, _ in self._ready:
+            if isinstance(item, asyncio.Future):
+                item.cancel()
+        self._ready.clear()
+        self._queued_bytes = 0
+        self._pause_reading()
+        self._stopped = True
+        self._error = error
+        self._wake()
+        raise error
 
     def _has_news(self) -> bool:
         return bool(self._ready) or self._error is not None or self._closed
