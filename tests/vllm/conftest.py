@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import secrets
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,19 @@ if not HAVE_VLLM and REQUIRE:
     )
 
 collect_ignore_glob = [] if HAVE_VLLM else ["test_*.py"]
+
+if HAVE_VLLM:
+    # vLLM and the torch modules it pulls in warn at import time (deprecations
+    # that are theirs, not ours); the suite turns warnings into errors, so
+    # import them once here with warnings silenced.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import vllm
+        import vllm.distributed.kv_transfer.kv_connector.factory
+        import vllm.v1.core.kv_cache_manager
+        import vllm.v1.request  # noqa: F401
+
+        import aiokvpipe.integrations.vllm.connector  # noqa: F401
 
 HERE = Path(__file__).parent
 
