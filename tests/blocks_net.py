@@ -52,6 +52,11 @@ def make_layers(
     return [torch.randn((2, blocks, *block_shape), generator=gen).to(dtype) for _ in range(layers)]
 
 
+#: Test parameter -> the node's PeerInfo.transport: "shm" moves payloads through
+#: shared memory (both ends on this host, transport "auto"), "tcp" over the socket.
+PATHS = {"tcp": "tcp", "shm": "auto"}
+
+
 class BlockNode:
     """The link-layer side an Endpoint gives a BlockService, and nothing else.
 
@@ -62,7 +67,7 @@ class BlockNode:
     :meth:`lose` plays the Endpoint's peer event.
     """
 
-    def __init__(self, token: bytes | None, **service_options: Any) -> None:
+    def __init__(self, token: bytes | None, transport: str = "tcp", **service_options: Any) -> None:
         self.token = token
         self.dials = 0
         self._listener = Listener("127.0.0.1", 0, token=token, what="block node").start()
@@ -73,7 +78,7 @@ class BlockNode:
             host_id=host_identity(),
             pid=os.getpid(),
             device="cpu",
-            transport="tcp",
+            transport=transport,  # "auto": payloads through shm with peers on this host
             name=f"node-{self._listener.port}",
             instance=secrets.token_hex(8),
         )
@@ -83,8 +88,10 @@ class BlockNode:
         self.service = attach(self, **service_options)
 
     @classmethod
-    async def start(cls, token: bytes | None = TOKEN, **service_options: Any) -> BlockNode:
-        return cls(token, **service_options)
+    async def start(
+        cls, token: bytes | None = TOKEN, transport: str = "tcp", **service_options: Any
+    ) -> BlockNode:
+        return cls(token, transport, **service_options)
 
     async def __aenter__(self) -> BlockNode:
         return self
@@ -146,8 +153,8 @@ def _outcome(exc: BaseException) -> dict[str, Any]:
     return out
 
 
-async def _peer(conn: Connection) -> None:
-    node = await BlockNode.start()
+async def _peer(conn: Connection, transport: str) -> None:
+    node = await BlockNode.start(transport=transport)
     leases: dict[str, Lease] = {}
     tasks: set[asyncio.Task[None]] = set()
     conn.send({"address": node.address, "pid": os.getpid(), "instance": node.instance})
@@ -183,6 +190,8 @@ async def _peer(conn: Connection) -> None:
             )
             await op(cmd["owner"], cmd["request_id"], cmd["name"], first, second, cmd.get("layers"))
             return None
+        if kind == "payload_bytes":  # what moved over each path, in this process
+            return dict(svc.payload_bytes)
         if kind == "blocks":  # contents of some blocks, every layer
             region = svc.regions.get(cmd["name"])
             index = torch.tensor(cmd["blocks"], dtype=torch.long)
@@ -215,12 +224,12 @@ async def _peer(conn: Connection) -> None:
         await node.aclose()
 
 
-def peer_main(conn: Connection, loop_name: str) -> None:
+def peer_main(conn: Connection, loop_name: str, transport: str = "tcp") -> None:
     from aiokvpipe.bench.procs import run_loop
 
     torch.set_num_threads(1)
     try:
-        run_loop(loop_name, lambda: _peer(conn))
+        run_loop(loop_name, lambda: _peer(conn, transport))
     finally:
         with contextlib.suppress(OSError):
             conn.close()
@@ -229,9 +238,10 @@ def peer_main(conn: Connection, loop_name: str) -> None:
 class PeerClient:
     """The test's handle on a peer process: ``await peer.call("read", ...)``."""
 
-    def __init__(self, conn: Connection, process: Any) -> None:
+    def __init__(self, conn: Connection, process: Any, transport: str = "tcp") -> None:
         self.conn = conn
         self.process = process
+        self.transport = transport
         if not conn.poll(60):
             raise RuntimeError("peer process did not start")
         hello = conn.recv()
@@ -266,13 +276,14 @@ class PeerClient:
         return self._replies.pop(ident)
 
     @classmethod
-    def spawn(cls, loop_name: str = "asyncio") -> PeerClient:
+    def spawn(cls, loop_name: str = "asyncio", transport: str = "tcp") -> PeerClient:
+        """A peer process whose node uses ``transport`` ("auto": shm on this host)."""
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        process = ctx.Process(target=peer_main, args=(child, loop_name), daemon=True)
+        process = ctx.Process(target=peer_main, args=(child, loop_name, transport), daemon=True)
         process.start()
         child.close()
-        return cls(parent, process)
+        return cls(parent, process, transport)
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):

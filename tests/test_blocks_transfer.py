@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import shm_workers
 import torch
-from blocks_net import BlockNode, PeerClient, make_layers
+from blocks_net import PATHS, BlockNode, PeerClient, make_layers
 
 from aiokvpipe.errors import (
     BlockIdError,
@@ -33,18 +33,23 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{next(_names)}"
 
 
-@pytest.fixture(scope="module")
-def peer() -> Iterator[PeerClient]:
+@pytest.fixture(scope="module", params=sorted(PATHS))
+def peer(request: pytest.FixtureRequest) -> Iterator[PeerClient]:
+    """The peer process; every test runs with payloads over tcp and over shm."""
     shm_workers.start_resource_tracker()  # spawn's process-wide helper: not a leak
-    client = PeerClient.spawn("asyncio")
+    client = PeerClient.spawn("asyncio", PATHS[request.param])
     yield client
     client.stop()
 
 
 @pytest.fixture
-async def node() -> AsyncIterator[BlockNode]:
-    async with await BlockNode.start() as n:
+async def node(peer: PeerClient) -> AsyncIterator[BlockNode]:
+    async with await BlockNode.start(transport=peer.transport) as n:
         yield n
+        # Every payload took the path under test, on both sides.
+        other = "tcp" if peer.transport == "auto" else "shm"
+        assert n.service.payload_bytes[other] == 0, n.service.payload_bytes
+        assert (await peer.ok("payload_bytes"))[other] == 0
 
 
 async def remote_region(peer: PeerClient, seed: int, layers: int = 3, blocks: int = 64) -> str:
@@ -76,6 +81,8 @@ async def test_pull_scattered_blocks_from_a_peer_process(peer: PeerClient, node:
         assert torch.equal(got[:, dest], want[:, remote])
     assert untouched_except(local, before, dest)
     await peer.ok("wait", request_id=rid)  # the owner's lease completed
+    path = "shm" if peer.transport == "auto" else "tcp"
+    assert node.service.payload_bytes[path] == node.service.regions.get(name).nbytes(6, [0, 1, 2])
 
 
 async def test_a_read_lease_completes_with_its_last_layer(

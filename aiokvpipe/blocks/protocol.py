@@ -5,7 +5,7 @@ block ids (little-endian u32)::
 
     0   magic     4s   b"AKVB"
     4   version   u8
-    5   kind      u8   REQUEST / REPLY / STATUS
+    5   kind      u8   REQUEST / REPLY / STATUS / SETUP
     6   reserved  u16  0
     8   json_len  u32  <= MAX_JSON
     12  nids      u32  <= MAX_IDS (REQUEST only)
@@ -18,7 +18,10 @@ One transfer on a connection (the requester dialled the owner)::
     read:  REQUEST -> REPLY(ok, nbytes) <- payload <- STATUS(ok|error) <- STATUS(done|abort) ->
     write: REQUEST -> REPLY(ok, nbytes) <- payload -> STATUS(commit|abort) -> STATUS(landed|...) <-
 
-A refused REQUEST gets REPLY(error) and the connection stays usable. The
+Between transfers the requester may send SETUP to move one direction's
+payloads through a shared-memory ring from then on (same host only; see
+:mod:`aiokvpipe.blocks.shmpath`). A refused REQUEST gets REPLY(error) and
+the connection stays usable. The
 REQUEST states the payload size the requester computed from its own blocks;
 the owner cuts off a requester whose claim differs from what the granted
 blocks hold, before any payload byte is read. The payload is the blocks'
@@ -69,6 +72,7 @@ class Kind(enum.IntEnum):
     REQUEST = 1
     REPLY = 2
     STATUS = 3
+    SETUP = 4
 
 
 Op = Literal["read", "write"]

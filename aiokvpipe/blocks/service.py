@@ -3,16 +3,21 @@
 The service knows nothing about dialling, handshakes or liveness; whoever
 owns the links (the Endpoint) plugs it in through three points:
 
-* ``dial(address) -> (socket, peer)``: an authenticated, connected socket to
-  the endpoint at ``address``, dialled for block traffic and owned by the
-  service from then on; ``peer`` names that peer's instance (leases and
-  operations are bound to it);
+* ``dial(address) -> Dialled(socket, peer, shared_memory)``: an
+  authenticated, connected socket to the endpoint at ``address``, dialled
+  for block traffic and owned by the service from then on; ``peer`` names
+  that peer's instance (leases and operations are bound to it);
+  ``shared_memory``: the two ends share a host and may move payloads
+  through shared memory (:func:`aiokvpipe.blocks.shmpath.may_share_memory`);
 * :meth:`BlockService.accept`: an inbound block connection from ``peer``;
 * :meth:`BlockService.peer_lost`: ``peer`` was declared dead or replaced.
 
 The requester dials the owner, so reads and writes need only the owner's
 address; a connection carries one transfer at a time and returns to a small
 idle pool after it (:mod:`aiokvpipe.blocks.protocol` has the message order).
+Payloads take the socket (``sendmsg`` / ``recvmsg_into`` on the blocks) or,
+on one host, a shared-memory ring per direction of the connection
+(:mod:`aiokvpipe.blocks.shmpath`); control messages always take the socket.
 
 Cancelling (or timing out) a read or write never breaks its connection in
 the middle of a transfer: the remaining bytes move through scratch memory in
@@ -30,12 +35,13 @@ import contextlib
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from .._timeouts import deadline
 from ..errors import (
     AiokvpipeError,
     BlockError,
+    ConfigError,
     LeaseCancelledError,
     MalformedFrameError,
     PeerClosedError,
@@ -48,8 +54,19 @@ from .protocol import Kind
 from .region import BlockRegion, RegionTable
 from .runs import as_ids, check_ids, check_same_length
 from .sgio import Segments, recv_segments, send_segments
+from .shmpath import RING_BYTES, RingPath
 
-Dial = Callable[[str], Awaitable[tuple[socket.socket, str]]]
+
+class Dialled(NamedTuple):
+    """What the ``dial`` hook returns (see the module doc)."""
+
+    sock: socket.socket
+    peer: str
+    shared_memory: bool = False
+
+
+Dial = Callable[[str], Awaitable[Dialled]]
+Path = Literal["tcp", "shm"]
 _DEFAULT: Any = object()
 _U32 = 1 << 32
 
@@ -59,6 +76,11 @@ class _Conn:
     sock: socket.socket
     owner: str  # the address dialled
     peer: str  # the instance behind it, as the dialler named it
+    path: RingPath  # its shared-memory rings, if any
+
+    def close(self) -> None:
+        self.sock.close()
+        self.path.close()
 
 
 @dataclass
@@ -97,6 +119,10 @@ class BlockService:
     ``op_timeout``: the default bound on a read or write (None: unbounded).
     ``abort_timeout``: how long a cancelled transfer may take to finish its
     framing in the background before its connection is dropped instead.
+    ``transport``: ``"auto"`` moves payloads through shared memory with
+    peers on this host (as the hooks report), ``"tcp"`` always over the
+    socket (both ends must allow shared memory for it to be used).
+    ``shm_ring_bytes``: the size of each shared-memory ring this side creates.
     """
 
     def __init__(
@@ -106,21 +132,29 @@ class BlockService:
         op_timeout: float | None = 30.0,
         abort_timeout: float = 10.0,
         max_idle_per_peer: int = 4,
+        transport: Literal["auto", "tcp"] = "auto",
+        shm_ring_bytes: int = RING_BYTES,
     ) -> None:
+        if transport not in ("auto", "tcp"):
+            raise ConfigError("transport", f"must be 'auto' or 'tcp', not {transport!r}")
         self.regions = RegionTable()
         self.leases = LeaseTable()
         self._dial = dial
         self._op_timeout = op_timeout
         self._abort_timeout = abort_timeout
         self._max_idle = max_idle_per_peer
+        self._shm = transport == "auto"
+        self._ring_bytes = shm_ring_bytes
         self._idle: dict[str, list[_Conn]] = {}
         self._ops: dict[asyncio.Task[None], _Outbound] = {}
-        self._inbound: dict[asyncio.Task[None], tuple[str, socket.socket]] = {}
+        self._inbound: dict[asyncio.Task[None], tuple[str, socket.socket, RingPath]] = {}
         self._closed = False
         self._on_close: list[Callable[[], object]] = []
         #: Inbound connections cut off for a protocol violation, and the last reason.
         self.cut_off = 0
         self.last_cut_off: str = ""
+        #: Payload bytes this service sent or received, by path.
+        self.payload_bytes: dict[Path, int] = {"tcp": 0, "shm": 0}
 
     # ------------------------------------------------------------ owner side
     def register(self, name: str, tensors: Any, block_dim: int) -> BlockRegion:
@@ -255,6 +289,9 @@ class BlockService:
         healthy = False
         refusal: AiokvpipeError | None = None
         try:
+            direction = conn.path.needs(op.op)
+            if direction is not None and not op.segs.redirected:
+                await conn.path.open(conn.sock, direction, f"{op.op} with {conn.owner}")
             if not op.segs.redirected:  # else stopped before a byte was sent
                 if op.op == "read":
                     refusal = await self._do_read(conn, op)
@@ -269,7 +306,7 @@ class BlockService:
             if healthy:
                 self._release(conn)
             else:
-                conn.sock.close()
+                conn.close()
         if op.error is not None:
             raise op.error
         if refusal is not None:
@@ -283,7 +320,7 @@ class BlockService:
         refusal = await self._agreed(conn, op, what)
         if refusal is not None:
             return refusal
-        await recv_segments(sock, op.segs, what)
+        await self._recv_payload(sock, conn.path, op.segs, what)
         trailer = await protocol.expect_message(sock, Kind.STATUS, what)
         value = protocol.parse_status(trailer, frozenset(("ok", "error")), what)
         verdict: protocol.Status = "done" if value == "ok" and not op.segs.redirected else "abort"
@@ -299,7 +336,7 @@ class BlockService:
         refusal = await self._agreed(conn, op, what)
         if refusal is not None:
             return refusal
-        await send_segments(sock, op.segs, what)
+        await self._send_payload(sock, conn.path, op.segs, what)
         verdict: protocol.Status = "abort" if op.segs.redirected else "commit"
         await protocol.send_message(sock, Kind.STATUS, protocol.status(verdict), what)
         answer = await protocol.expect_message(sock, Kind.STATUS, what)
@@ -323,6 +360,28 @@ class BlockService:
             )
         return None
 
+    # ------------------------------------------------------------ payloads
+    async def _send_payload(
+        self, sock: socket.socket, path: RingPath, segs: Segments, what: str
+    ) -> None:
+        """``segs`` to the peer: through our ring if this direction has one, else the socket."""
+        if path.tx is not None:
+            await path.send(segs, what)
+            self.payload_bytes["shm"] += segs.total
+        else:
+            await send_segments(sock, segs, what)
+            self.payload_bytes["tcp"] += segs.total
+
+    async def _recv_payload(
+        self, sock: socket.socket, path: RingPath, segs: Segments, what: str
+    ) -> None:
+        if path.rx is not None:
+            await path.recv(segs, what)
+            self.payload_bytes["shm"] += segs.total
+        else:
+            await recv_segments(sock, segs, what)
+            self.payload_bytes["tcp"] += segs.total
+
     # ------------------------------------------------------------ connections
     async def _acquire(self, owner: str) -> _Conn:
         idle = self._idle.get(owner)
@@ -330,31 +389,35 @@ class BlockService:
             conn = idle.pop()
             if _still_open(conn.sock):
                 return conn
-            conn.sock.close()
-        sock, peer = await self._dial(owner)
+            conn.close()
+        sock, peer, shared = await self._dial(owner)
         if self._closed:
             sock.close()
             raise PipeClosedError("block service closed while dialling")
         sock.setblocking(False)
-        return _Conn(sock, owner, peer)
+        return _Conn(sock, owner, peer, RingPath(self._shm and shared, self._ring_bytes))
 
     def _release(self, conn: _Conn) -> None:
         idle = self._idle.setdefault(conn.owner, [])
         if self._closed or len(idle) >= self._max_idle or conn.sock.fileno() < 0:
-            conn.sock.close()
+            conn.close()
         else:
             idle.append(conn)
 
     # ------------------------------------------------------------ inbound
-    def accept(self, sock: socket.socket, peer: str, label: str = "") -> None:
+    def accept(
+        self, sock: socket.socket, peer: str, label: str = "", shared_memory: bool = False
+    ) -> None:
         """Serve an inbound, authenticated block connection from ``peer`` (the
-        key :meth:`peer_lost` uses; ``label`` names it in messages); owns ``sock``."""
+        key :meth:`peer_lost` uses; ``label`` names it in messages); owns ``sock``.
+        ``shared_memory``: the peer shares our host (it may set up rings)."""
         if self._closed:
             sock.close()
             return
         sock.setblocking(False)
-        task = asyncio.get_running_loop().create_task(self._serve(sock, peer, label or peer))
-        self._inbound[task] = (peer, sock)
+        path = RingPath(self._shm and shared_memory, self._ring_bytes)
+        task = asyncio.get_running_loop().create_task(self._serve(sock, path, peer, label or peer))
+        self._inbound[task] = (peer, sock, path)
         task.add_done_callback(self._inbound_done)
 
     def _inbound_done(self, task: asyncio.Task[None]) -> None:
@@ -363,14 +426,18 @@ class BlockService:
         entry = self._inbound.pop(task, None)
         if entry is not None:
             entry[1].close()
+            entry[2].close()
 
-    async def _serve(self, sock: socket.socket, peer: str, label: str) -> None:
+    async def _serve(self, sock: socket.socket, path: RingPath, peer: str, label: str) -> None:
         what = f"blocks from {label}"
         try:
             while True:
                 message = await protocol.read_message(sock, what, eof_ok=True)
                 if message is None:
                     return
+                if message.kind == Kind.SETUP:
+                    await path.answer(sock, message, what)
+                    continue
                 request = protocol.parse_request(message, what)
                 try:
                     region, lease = self._admit(request, what)
@@ -379,9 +446,9 @@ class BlockService:
                     continue
                 lease.peers.add(peer)
                 if request.op == "read":
-                    await self._serve_read(sock, label, request, region, lease, what)
+                    await self._serve_read(sock, path, label, request, region, lease, what)
                 else:
-                    await self._serve_write(sock, label, request, region, lease, what)
+                    await self._serve_write(sock, path, label, request, region, lease, what)
         except ProtocolError as exc:
             self.cut_off += 1
             self.last_cut_off = str(exc)
@@ -389,6 +456,7 @@ class BlockService:
             pass  # gone; a transfer it was in already failed its lease
         finally:
             sock.close()
+            path.close()
 
     def _admit(self, request: protocol.Request, what: str) -> tuple[BlockRegion, Lease]:
         """Everything a request must pass before a byte of payload moves."""
@@ -414,6 +482,7 @@ class BlockService:
     async def _serve_read(
         self,
         sock: socket.socket,
+        path: RingPath,
         peer: str,
         request: protocol.Request,
         region: BlockRegion,
@@ -424,7 +493,7 @@ class BlockService:
         lease.attach(segs)
         try:
             await protocol.send_message(sock, Kind.REPLY, protocol.reply_ok(segs.total), what)
-            await send_segments(sock, segs, what)
+            await self._send_payload(sock, path, segs, what)
             trailer = (
                 protocol.status("error", lease.ended_error())
                 if segs.redirected
@@ -444,6 +513,7 @@ class BlockService:
     async def _serve_write(
         self,
         sock: socket.socket,
+        path: RingPath,
         peer: str,
         request: protocol.Request,
         region: BlockRegion,
@@ -454,7 +524,7 @@ class BlockService:
         lease.attach(segs)
         try:
             await protocol.send_message(sock, Kind.REPLY, protocol.reply_ok(segs.total), what)
-            await recv_segments(sock, segs, what)
+            await self._recv_payload(sock, path, segs, what)
             answer = await protocol.expect_message(sock, Kind.STATUS, what)
             value = protocol.parse_status(answer, frozenset(("commit", "abort")), what)
             if segs.redirected:
@@ -478,7 +548,7 @@ class BlockService:
         lost = PeerClosedError(reason)
         lost.__cause__ = error
         self.leases.peer_lost(peer, lost)
-        for task, (who, _sock) in list(self._inbound.items()):
+        for task, (who, _sock, _path) in list(self._inbound.items()):
             if who == peer:
                 task.cancel()
         for op in list(self._ops.values()):
@@ -488,7 +558,7 @@ class BlockService:
             keep = [c for c in idle if c.peer != peer and c.owner != peer]
             for conn in idle:
                 if conn not in keep:
-                    conn.sock.close()
+                    conn.close()
             self._idle[owner] = keep
 
     def on_close(self, callback: Callable[[], object]) -> None:
@@ -514,7 +584,7 @@ class BlockService:
         self.leases.close(LeaseCancelledError("the endpoint closed"))
         for idle in self._idle.values():
             for conn in idle:
-                conn.sock.close()
+                conn.close()
         self._idle.clear()
         pending = [*self._ops, *self._inbound]
         if pending:

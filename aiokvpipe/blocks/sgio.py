@@ -52,16 +52,16 @@ class Segments:
     def remaining(self) -> int:
         return self.total - self.moved
 
-    def batch(self) -> list[memoryview]:
-        """The next views for one syscall: at most IOV_MAX of them, ~_CALL_BYTES in all."""
+    def batch(self, limit: int = _CALL_BYTES) -> list[memoryview]:
+        """The next views for one syscall: at most IOV_MAX of them, ``limit`` bytes in all."""
         out: list[memoryview] = []
         size = 0
         views, i, offset = self._views, self._index, self._offset
-        while i < len(views) and len(out) < IOV_MAX and size < _CALL_BYTES:
+        while i < len(views) and len(out) < IOV_MAX and size < limit:
             view = views[i][offset:] if offset else views[i]
             offset = 0
-            if size + len(view) > _CALL_BYTES:
-                view = view[: _CALL_BYTES - size]
+            if size + len(view) > limit:
+                view = view[: limit - size]
             out.append(view)
             size += len(view)
             i += 1

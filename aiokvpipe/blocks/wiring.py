@@ -6,19 +6,21 @@ The owner of the links needs three hooks, which the Endpoint has as
 dialled with purpose ``"blocks"``; leases and transfers are bound to the
 peer's *instance* id, so a restarted peer on the same address is a
 different peer, and a ``PeerEvent`` for the old instance fails exactly what
-the old one held.
+the old one held. Payloads move through shared memory when both ends are
+on one host and allow it (:func:`~aiokvpipe.blocks.shmpath.may_share_memory`
+on the two PeerInfos, and ``transport="auto"``, the default).
 """
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..links.accept import Handler, Incoming
 from ..links.dial import Dialed
 from ..transport.base import PeerInfo
-from .service import BlockService
+from .service import BlockService, Dialled
+from .shmpath import may_share_memory
 
 PURPOSE = "blocks"
 
@@ -53,20 +55,26 @@ def peer_key(peer: PeerInfo | None, address: str) -> str:
 def attach(host: LinkHost, **options: Any) -> BlockService:
     """A BlockService serving and dialling block connections over ``host``'s links.
 
-    ``options`` go to :class:`BlockService` (``op_timeout``, ...). Close the
-    service (``await service.aclose()``) before the host.
+    ``options`` go to :class:`BlockService` (``op_timeout``, ``transport``,
+    ...). Close the service (``await service.aclose()``) before the host.
     """
 
-    async def dial(address: str) -> tuple[socket.socket, str]:
+    async def dial(address: str) -> Dialled:
         dialed = await host.dial(address, PURPOSE)
-        return dialed.sock, peer_key(dialed.peer, address)
+        shared = may_share_memory(host.local, dialed.peer)
+        return Dialled(dialed.sock, peer_key(dialed.peer, address), shared)
 
     service = BlockService(dial, **options)
 
     async def on_blocks(incoming: Incoming) -> None:
         await incoming.accept(host.local)
         peer = incoming.peer
-        service.accept(incoming.sock, peer_key(peer, peer.endpoint), peer.label)
+        service.accept(
+            incoming.sock,
+            peer_key(peer, peer.endpoint),
+            peer.label,
+            shared_memory=may_share_memory(host.local, peer),
+        )
 
     def on_event(event: PeerEventLike) -> None:
         service.peer_lost(event.instance, event.error)
