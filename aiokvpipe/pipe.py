@@ -21,6 +21,7 @@ import torch
 
 from ._timeouts import deadline
 from .config import PipeConfig
+from .cuda.runtime import require_usable_device
 from .errors import PipeClosedError
 from .links.channels import open_both
 from .outbound import Outbound, Transfer
@@ -78,10 +79,19 @@ class Pipe:
     async def connect(cls, config: PipeConfig) -> Pipe:
         """Rendezvous with every rank and open both directions.
 
-        Bounded by ``config.connect_timeout`` (TransferTimeout).
+        Bounded by ``config.connect_timeout`` (TransferTimeout). A local
+        device that cannot work raises CudaUnavailableError before any
+        waiting for peers; a GPU transport's failed set-up raises here too.
         """
+        require_usable_device(config.device, config.transport)
         send_link, recv_link = await rendezvous(config)
         send_name, sender, recv_name, receiver = await open_both(send_link, recv_link)
+        try:
+            await asyncio.gather(sender.ready(), receiver.ready())
+        except BaseException:
+            await asyncio.shield(sender.aclose(graceful=False))
+            await asyncio.shield(receiver.aclose())
+            raise
         return cls(config, sender, receiver, send_name, recv_name)
 
     # -- properties ------------------------------------------------------------

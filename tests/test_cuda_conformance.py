@@ -8,17 +8,27 @@ CPU tensors and the suite's CPU-result checks apply unchanged.
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from transport_conformance import CHECKS, MakePipes, assert_all_same, opened, pipe_factory, tagged
 
-from aiokvpipe.cuda.testing import FakeDevice, FakeNccl, FakeOps
+from aiokvpipe import PipeConfig, pipe
+from aiokvpipe.cuda.testing import FakeDevice, FakeNccl, FakeNcclError, FakeOps
+from aiokvpipe.errors import CudaTransferError
 from aiokvpipe.transport import cuda_ipc, nccl
 from aiokvpipe.transport.base import Link
 
 GPU_TRANSPORTS = ["nccl", "cuda_ipc"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -34,6 +44,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> FakeNccl:
 
     monkeypatch.setattr(nccl, "_runtime", nccl_runtime)
     monkeypatch.setattr(cuda_ipc, "_runtime", ipc_runtime)
+    monkeypatch.setattr(pipe, "require_usable_device", lambda device, transport: None)
     return fake_nccl
 
 
@@ -73,3 +84,17 @@ async def test_nccl_pipe_aborts_every_communicator_on_close(fake_gpu: FakeNccl) 
         assert_all_same([await b.recv(), await a.recv()], [tagged(1), tagged(2)])
     assert len(fake_gpu.comms) == 4  # one two-rank communicator per direction
     assert all(c.aborted for c in fake_gpu.comms)
+
+
+@pytest.mark.timeout(30)
+async def test_gpu_set_up_failure_is_raised_by_connect(fake_gpu: FakeNccl) -> None:
+    """Issue 15.2: a communicator that cannot be built fails connect, not the first send."""
+    fake_gpu.fail_init = FakeNcclError("ncclSystemError: no route to the peer")
+    port = _free_port()
+    configs = [
+        PipeConfig(rank=r, port=port, device="cuda:0", transport="nccl", connect_timeout=10.0)
+        for r in range(2)
+    ]
+    results = await asyncio.gather(*(pipe.Pipe.connect(c) for c in configs), return_exceptions=True)
+    assert all(isinstance(r, CudaTransferError) for r in results), results
+    assert any("ncclSystemError" in str(r) for r in results)

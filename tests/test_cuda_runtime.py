@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 import threading
+import time
 import types
+from typing import Any
 
 import pytest
 import torch
 
+from aiokvpipe import PipeConfig
 from aiokvpipe.cuda import runtime
 from aiokvpipe.cuda.blocking import run_blocking
 from aiokvpipe.cuda.control import ControlSocket, HelloKind
@@ -21,6 +25,7 @@ from aiokvpipe.errors import (
     PeerClosedError,
     TransferTimeout,
 )
+from aiokvpipe.pipe import Pipe
 from aiokvpipe.transport.cuda_ipc import CudaIpcTransport
 from aiokvpipe.transport.nccl import NcclTransport
 
@@ -192,3 +197,55 @@ async def test_run_blocking_cancelled_still_cleans_up() -> None:
             break
         await asyncio.sleep(0.01)
     assert cleaned.is_set()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _connect_alone(**config: Any) -> None:
+    """Rank 0 of two, with nobody else coming: only an early refusal returns quickly."""
+    cfg = PipeConfig(rank=0, world_size=2, port=_free_port(), connect_timeout=30.0, **config)
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(Pipe.connect(cfg), 5)
+    finally:
+        assert time.perf_counter() - started < 2  # refused before waiting for rank 1
+
+
+async def test_connect_on_cpu_torch_refuses_a_gpu_device_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 15.2: device="cuda:0" without CUDA failed only when a tensor arrived."""
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(CudaUnavailableError, match=r"no CUDA support.*aiokvpipe\[cuda12\]"):
+        await _connect_alone(device="cuda:0")
+
+
+@pytest.mark.usefixtures("one_gpu")
+@pytest.mark.parametrize("transport", ["nccl", "cuda_ipc"])
+async def test_connect_without_cupy_refuses_a_gpu_transport_at_once(
+    monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
+    """Issue 15.2: transport="nccl" without NCCL waited for peers first."""
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(CudaUnavailableError, match=r"needs cupy.*aiokvpipe\[cuda12\]"):
+        await _connect_alone(device="cuda:0", transport=transport)
+
+
+@pytest.mark.usefixtures("one_gpu")
+def test_require_usable_device_asks_only_what_the_transport_needs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    runtime.require_usable_device("cpu", "nccl")  # the config's business, not the device's
+    runtime.require_usable_device("cuda:0", "auto")  # a CPU peer means tcp: no cupy needed
+    runtime.require_usable_device("cuda:0", "tcp")
+    with pytest.raises(CudaUnavailableError, match="only 1 CUDA device"):
+        runtime.require_usable_device("cuda:1", "auto")
+    _fake_cupy(monkeypatch, nccl_available=False)
+    runtime.require_usable_device("cuda:0", "cuda_ipc")
+    with pytest.raises(CudaUnavailableError, match="nvidia-nccl-cu12"):
+        runtime.require_usable_device("cuda:0", "nccl")

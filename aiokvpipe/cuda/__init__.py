@@ -5,7 +5,15 @@ and turns its absence into :class:`~aiokvpipe.errors.CudaUnavailableError`.
 """
 
 from .events import wait_event, wait_stream
-from .runtime import cuda_available, require_cuda
+from .runtime import cuda_available, require_cuda, require_usable_device
 from .staging import to_device, to_host
 
-__all__ = ["cuda_available", "require_cuda", "to_device", "to_host", "wait_event", "wait_stream"]
+__all__ = [
+    "cuda_available",
+    "require_cuda",
+    "require_usable_device",
+    "to_device",
+    "to_host",
+    "wait_event",
+    "wait_stream",
+]

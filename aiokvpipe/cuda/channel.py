@@ -14,6 +14,8 @@ join), but every rank opens its send end before its receive end, so an
 ``open`` that waited for the peer would deadlock the ring. Opening therefore
 returns at once and the set-up runs first thing in the background; messages
 submitted meanwhile queue behind it, and a failed set-up fails them.
+``ready()`` waits for the set-up, so that ``connect``, once every channel is
+open, reports a failed one itself.
 
 The byte windows bound memory, not work: thousands of tiny messages fit in
 any window, and each queues a kernel (and, for NCCL, a proxy operation) until
@@ -71,6 +73,17 @@ def empty_frame(header: FrameHeader, device: torch.device) -> tuple[torch.Tensor
     return raw.view(header.dtype).view(header.shape), raw
 
 
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    """Resolve a set-up future once; a failure counts as seen (``ready`` may never be awaited)."""
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+        future.exception()
+
+
 def _fail_future(future: asyncio.Future[None], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
@@ -115,6 +128,7 @@ class OrderedSender(abc.ABC, Generic[S]):
         self._next_seq = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._teardown: asyncio.Future[None] | None = None
+        self._set_up_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- transport-specific steps -------------------------------------------
     @abc.abstractmethod
@@ -151,6 +165,10 @@ class OrderedSender(abc.ABC, Generic[S]):
     @property
     def error(self) -> BaseException | None:
         return self._error
+
+    async def ready(self) -> None:
+        """Return once set-up is done; raise what stopped it (see module docstring)."""
+        await asyncio.shield(self._set_up_done)
 
     def submit(self, message: Any) -> None:
         if self._closed:
@@ -226,6 +244,7 @@ class OrderedSender(abc.ABC, Generic[S]):
         try:
             await self._setup()
             self._set_up = True
+            _settle(self._set_up_done, None)
             if not self._unresolved:
                 self._idle.set()
             while True:
@@ -279,6 +298,7 @@ class OrderedSender(abc.ABC, Generic[S]):
         await asyncio.shield(self._teardown)
 
     async def _run_teardown(self, error: BaseException) -> None:
+        _settle(self._set_up_done, error)
         await _cancel_all(self._tasks)
         self._inflight.close(error)
         try:
@@ -340,6 +360,7 @@ class OrderedReceiver(abc.ABC):
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
         self._teardown: asyncio.Future[None] | None = None
+        self._set_up_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @abc.abstractmethod
     async def _setup(self) -> None:
@@ -371,6 +392,10 @@ class OrderedReceiver(abc.ABC):
     def error(self) -> BaseException | None:
         return self._error
 
+    async def ready(self) -> None:
+        """Return once set-up is done; raise what stopped it."""
+        await asyncio.shield(self._set_up_done)
+
     async def recv(self) -> torch.Tensor | None:
         if self._closed:
             raise PipeClosedError(f"{self._control.describe}: channel is closed")
@@ -390,6 +415,7 @@ class OrderedReceiver(abc.ABC):
     async def _run_reader(self) -> None:
         try:
             await self._setup()
+            _settle(self._set_up_done, None)
             while True:
                 header = await self._control.recv_header(
                     expected_seq=self._expected_seq, max_frame_bytes=self._max_frame_bytes
@@ -450,6 +476,7 @@ class OrderedReceiver(abc.ABC):
         await asyncio.shield(self._teardown)
 
     async def _run_teardown(self, error: BaseException) -> None:
+        _settle(self._set_up_done, error)
         await _cancel_all(self._tasks)
         self._window.close(error)
         self._inflight.close(error)

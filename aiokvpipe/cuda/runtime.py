@@ -59,6 +59,26 @@ def require_cuda(what: str, device: str | torch.device | None = None) -> torch.d
     return torch.device("cuda", index)
 
 
+def require_usable_device(device: str, transport: str) -> None:
+    """Fail now, before any waiting for peers, if ``device``/``transport`` cannot work here.
+
+    What ``Pipe.connect`` and ``Endpoint.start`` call first: a CUDA device
+    needs a CUDA build of torch that sees it; ``transport="nccl"`` also needs
+    cupy and the NCCL library, ``"cuda_ipc"`` cupy. (``"auto"`` may pick tcp
+    for a CPU peer, which needs neither, so it asks only for the device.)
+    Raises CudaUnavailableError with the install hint; cupy is imported only
+    when a GPU transport is named.
+    """
+    if not device.startswith("cuda"):
+        return  # the config already refuses a GPU transport on a CPU device
+    what = f"device={device!r}, transport={transport!r}"
+    require_cuda(what, device)
+    if transport == "nccl":
+        nccl_or_raise(what)
+    elif transport == "cuda_ipc":
+        cupy_or_raise(what)
+
+
 def cupy_or_raise(what: str) -> Any:
     """Import cupy for ``what``, or say exactly what to install."""
     try:

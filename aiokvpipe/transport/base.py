@@ -19,7 +19,7 @@ import asyncio
 import secrets
 import socket
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 
@@ -113,12 +113,16 @@ class OutgoingMessage:
 
     ``done`` resolves when the transport no longer needs ``tensor``'s memory
     (written to the kernel, copied into shared memory, or its CUDA event
-    completed); it fails with the error that stopped the transfer.
+    completed); it fails with the error that stopped the transfer. ``ready``
+    is the producer fence of a GPU tensor the caller named (a CUDA event, or
+    a stream whose queued work is marked at submit); None means the current
+    stream at submit.
     """
 
     header: FrameHeader
     tensor: torch.Tensor | None
     done: asyncio.Future[None] = field(repr=False)
+    ready: Any = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -171,6 +175,15 @@ class SendChannel(abc.ABC):
     def error(self) -> BaseException | None:
         """The fatal error that broke this channel, if any."""
 
+    async def ready(self) -> None:
+        """Return once the channel is set up; raise what stopped its set-up.
+
+        Channels that set up in the background (the GPU transports) override
+        this, so that ``connect`` reports a failed set-up instead of the first
+        ``send``/``recv``; the others are ready when opened.
+        """
+        return None
+
     @abc.abstractmethod
     async def aclose(self, graceful: bool = True) -> None:
         """Close; with ``graceful`` first tell the peer (a CLOSE frame).
@@ -190,6 +203,15 @@ class RecvChannel(abc.ABC):
     @abc.abstractmethod
     def error(self) -> BaseException | None:
         """The fatal error that broke this channel, if any."""
+
+    async def ready(self) -> None:
+        """Return once the channel is set up; raise what stopped its set-up.
+
+        Channels that set up in the background (the GPU transports) override
+        this, so that ``connect`` reports a failed set-up instead of the first
+        ``send``/``recv``; the others are ready when opened.
+        """
+        return None
 
     @abc.abstractmethod
     async def aclose(self) -> None:
