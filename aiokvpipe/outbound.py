@@ -137,7 +137,9 @@ class Outbound:
             raise error
 
     # -- sending ---------------------------------------------------------------
-    async def send(self, tensor: torch.Tensor | None, timeout: float | None) -> Transfer:
+    async def send(
+        self, tensor: torch.Tensor | None, timeout: float | None, ready: Any = None
+    ) -> Transfer:
         """Accept ``tensor`` (or None), in order; see :meth:`Pipe.send`."""
         if self.closed:
             self.check_open()
@@ -172,7 +174,7 @@ class Outbound:
         done: asyncio.Future[None] = loop.create_future()
         self._inflight.add(done)
         started = loop.time() if self.on_sent is not None else 0.0
-        self.sender.submit(OutgoingMessage(header, data, done))
+        self.sender.submit(OutgoingMessage(header, data, done, ready))
         if done.done():
             # Written synchronously (the common case for small tensors):
             # settle now instead of paying a loop iteration for the callback.

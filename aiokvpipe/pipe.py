@@ -145,18 +145,26 @@ class Pipe:
 
     # -- sending ---------------------------------------------------------------
     async def send(
-        self, tensor: torch.Tensor | None, *, timeout: float | None = _DEFAULT
+        self,
+        tensor: torch.Tensor | None,
+        *,
+        timeout: float | None = _DEFAULT,
+        ready: Any = None,
     ) -> Transfer:
         """Accept ``tensor`` (or None) for sending, in order, to the next rank.
 
         Returns once accepted into the window; the caller must not mutate the
         tensor until the returned Transfer completes. Raises
         UnsupportedTensorError (nothing accepted) for bad input.
+
+        For a GPU tensor the transfer waits, on the device, for the work
+        queued on the current stream when ``send`` is called. ``ready`` names
+        another producer: a CUDA event, or a stream whose queued work counts.
         """
         if self._closed:
             self._check_open()
         return await self._out.send(
-            tensor, self.config.op_timeout if timeout is _DEFAULT else timeout
+            tensor, self.config.op_timeout if timeout is _DEFAULT else timeout, ready
         )
 
     async def flush(self, *, timeout: float | None = _DEFAULT) -> None:

@@ -98,3 +98,17 @@ async def test_gpu_set_up_failure_is_raised_by_connect(fake_gpu: FakeNccl) -> No
     results = await asyncio.gather(*(pipe.Pipe.connect(c) for c in configs), return_exceptions=True)
     assert all(isinstance(r, CudaTransferError) for r in results), results
     assert any("ncclSystemError" in str(r) for r in results)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("transport", GPU_TRANSPORTS)
+async def test_send_waits_for_the_fence_it_is_given(fake_gpu: FakeNccl, transport: str) -> None:
+    """``send(ready=stream)``: the transfer is ordered after that stream, not the current one."""
+    async with opened(on_fake_gpu(transport)) as (a, b):
+        producer = fake_gpu.device.stream("producer")
+        await a.send(tagged(1), ready=producer)
+        assert_all_same([await b.recv()], [tagged(1)])
+    assert fake_gpu.device.actions("producer") == ["record producer-1"]  # marked at send
+    assert fake_gpu.device.actions("r0send.current") == []  # not the current stream
+    if transport == "nccl":  # (cuda_ipc waits for it on the host instead)
+        assert "wait producer-1" in fake_gpu.device.actions("r0send.side1")
