@@ -36,6 +36,7 @@ from aiokvpipe.transport.cuda_ipc import (
     CudaIpcRecvChannel,
     CudaIpcSendChannel,
     InProcessMemory,
+    Mappings,
 )
 from aiokvpipe.wire import HEADER_SIZE, decode_header
 
@@ -136,7 +137,9 @@ async def test_round_trip_in_order_then_graceful_close(pair: Pair) -> None:
     await asyncio.wait_for(pair.sender.aclose(), 5)
     with pytest.raises(PeerClosedError, match="closed the pipe"):
         await pair.receiver.recv()
-    assert pair.receiver.mappings.open_count == 0
+    assert pair.receiver.mappings.busy_count == 0
+    await pair.receiver.aclose()
+    assert pair.receiver.mappings.open_count == 0  # closing unmaps what the cache kept
     with_payload = sum(1 for t in SAMPLES if t is not None and t.numel())
     assert pair.memory.log.count("open") == pair.memory.log.count("close") == with_payload
 
@@ -157,7 +160,8 @@ async def test_done_only_after_the_receiver_copied() -> None:
         p.memory.pause = None
         p.device.paused = False
         await asyncio.wait_for(message.done, 5)
-        assert p.memory.log == ["open", "close"]  # unmapped before the acknowledgement
+        assert p.memory.log == ["open"]  # the mapping stays cached for the next message
+        assert p.receiver.mappings.busy_count == 0  # ...but no copy reads it
         assert torch.equal(await asyncio.wait_for(p.receiver.recv(), 5), tensor)
     finally:
         await p.sender.aclose()
@@ -182,8 +186,7 @@ async def test_one_mapping_per_allocation_in_flight() -> None:
         memory.pause = None
         p.device.paused = False
         await asyncio.wait_for(asyncio.gather(*(m.done for m in messages)), 5)
-        assert memory.log.count("open") == 1 and memory.log.count("close") == 1
-        assert memory.log.index("close") < memory.log.index("done 1")
+        assert memory.log.count("open") == 1 and memory.log.count("close") == 0
         assert torch.equal(await p.receiver.recv(), first)
         assert torch.equal(await p.receiver.recv(), second)
     finally:
@@ -296,3 +299,39 @@ async def test_host_waits_for_the_producer(manual: Any) -> None:
     assert header.nbytes == 8
     await peer.control.send(ACK.pack(ACK_MAGIC, 0))
     await asyncio.wait_for(message.done, 5)
+
+
+async def test_mappings_are_cached_per_peer_allocation() -> None:
+    """One open per sender allocation, however many messages come from it."""
+    slab = torch.arange(64, dtype=torch.float32)
+    memory = LoggingMemory(slab=slab)
+    p = await open_pair(memory)
+    try:
+        for i in range(5):  # one after the other: each copy done before the next
+            message = p.send(slab[i * 8 : (i + 1) * 8])
+            got = await asyncio.wait_for(p.receiver.recv(), 5)
+            assert torch.equal(got, slab[i * 8 : (i + 1) * 8])
+            await asyncio.wait_for(message.done, 5)
+        assert memory.log == ["open"]
+    finally:
+        await p.sender.aclose()
+        await p.receiver.aclose()
+    assert memory.log == ["open", "close"]  # unmapped when the channel closed
+
+
+def test_a_new_allocation_at_a_cached_address_is_mapped_afresh() -> None:
+    memory = LoggingMemory()
+    mappings = Mappings(memory, max_idle=2)
+    first = InProcessMemory._HANDLE.pack(0x1000, 64).ljust(64, b"\0")
+    again = InProcessMemory._HANDLE.pack(0x1000, 128).ljust(64, b"\0")  # freed, reallocated
+    assert mappings.acquire(0x1000, first, 0, 64) == 0x1000
+    mappings.release(0x1000)
+    assert mappings.acquire(0x1000, again, 64, 64) == 0x1000 + 64
+    assert memory.log == ["open", "close", "open"]
+    with pytest.raises(ProtocolError, match="two live allocations"):
+        mappings.acquire(0x1000, first, 0, 8)  # the old one cannot be live beside the new
+    mappings.release(0x1000)
+    for base in (0x2000, 0x3000, 0x4000):  # idle mappings beyond max_idle are unmapped
+        mappings.acquire(base, InProcessMemory._HANDLE.pack(base, 8).ljust(64, b"\0"), 0, 8)
+        mappings.release(base)
+    assert mappings.open_count == 2 and memory.log.count("close") == 1 + 2

@@ -5,10 +5,11 @@ Nothing is copied on the sender's side. For each tensor the sender waits
 exports the CUDA allocation that holds it (``cudaIpcGetMemHandle`` on the
 allocation's base, plus the tensor's offset in it) and writes the frame
 header and that 88-byte descriptor on the link's socket. The receiver maps
-the allocation (``cudaIpcOpenMemHandle``), copies the bytes into a tensor of
-its own on its own stream, awaits the copy's event, unmaps, and only then
-acknowledges; the sender holds the tensor until that acknowledgement, and
-resolves the message's ``done`` (releasing the pipe's byte window) then.
+the allocation (``cudaIpcOpenMemHandle``, once per allocation: mappings are
+cached), copies the bytes into a tensor of its own on its own stream, awaits
+the copy's event, and only then acknowledges; the sender holds the tensor
+until that acknowledgement, and resolves the message's ``done`` (releasing
+the pipe's byte window) then.
 
 Why these choices:
 
@@ -18,11 +19,19 @@ Why these choices:
 * Copy rather than hand out a view of the sender's memory: the received
   tensor's lifetime is then the consumer's business alone, and the sender's
   memory is free again as soon as the copy lands.
-* A mapping is open only while copies from it are in flight (reference
-  counted per sender allocation, since one allocation may hold several
-  tensors in flight, and CUDA allows one mapping per allocation and
-  process). Unmapping before the acknowledgement means the sender can never
-  free memory the receiver still has mapped, which CUDA leaves undefined.
+* Mappings are cached per sender allocation, as torch caches them: opening
+  one costs a driver call that maps the whole allocation (tens of
+  microseconds to milliseconds), and torch's caching allocator hands the
+  same few allocations out again and again. CUDA allows one mapping per
+  allocation and process; several tensors of one allocation may be in
+  flight at once, so mappings are reference counted while copies read them.
+  An idle mapping stays open until the sender's address shows up with
+  another handle (the allocation was freed and a new one made there: the
+  stale mapping is closed, the new one opened), until more than
+  ``MAX_IDLE_MAPPINGS`` are idle (the least recently used goes), or until
+  the channel closes. A mapping keeps the exporter's memory alive in the
+  driver, so a sender that frees an allocation (``empty_cache``) leaves it
+  resident until then.
 * torch's own ``_share_cuda_`` machinery is not used: its receiving side
   synchronizes the current stream when a shared storage is freed, on
   whichever thread frees it — here, the event loop.
@@ -38,6 +47,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -179,42 +189,66 @@ def view_of(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=torch.uint8)
 
 
-class Mappings:
-    """Open peer allocations, reference-counted by the sender's base address."""
+MAX_IDLE_MAPPINGS = 64
 
-    def __init__(self, memory: IpcMemory) -> None:
+
+class Mappings:
+    """Peer allocations mapped into this process, cached by the sender's base address.
+
+    Entries are ``handle, local base, size, copies reading it``; the dict's
+    order is least recently used first.
+    """
+
+    def __init__(self, memory: IpcMemory, *, max_idle: int = MAX_IDLE_MAPPINGS) -> None:
         self._memory = memory
-        self._open: dict[int, tuple[bytes, int, int, int]] = {}  # key -> handle, base, size, refs
+        self._max_idle = max_idle
+        self._open: OrderedDict[int, tuple[bytes, int, int, int]] = OrderedDict()
 
     def acquire(self, key: int, handle: bytes, offset: int, nbytes: int) -> int:
         """Local address of ``nbytes`` at ``offset`` in the peer allocation ``key``."""
         entry = self._open.get(key)
+        if entry is not None and entry[0] != handle:
+            if entry[3]:
+                raise ProtocolError(f"two live allocations at sender address {key:#x}")
+            # The sender freed that allocation and made another one there.
+            del self._open[key]
+            self._memory.close(entry[1])
+            entry = None
         if entry is None:
             base, size = self._memory.open(handle)
             entry = (handle, base, size, 0)
-        elif entry[0] != handle:
-            raise ProtocolError(f"two live allocations at sender address {key:#x}")
         _, base, size, refs = entry
         if offset + nbytes > size:
+            self._open.pop(key, None)
             if refs == 0:
                 self._memory.close(base)
             raise MalformedFrameError(
                 f"descriptor points {offset}+{nbytes} bytes into an allocation of {size}"
             )
         self._open[key] = (handle, base, size, refs + 1)
+        self._open.move_to_end(key)
         return base + offset
 
     def release(self, key: int) -> None:
         handle, base, size, refs = self._open[key]
+        self._open[key] = (handle, base, size, refs - 1)
         if refs == 1:
-            del self._open[key]
-            self._memory.close(base)
-        else:
-            self._open[key] = (handle, base, size, refs - 1)
+            self._evict()
+
+    def _evict(self) -> None:
+        idle = [key for key, entry in self._open.items() if entry[3] == 0]
+        for key in idle[: max(0, len(idle) - self._max_idle)]:
+            self._memory.close(self._open.pop(key)[1])
 
     @property
     def open_count(self) -> int:
+        """Mappings open now, idle ones included."""
         return len(self._open)
+
+    @property
+    def busy_count(self) -> int:
+        """Mappings that copies are reading now."""
+        return sum(1 for entry in self._open.values() if entry[3])
 
     def close_all(self) -> None:
         for _, base, _, _ in self._open.values():
