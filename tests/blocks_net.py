@@ -57,6 +57,21 @@ def make_layers(
 PATHS = {"tcp": "tcp", "shm": "auto"}
 
 
+def local_info(port: int, transport: str) -> PeerInfo:
+    """A node's PeerInfo; ``transport="auto"``: payloads through shm with peers on this host."""
+    return PeerInfo(
+        rank=-1,
+        address="127.0.0.1",
+        port=port,
+        host_id=host_identity(),
+        pid=os.getpid(),
+        device="cpu",
+        transport=transport,
+        name=f"node-{port}",
+        instance=secrets.token_hex(8),
+    )
+
+
 class BlockNode:
     """The link-layer side an Endpoint gives a BlockService, and nothing else.
 
@@ -71,17 +86,7 @@ class BlockNode:
         self.token = token
         self.dials = 0
         self._listener = Listener("127.0.0.1", 0, token=token, what="block node").start()
-        self.local = PeerInfo(
-            rank=-1,
-            address="127.0.0.1",
-            port=self._listener.port,
-            host_id=host_identity(),
-            pid=os.getpid(),
-            device="cpu",
-            transport=transport,  # "auto": payloads through shm with peers on this host
-            name=f"node-{self._listener.port}",
-            instance=secrets.token_hex(8),
-        )
+        self.local = local_info(self._listener.port, transport)
         self.address = self.local.endpoint
         self.instance = self.local.instance
         self._callbacks: list[Callable[[Any], None]] = []
@@ -303,21 +308,33 @@ class PeerClient:
 # ------------------------------------------------------------------ scripted peers
 
 
-def raw_reader_main(conn: Connection, owner: str, request_id: str, name: str, blocks: int) -> None:
+def raw_reader_main(
+    conn: Connection, owner: str, request_id: str, name: str, blocks: int, transport: str = "tcp"
+) -> None:
     """A reader that asks for ``blocks`` blocks of a ``uint8[2, N, 32768]`` region,
-    takes a few payload bytes, says "mid-read" and stops reading (the test kills it)."""
+    takes a few payload bytes (over shm: one ring chunk), says "mid-read" and
+    stops reading (the test kills it)."""
     from aiokvpipe.blocks import protocol
     from aiokvpipe.blocks.region import TensorLayout
+    from aiokvpipe.blocks.shmpath import RingPath
 
     async def main() -> None:
-        node_sock, _ = await _dial_raw(owner)
+        node_sock, _ = await _dial_raw(owner, transport)
+        path = RingPath(transport == "auto")
+        if path.allowed:
+            await path.open(node_sock, "pull", "raw")
+            assert path.rx is not None, path.refusal
         layout = TensorLayout(torch.uint8, (2,), (32768,))
         ids = list(range(blocks))
         body, _ = protocol.request("read", request_id, name, [0], [layout], 2 * 32768 * blocks, ids)
         await protocol.send_message(node_sock, protocol.Kind.REQUEST, body, "raw", ids)
         reply = await protocol.expect_message(node_sock, protocol.Kind.REPLY, "raw")
         assert reply.body.get("ok") is True, reply.body
-        await asyncio.get_running_loop().sock_recv(node_sock, 1000)
+        if path.rx is not None:
+            async with path.rx.acquire_read():
+                pass
+        else:
+            await asyncio.get_running_loop().sock_recv(node_sock, 1000)
         conn.send("mid-read")
         await asyncio.sleep(60)  # nothing reads the socket any more
 
@@ -326,9 +343,9 @@ def raw_reader_main(conn: Connection, owner: str, request_id: str, name: str, bl
     run_loop("asyncio", main)
 
 
-async def _dial_raw(address: str) -> tuple[socket.socket, str]:
+async def _dial_raw(address: str, transport: str = "tcp") -> tuple[socket.socket, str]:
     """An authenticated block connection that reads slowly (a small receive buffer)."""
-    node = await BlockNode.start()
+    node = await BlockNode.start(transport=transport)
     try:
         dialed = await node.dial(address, "blocks")
     finally:
@@ -337,29 +354,42 @@ async def _dial_raw(address: str) -> tuple[socket.socket, str]:
     return dialed.sock, address
 
 
-def raw_owner_main(conn: Connection) -> None:
-    """An owner that answers one read with the right size, sends half the payload,
-    says "mid-read" and stops (the test kills it)."""
+def raw_owner_main(conn: Connection, transport: str = "tcp") -> None:
+    """An owner that answers one read with the right size, sends half the payload
+    (over shm if the reader sets up a ring), says "mid-read" and stops (the test
+    kills it)."""
     from aiokvpipe.blocks import protocol
+    from aiokvpipe.blocks.sgio import Segments
+    from aiokvpipe.blocks.shmpath import RingPath
 
     async def main() -> None:
         taken: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()
+        listener = Listener("127.0.0.1", 0, token=TOKEN, what="raw owner").start()
 
         async def handler(incoming: Incoming) -> None:
-            await incoming.accept()
+            await incoming.accept(local_info(listener.port, transport))
             taken.set_result(incoming.sock)
 
-        listener = Listener("127.0.0.1", 0, token=TOKEN, what="raw owner").start()
         listener.serve("blocks", handler)
         conn.send(f"127.0.0.1:{listener.port}")
         sock = await taken
+        sock.setblocking(False)
+        path = RingPath(transport == "auto")
         message = await protocol.read_message(sock, "raw owner")
         assert message is not None
+        if message.kind == protocol.Kind.SETUP:
+            await path.answer(sock, message, "raw owner")
+            message = await protocol.read_message(sock, "raw owner")
+            assert message is not None
         request = protocol.parse_request(message, "raw owner")
         await protocol.send_message(
             sock, protocol.Kind.REPLY, protocol.reply_ok(request.nbytes), "raw owner"
         )
-        await asyncio.get_running_loop().sock_sendall(sock, b"\xab" * (request.nbytes // 2))
+        half = b"\xab" * (request.nbytes // 2)
+        if path.tx is not None:
+            await path.send(Segments([memoryview(half)], receive=False), "raw owner")
+        else:
+            await asyncio.get_running_loop().sock_sendall(sock, half)
         conn.send("mid-read")
         await asyncio.sleep(60)
 

@@ -2,6 +2,7 @@
 
 "Mid-transfer" is made certain, not hoped for: scripted peers say when they
 stopped halfway, and cancellations wait until the transfer has moved bytes.
+Every test runs with payloads over tcp and over shared memory.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import blocks_net
 import pytest
 import shm_workers
 import torch
-from blocks_net import BlockNode, PeerClient, make_layers, message_from
+from blocks_net import PATHS, BlockNode, PeerClient, make_layers, message_from
 
 from aiokvpipe.errors import PeerClosedError
 
@@ -33,17 +34,19 @@ def _tracker() -> None:
     shm_workers.start_resource_tracker()  # spawn's process-wide helper: not a leak
 
 
-@pytest.fixture(scope="module")
-def peer() -> Iterator[PeerClient]:
-    client = PeerClient.spawn("uvloop")
+@pytest.fixture(scope="module", params=sorted(PATHS))
+def peer(request: pytest.FixtureRequest) -> Iterator[PeerClient]:
+    client = PeerClient.spawn("uvloop", PATHS[request.param])
     yield client
     client.stop()
 
 
 @pytest.fixture
-async def node() -> AsyncIterator[BlockNode]:
-    async with await BlockNode.start() as n:
+async def node(peer: PeerClient) -> AsyncIterator[BlockNode]:
+    async with await BlockNode.start(transport=peer.transport) as n:
         yield n
+        other = "tcp" if peer.transport == "auto" else "shm"
+        assert n.service.payload_bytes[other] == 0, n.service.payload_bytes
 
 
 def spawn(target: Any, *args: Any) -> tuple[Any, Any]:
@@ -81,36 +84,45 @@ async def quiet(node: BlockNode) -> None:
     pytest.fail("a cancelled transfer never finished its framing")
 
 
-async def test_reader_dies_mid_read_fails_the_owners_lease(node: BlockNode) -> None:
+async def test_reader_dies_mid_read_fails_the_owners_lease(peer: PeerClient) -> None:
+    # A 1 MiB ring for a 4 MiB read: over shm the owner is left waiting on the
+    # ring for a chunk the dead reader holds, not on the socket.
+    node = await BlockNode.start(transport=peer.transport, shm_ring_bytes=1 << 20)
     region = torch.zeros(2, 64, 32768, dtype=torch.uint8)
     node.service.register("big", region, block_dim=1)
     lease = node.service.expose("doomed", "big", list(range(64)), ttl=30)
-    conn, process = spawn(blocks_net.raw_reader_main, node.address, "doomed", "big", 64)
+    args = (node.address, "doomed", "big", 64, peer.transport)
+    conn, process = spawn(blocks_net.raw_reader_main, *args)
     try:
         assert await asyncio.wait_for(message_from(conn), 30) == "mid-read"
         assert not lease.ended
         process.kill()
-        with pytest.raises(PeerClosedError, match=r"node-[0-9]+ was lost mid-read"):
+        with pytest.raises(PeerClosedError, match=r"node-[0-9]+ was lost mid-read") as info:
             await asyncio.wait_for(lease.wait(), 5)
+        if peer.transport == "auto":
+            assert "shared-memory ring after" in str(info.value), info.value
+        # the memory is free again: a new lease on the same blocks is granted
+        node.service.expose("doomed-2", "big", list(range(64)), ttl=1).cancel()
     finally:
         reap(conn, process)
-    # the memory is free again: a new lease on the same blocks is granted
-    node.service.expose("doomed-2", "big", list(range(64)), ttl=1).cancel()
+        await node.aclose()
 
 
 async def test_owner_dies_mid_read_the_reader_gets_peer_closed(node: BlockNode) -> None:
     local = make_layers(1, 2, 32, block_shape=BIG)
     before = [t.clone() for t in local]
     node.service.register("kv", local, block_dim=1)
-    conn, process = spawn(blocks_net.raw_owner_main)
+    conn, process = spawn(blocks_net.raw_owner_main, node.local.transport)
     try:
         owner = await asyncio.wait_for(message_from(conn), 30)
         dest = [4, 5, 6, 20]
         read = asyncio.ensure_future(node.service.read(owner, "r", "kv", [0, 1, 2, 3], dest))
         assert await asyncio.wait_for(message_from(conn), 30) == "mid-read"
         process.kill()
-        with pytest.raises(PeerClosedError, match=f"read from {owner}.*after"):
+        with pytest.raises(PeerClosedError, match=f"read from {owner}.*after") as info:
             await asyncio.wait_for(read, 5)
+        if node.local.transport == "auto":
+            assert "shared-memory ring after 524288 of 1048576 bytes" in str(info.value)
     finally:
         reap(conn, process)
     # the destination blocks are undefined; nothing else was written

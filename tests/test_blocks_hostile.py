@@ -25,6 +25,7 @@ from blocks_net import BlockNode, make_layers
 
 from aiokvpipe.blocks import protocol
 from aiokvpipe.blocks.protocol import Kind
+from aiokvpipe.errors import MalformedFrameError, PeerClosedError
 
 GRANTED = [3, 4, 9]
 LAYERS = 2
@@ -161,3 +162,158 @@ async def test_a_fuzzing_peer_never_writes_outside_the_granted_blocks() -> None:
             await lease.wait()
             for mine, theirs in zip(region, source, strict=True):
                 assert torch.equal(mine[:, GRANTED], theirs[:, [0, 1, 2]])
+
+
+# ------------------------------------------------------------------ over shared memory
+
+RING = 1 << 20  # 4 chunks of 256 KiB: a write of the granted blocks spans several
+
+
+async def shm_session(
+    hostile: BlockNode, address: str, rng: random.Random, rid: str, layouts: list[Any], size: int
+) -> str:
+    """A write whose payload crosses the ring in chunks, one of them (maybe) lying.
+
+    Returns the mutation made. The request itself is honest: only the
+    chunk headers (transfer number, offset, length) or the chunk count lie.
+    """
+    from aiokvpipe.blocks.shmpath import _CHUNK, _HEAD, RingPath
+
+    sock = (await hostile.dial(address, "blocks")).sock
+    sock.setblocking(False)
+    path = RingPath(True, RING)
+    try:
+        await path.open(sock, "push", "hostile")
+        assert path.tx is not None, path.refusal
+        layers = rng.sample(range(LAYERS), rng.randint(1, LAYERS))
+        ids = rng.sample(GRANTED, rng.randint(1, len(GRANTED)))
+        nbytes = len(ids) * len(layers) * size
+        body, _ = protocol.request(
+            "write", rid, "kv", layers, [layouts[i] for i in layers], nbytes, ids
+        )
+        body["layouts"] = [layouts[i].to_wire() for i in layers]
+        await protocol.send_message(sock, Kind.REQUEST, body, "hostile", ids)
+        reply = await protocol.expect_message(sock, Kind.REPLY, "hostile")
+        assert reply.body.get("ok") is True, reply.body
+        room = path.tx.buffer.max_chunk_bytes - _HEAD
+        mutation = rng.choice(["none", "number", "offset", "zero", "room", "past-end", "short"])
+        bad_at = rng.randrange(max(1, -(-nbytes // room)))
+        offset, index = 0, 0
+        while offset < nbytes:
+            n = min(room, nbytes - offset)
+            number, claim_offset, claim_n = 1, offset, n
+            if index == bad_at:
+                if mutation == "number":
+                    number = rng.choice([0, 2, 1 << 31])
+                elif mutation == "offset":
+                    claim_offset = offset + rng.choice([1, -1 if offset else 7, room, 1 << 40])
+                elif mutation == "zero":
+                    claim_n = 0
+                elif mutation == "room":
+                    claim_n = room + rng.choice([1, 4096, 1 << 30])
+                elif mutation == "past-end":
+                    claim_n = min(room, nbytes - offset + rng.randint(1, 64))
+                elif mutation == "short":
+                    break  # stop sending: the owner waits, then sees us close
+            async with path.tx.acquire_write() as buf:
+                _CHUNK.pack_into(buf, 0, number, claim_n, claim_offset)
+                buf[_HEAD : _HEAD + n] = rng.randbytes(n)
+            offset += n
+            index += 1
+        if mutation in ("none", "past-end") and offset >= nbytes and claim_n == n:
+            mutation = "none"  # past-end on a chunk that was already the last one's size
+        if mutation == "none":
+            await protocol.send_message(sock, Kind.STATUS, protocol.status("commit"), "hostile")
+            answer = await protocol.expect_message(sock, Kind.STATUS, "hostile")
+            assert answer.body.get("status") == "landed", answer.body
+        return mutation
+    finally:
+        sock.close()
+        path.close()
+
+
+@pytest.mark.timeout(120)
+async def test_lying_shm_chunks_never_write_outside_the_granted_blocks() -> None:
+    rng = random.Random(4321)
+    async with (
+        await BlockNode.start(transport="auto") as owner,
+        await BlockNode.start(transport="auto") as hostile,
+    ):
+        region = make_layers(0, LAYERS, BLOCKS, block_shape=(64, 8, 16))
+        owner.service.register("kv", region, block_dim=1)
+        reg = owner.service.regions.get("kv")
+        layouts = [reg.layout(i) for i in range(LAYERS)]
+        size = 2 * layouts[0].block_bytes  # K and V of one block, one layer
+        outside = [b for b in range(BLOCKS) if b not in GRANTED]
+        pristine = [t.clone() for t in region]
+        mutations: set[str] = set()
+        for generation in range(40):
+            rid = f"shm-{generation}"
+            lease = owner.service.expect(rid, "kv", GRANTED, ttl=60)
+            cut_before = owner.service.cut_off
+            mutation = await shm_session(hostile, owner.address, rng, rid, layouts, size)
+            mutations.add(mutation)
+            for now, old in zip(region, pristine, strict=True):
+                assert same_bits(now[:, outside], old[:, outside]), mutation
+            if mutation == "short":  # it closed mid-payload: the lease failed
+                with pytest.raises(PeerClosedError):
+                    await asyncio.wait_for(lease.wait(), 5)
+            elif mutation != "none":  # a lying chunk: cut off, nothing counted
+                for _ in range(200):
+                    if owner.service.cut_off > cut_before:
+                        break
+                    await asyncio.sleep(0.005)
+                assert owner.service.cut_off == cut_before + 1, mutation
+                assert "shared-memory chunk claims" in owner.service.last_cut_off
+                assert not lease.ended
+            lease.cancel()
+        assert mutations >= {"none", "number", "offset", "zero", "room", "short"}, mutations
+        assert owner.service.payload_bytes["tcp"] == 0
+
+
+@pytest.mark.parametrize("lie", ["offset", "number", "length"])
+async def test_a_lying_owner_cannot_steer_a_readers_bytes(lie: str) -> None:
+    """Over shm the owner fills the ring; a chunk claiming another offset,
+    transfer or length is refused before a byte is copied, and none of the
+    reader's blocks change."""
+    from blocks_net import TOKEN, local_info
+
+    from aiokvpipe.blocks.shmpath import _CHUNK, _HEAD, RingPath
+    from aiokvpipe.links import Incoming, Listener
+
+    taken: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    listener = Listener("127.0.0.1", 0, token=TOKEN, what="lying owner").start()
+
+    async def handler(incoming: Incoming) -> None:
+        await incoming.accept(local_info(listener.port, "auto"))
+        taken.set_result(incoming.sock)
+
+    listener.serve("blocks", handler)
+    path = RingPath(True, RING)
+    try:
+        async with await BlockNode.start(transport="auto") as reader:
+            local = make_layers(1, 1, 8)
+            before = local[0].clone()
+            reader.service.register("kv", local, block_dim=1)
+            owner = f"127.0.0.1:{listener.port}"
+            read = asyncio.ensure_future(reader.service.read(owner, "r", "kv", [0, 1], [2, 5]))
+            sock = await taken
+            sock.setblocking(False)
+            setup = await protocol.expect_message(sock, Kind.SETUP, "owner")
+            await path.answer(sock, setup, "owner")
+            assert path.tx is not None
+            message = await protocol.expect_message(sock, Kind.REQUEST, "owner")
+            nbytes = protocol.parse_request(message, "owner").nbytes
+            await protocol.send_message(sock, Kind.REPLY, protocol.reply_ok(nbytes), "owner")
+            n = nbytes // 2
+            claims = {"offset": (1, n, 1), "number": (2, n, 0), "length": (1, nbytes + 1, 0)}
+            async with path.tx.acquire_write() as buf:
+                _CHUNK.pack_into(buf, 0, *claims[lie])
+                buf[_HEAD : _HEAD + n] = b"\xff" * n
+            with pytest.raises(MalformedFrameError, match="shared-memory chunk claims"):
+                await asyncio.wait_for(read, 5)
+            assert torch.equal(local[0], before)  # not even the destination blocks
+            sock.close()
+    finally:
+        path.close()
+        await listener.aclose()
