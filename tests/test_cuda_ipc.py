@@ -20,7 +20,7 @@ import torch
 
 from aiokvpipe import PipeConfig
 from aiokvpipe.cuda.control import ControlSocket, HelloKind
-from aiokvpipe.cuda.testing import FakeDevice, FakeOps, link_pair
+from aiokvpipe.cuda.testing import FakeDevice, FakeOps
 from aiokvpipe.errors import (
     MalformedFrameError,
     PeerClosedError,
@@ -38,6 +38,7 @@ from aiokvpipe.transport.cuda_ipc import (
     InProcessMemory,
     Mappings,
 )
+from aiokvpipe.transport.testing import link_pair
 from aiokvpipe.wire import HEADER_SIZE, decode_header
 
 

@@ -21,7 +21,7 @@ import torch
 from aiokvpipe import PipeConfig
 from aiokvpipe.cuda.channel import MAX_INFLIGHT
 from aiokvpipe.cuda.nccl_thread import NcclThread
-from aiokvpipe.cuda.testing import FakeDevice, FakeNccl, FakeNcclError, FakeOps, link_pair
+from aiokvpipe.cuda.testing import FakeDevice, FakeNccl, FakeNcclError, FakeOps
 from aiokvpipe.errors import (
     CudaTransferError,
     MalformedFrameError,
@@ -37,6 +37,7 @@ from aiokvpipe.transport.nccl import (
     create_endpoint,
     unique_id_bytes,
 )
+from aiokvpipe.transport.testing import link_pair
 
 
 @dataclass

@@ -18,7 +18,6 @@ from aiokvpipe import PipeConfig
 from aiokvpipe.cuda import runtime
 from aiokvpipe.cuda.blocking import run_blocking
 from aiokvpipe.cuda.control import ControlSocket, HelloKind
-from aiokvpipe.cuda.testing import link_pair
 from aiokvpipe.errors import (
     CudaTransferError,
     CudaUnavailableError,
@@ -28,6 +27,7 @@ from aiokvpipe.errors import (
 from aiokvpipe.pipe import Pipe
 from aiokvpipe.transport.cuda_ipc import CudaIpcTransport
 from aiokvpipe.transport.nccl import NcclTransport
+from aiokvpipe.transport.testing import link_pair
 
 
 @pytest.fixture

@@ -15,11 +15,12 @@ import torch
 from aiokvpipe import PipeConfig
 from aiokvpipe.cuda import staging
 from aiokvpipe.cuda.staging import copy_to_device, copy_to_host, to_device, to_host
-from aiokvpipe.cuda.testing import FakeDevice, FakeOps, link_pair
+from aiokvpipe.cuda.testing import FakeDevice, FakeOps
 from aiokvpipe.errors import CudaTransferError, CudaUnavailableError, TransferTimeout
 from aiokvpipe.tensors import header_for
 from aiokvpipe.transport.base import OutgoingMessage
 from aiokvpipe.transport.tcp import TcpTransport
+from aiokvpipe.transport.testing import link_pair
 
 
 async def test_cpu_tensors_pass_through() -> None:

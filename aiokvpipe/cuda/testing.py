@@ -22,9 +22,8 @@ nothing more:
   that made it, and two concurrent aborts of one communicator are caught.
   :meth:`FakeNccl.other_process` gives a second "process" on the same fabric.
 
-Being test support, it also builds :class:`~aiokvpipe.transport.base.Link`
-pairs over a socketpair (:func:`link_pair`), so unlike the rest of
-``aiokvpipe.cuda`` it imports from the transport layer above it.
+Links for the fakes to run over live one layer up, in
+:mod:`aiokvpipe.transport.testing` (``cuda/`` never imports ``transport/``).
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ import asyncio
 import ctypes
 import itertools
 import os
-import socket
 import threading
 import time
 from collections import deque
@@ -43,9 +41,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-from ..config import PipeConfig
-from ..transport.base import PROCESS_ID, Link, PeerInfo
 
 _ids = itertools.count(1)
 
@@ -488,46 +483,3 @@ class _Fabric:
             )
         if not complete:
             raise FakeNcclError("ncclCommInitRank: timed out waiting for the other ranks")
-
-
-# ----------------------------------------------------------------- links for tests
-
-
-def peer_info(
-    rank: int,
-    *,
-    pid: int | None = None,
-    host_id: str = "test-host",
-    device: str = "cpu",
-    transport: str = "auto",
-) -> PeerInfo:
-    return PeerInfo(
-        rank=rank,
-        address="127.0.0.1",
-        port=1,
-        host_id=host_id,
-        pid=os.getpid() if pid is None else pid,
-        device=device,
-        transport=transport,
-        # another pid stands for another process: give it another process id
-        process_id=PROCESS_ID if pid in (None, os.getpid()) else f"process-{pid}",
-    )
-
-
-def link_pair(
-    config: PipeConfig | None = None,
-    *,
-    sender_pid: int | None = None,
-    receiver_pid: int | None = None,
-) -> tuple[Link, Link]:
-    """``(send_link, recv_link)`` joined by a non-blocking socketpair (rank 0 -> rank 1)."""
-    cfg = config if config is not None else PipeConfig(rank=0, connect_timeout=10.0)
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    sender = peer_info(0, pid=sender_pid, device=cfg.device)
-    receiver = peer_info(1, pid=receiver_pid, device=cfg.device)
-    return (
-        Link(cfg, a, "send", sender, receiver),
-        Link(cfg.with_changes(rank=1), b, "recv", receiver, sender),
-    )
