@@ -223,3 +223,30 @@ async def test_concurrent_reads_each_get_a_connection(peer: PeerClient, node: Bl
         await peer.ok("wait", request_id=rid)
         for got, want in zip(local, source, strict=True):
             assert torch.equal(got[:, [i, 31 - i]], want[:, [i * 4, i * 4 + 1]])
+
+
+async def test_concurrent_layer_writes_of_one_request_queue_on_one_connection(
+    peer: PeerClient, node: BlockNode
+) -> None:
+    """A layer-wise push fires a write per layer without awaiting the last: they
+    run in call order on one connection instead of a connection each."""
+    name = await remote_region(peer, seed=14, layers=4, blocks=32)
+    local = make_layers(15, 4, 8)
+    node.service.register(name, local, block_dim=1)
+    rid = unique("wise")
+    remote = [4, 9, 10]
+    await peer.ok("expect", request_id=rid, name=name, blocks=remote, ttl=10)
+    order: list[int] = []
+
+    async def write(layer: int) -> None:
+        await node.service.write(peer.address, rid, name, [0, 1, 2], remote, layers=[layer])
+        order.append(layer)
+
+    await asyncio.gather(*(write(layer) for layer in range(4)))
+    await peer.ok("wait", request_id=rid)
+    assert order == [0, 1, 2, 3]
+    assert node.dials == 1
+    assert not node.service._write_queues  # nothing left behind
+    landed = await peer.ok("blocks", name=name, blocks=remote)
+    for got, mine in zip(landed, local, strict=True):
+        assert torch.equal(got, mine[:, [0, 1, 2]])

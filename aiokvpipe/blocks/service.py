@@ -15,6 +15,9 @@ owns the links (the Endpoint) plugs it in through three points:
 The requester dials the owner, so reads and writes need only the owner's
 address; a connection carries one transfer at a time and returns to a small
 idle pool after it (:mod:`aiokvpipe.blocks.protocol` has the message order).
+Writes of one request and region to one owner run one at a time, in call
+order (so on one connection): a layer-wise push's writes then land layer by
+layer, each as early as the bandwidth allows, instead of splitting it.
 Payloads take the socket (``sendmsg`` / ``recvmsg_into`` on the blocks) or,
 on one host, a shared-memory ring per direction of the connection
 (:mod:`aiokvpipe.blocks.shmpath`); control messages always take the socket.
@@ -84,6 +87,14 @@ class _Conn:
 
 
 @dataclass
+class _Queue:
+    """Writes of one request and region to one owner, one at a time, in call order."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0  # holding or waiting: the entry goes when none are left
+
+
+@dataclass
 class _Outbound:
     """One read or write in flight on the requester's side."""
 
@@ -146,6 +157,7 @@ class BlockService:
         self._shm = transport == "auto"
         self._ring_bytes = shm_ring_bytes
         self._idle: dict[str, list[_Conn]] = {}
+        self._write_queues: dict[tuple[str, str, str], _Queue] = {}
         self._ops: dict[asyncio.Task[None], _Outbound] = {}
         self._inbound: dict[asyncio.Task[None], tuple[str, socket.socket, RingPath]] = {}
         self._closed = False
@@ -278,6 +290,37 @@ class BlockService:
             task.exception()  # retrieved: an abandoned transfer's error is not news
 
     async def _exchange(self, op: _Outbound) -> None:
+        """One transfer; writes of one request and region to one owner queue up (see below)."""
+        if op.op != "write":
+            await self._transfer(op)
+            return
+        # A layer-wise push issues a write per layer while the next layer
+        # computes. Side by side, those writes would each take (or dial) a
+        # connection and split the same bandwidth, so every layer lands late;
+        # in call order on one connection each lands as early as it can, and
+        # the lease's pieces land in the order they were produced.
+        key = (op.owner, op.request[0]["request_id"], op.region)
+        queue = self._write_queues.get(key)
+        if queue is None:
+            queue = self._write_queues[key] = _Queue()
+        queue.users += 1
+        try:
+            async with queue.lock:
+                if op.segs.redirected:  # cancelled, or its peer lost, while it queued
+                    if op.error is not None:
+                        raise op.error
+                    return
+                await self._transfer(op)
+        except asyncio.CancelledError:
+            if op.error is not None:
+                raise op.error from None
+            raise
+        finally:
+            queue.users -= 1
+            if not queue.users:
+                del self._write_queues[key]
+
+    async def _transfer(self, op: _Outbound) -> None:
         """The requester's side of one transfer, on a pooled or new connection."""
         try:
             conn = await self._acquire(op.owner)
