@@ -6,11 +6,14 @@ Arguments after ``--`` go to the tool (pytest, the demo, the bench), e.g.
 
 Every install is constrained by ``constraints.txt``, which pins torch to one
 exact release: an unpinned torch can pull a multi-GB CUDA build onto a CPU
-machine. GPU extras (cupy) are installed only by the ``gpu`` session.
+machine. GPU builds (CUDA torch, cupy) are installed only by the ``gpu`` and
+``gpu-check`` sessions (see :func:`install_gpu`).
 """
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import nox
@@ -20,7 +23,7 @@ CONSTRAINTS = str(ROOT / "constraints.txt")
 # One version for every session: the one CI runs. Use `--force-python 3.12`
 # to try another (the torch pin then needs a wheel for that version).
 PYTHON = "3.11"
-LINT_PATHS = ("aiokvpipe", "tests", "examples", "noxfile.py")
+LINT_PATHS = ("aiokvpipe", "tests", "examples", "tools", "noxfile.py")
 FORMAT_CHECKED_PATHS = LINT_PATHS
 
 nox.options.sessions = ["tests"]
@@ -57,10 +60,66 @@ def tests(session: nox.Session) -> None:
     run_pytest(session, marker="not cuda and not vllm")
 
 
+# CUDA major -> (PyTorch wheel index tag, our extra with the matching cupy).
+# CUDA 12 is the default: its wheels run on any driver >= 525 (the 12.x
+# minor-version compatibility), and cupy-cuda12x[ctk] brings NVRTC 12 along.
+# AIOKVPIPE_CUDA=13 picks CUDA 13 (driver >= 580; cupy-cuda13x) instead;
+# AIOKVPIPE_TORCH_TAG overrides the tag when the pinned torch release was
+# built for another CUDA 12 minor (e.g. cu126).
+CUDA_BUILDS = {"12": ("cu128", "cuda12"), "13": ("cu130", "cuda13")}
+GPU_CHECK = "tools/gpu_check.py"
+
+
+def pinned_torch() -> str:
+    """The torch release constraints.txt pins (one source of truth for every session)."""
+    match = re.search(r"^torch==([\w.]+)\s*$", Path(CONSTRAINTS).read_text(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError("constraints.txt pins no torch release")
+    return match.group(1)
+
+
+def install_gpu(session: nox.Session) -> None:
+    """The CUDA build of the pinned torch, from PyTorch's index for that CUDA, then cupy.
+
+    Named with its local tag (``torch==2.13.0+cu128``) from that index only:
+    a plain ``torch==2.13.0`` may resolve, through find-links or an extra
+    index, to the ``+cpu`` build (it sorts above ``2.13.0``), and every GPU
+    test would then skip. Installing it by name also replaces a CPU build a
+    reused virtualenv still holds. The package install that follows keeps it
+    (constraints.txt's ``torch==2.13.0`` matches any local build).
+    """
+    cuda = os.environ.get("AIOKVPIPE_CUDA", "12")
+    if cuda not in CUDA_BUILDS:
+        session.error(f"AIOKVPIPE_CUDA={cuda!r}: choose one of {sorted(CUDA_BUILDS)}")
+    tag, extra = CUDA_BUILDS[cuda]
+    tag = os.environ.get("AIOKVPIPE_TORCH_TAG", tag)
+    index = f"https://download.pytorch.org/whl/{tag}"
+    session.install("--index-url", index, f"torch=={pinned_torch()}+{tag}")
+    install(session, "test", extra)
+
+
 @nox.session(python=PYTHON)
 def gpu(session: nox.Session) -> None:
-    """Tests that need an NVIDIA GPU (installs the cuda12 extra: cupy)."""
-    run_pytest(session, marker="cuda", extras=("cuda12",))
+    """Every test marked ``cuda``, on a GPU; fails if any of them is skipped.
+
+    Checks first (no install) that a GPU is there, then that torch and cupy
+    both see it, before pytest runs (``tools/gpu_check.py --no-bench``).
+    """
+    session.run("python", GPU_CHECK, "--probe")
+    install_gpu(session)
+    session.run("python", GPU_CHECK, "--no-bench", *session.posargs)
+
+
+@nox.session(name="gpu-check", python=PYTHON)
+def gpu_check(session: nox.Session) -> None:
+    """One command for a GPU machine: install, every ``cuda`` test, the GPU bench, a report.
+
+    Any skipped test fails it; so does a machine without a GPU (one line
+    says so, before anything is installed). See tools/gpu_check.py.
+    """
+    session.run("python", GPU_CHECK, "--probe")
+    install_gpu(session)
+    session.run("python", GPU_CHECK, *session.posargs)
 
 
 @nox.session(python=PYTHON)
