@@ -68,3 +68,23 @@ def test_broadcast_workers_answer_every_step() -> None:
     latency = re.search(r"broadcast -> 2 answers: p50 ([\d.]+) ms, max ([\d.]+) ms", result.stdout)
     assert latency is not None and 0 < float(latency[1]) <= float(latency[2]), report
     assert "OK: every worker answered every step correctly (2 workers)" in result.stdout, report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("transport", ["auto", "tcp"])
+def test_paged_kv_pulls_and_pushes_blocks_bit_exact(transport: str) -> None:
+    result = run_example(
+        "paged_kv.py", "--transport", transport, "--num-blocks", "64", "--request-blocks", "16",
+        timeout=150,
+    )  # fmt: skip
+    report = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, report
+    out = result.stdout
+    assert re.search(rf"request: 16 scattered blocks \(\d+ MiB\); transport: {transport}", out)
+    pull = re.search(r"pull .*: 16 blocks x 4 layers in ([\d.]+) ms .*bit-exact: yes", out)
+    assert pull is not None and float(pull[1]) > 0, report
+    push = re.search(r"layer-wise push: 4 layers.*bit-exact: yes, other blocks untouched: yes", out)
+    assert push is not None, report
+    assert "OK: pulled and pushed blocks arrived bit-exact" in out, report
+    assert "FAILED" not in out + result.stderr, report
