@@ -236,7 +236,7 @@ class Endpoint:
             raise ProtocolError(f"{what}: the peer did not say who it is")
         self._met(state, peer)
         out.peer = peer
-        out.heartbeat = self._heartbeat(session.sock, f"{self.name} -> {peer.label}", state, peer)
+        out.heartbeat = self._heartbeat(session.sock, state, peer)
         try:
             data = await dial(
                 out.host,
@@ -313,9 +313,7 @@ class Endpoint:
         self._met(state, peer)
         await incoming.accept(self._local)
         link = InLink(peer, session_id, heartbeat=None)  # type: ignore[arg-type]
-        link.heartbeat = self._heartbeat(
-            incoming.sock, f"{self.name} <- {peer.label}", state, peer, inlink=link
-        )
+        link.heartbeat = self._heartbeat(incoming.sock, state, peer, inlink=link)
         self._sessions[session_id] = link
         state.inlinks.append(link)
 
@@ -384,7 +382,6 @@ class Endpoint:
     def _heartbeat(
         self,
         sock: Any,
-        what: str,
         state: PeerState,
         peer: PeerInfo,
         inlink: InLink | None = None,
@@ -399,7 +396,7 @@ class Endpoint:
             sock,
             interval=self.config.heartbeat_interval,
             timeout=self.config.peer_timeout,
-            what=what,
+            what=f"{self.name}: peer {peer.label} at {peer.endpoint}",
             on_end=ended,
         )
         hb.start()

@@ -157,7 +157,12 @@ class Outbound:
             async with deadline(
                 timeout, lambda: self._describe("send") + f": waiting for {charge} bytes of window"
             ):
-                await self.window.acquire(charge)
+                try:
+                    await self.window.acquire(charge)
+                except AiokvpipeError as exc:
+                    if exc is self.error or exc is self.fenced:
+                        self.error_reported = True  # the window was closed with it
+                    raise
         if self.closed or self.fenced is not None or self.sender.error is not None:
             self.window.release(charge)
             self.check_open()

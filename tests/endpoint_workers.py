@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 import time
 from typing import Any
@@ -57,11 +58,23 @@ def config(args: argparse.Namespace, **extra: Any) -> EndpointConfig:
     )
 
 
+def dump_tasks_on_sigusr1() -> None:
+    """``kill -USR1 <pid>`` prints every task's stack to stderr (hung-test debugging)."""
+
+    def dump() -> None:
+        for task in asyncio.all_tasks():
+            task.print_stack(file=sys.stderr)
+        sys.stderr.flush()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
+
+
 async def stdin_closed() -> None:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
 async def decode(args: argparse.Namespace) -> dict[str, Any]:
+    dump_tasks_on_sigusr1()
     async with await Endpoint.start(config(args)) as ep:
         print(json.dumps({"address": ep.address, "instance": ep.instance}), flush=True)
         last: dict[str, int] = {}
@@ -93,6 +106,7 @@ async def decode(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def prefill(args: argparse.Namespace) -> dict[str, Any]:
+    dump_tasks_on_sigusr1()
     targets = args.targets.split(",")
     async with await Endpoint.start(config(args)) as ep:
         print(json.dumps({"address": ep.address, "instance": ep.instance}), flush=True)
