@@ -82,11 +82,13 @@ class BlockNode:
     :meth:`lose` plays the Endpoint's peer event.
     """
 
-    def __init__(self, token: bytes | None, transport: str = "tcp", **service_options: Any) -> None:
+    def __init__(self, token: bytes | None, link: str = "tcp", **service_options: Any) -> None:
+        """``link``: the PeerInfo.transport this node announces ("auto": payloads
+        through shm with peers on this host); ``service_options`` go to the service."""
         self.token = token
         self.dials = 0
         self._listener = Listener("127.0.0.1", 0, token=token, what="block node").start()
-        self.local = local_info(self._listener.port, transport)
+        self.local = local_info(self._listener.port, link)
         self.address = self.local.endpoint
         self.instance = self.local.instance
         self._callbacks: list[Callable[[Any], None]] = []
@@ -94,9 +96,9 @@ class BlockNode:
 
     @classmethod
     async def start(
-        cls, token: bytes | None = TOKEN, transport: str = "tcp", **service_options: Any
+        cls, token: bytes | None = TOKEN, link: str = "tcp", **service_options: Any
     ) -> BlockNode:
-        return cls(token, transport, **service_options)
+        return cls(token, link, **service_options)
 
     async def __aenter__(self) -> BlockNode:
         return self
@@ -159,7 +161,7 @@ def _outcome(exc: BaseException) -> dict[str, Any]:
 
 
 async def _peer(conn: Connection, transport: str) -> None:
-    node = await BlockNode.start(transport=transport)
+    node = await BlockNode.start(link=transport)
     leases: dict[str, Lease] = {}
     tasks: set[asyncio.Task[None]] = set()
     conn.send({"address": node.address, "pid": os.getpid(), "instance": node.instance})
@@ -345,7 +347,7 @@ def raw_reader_main(
 
 async def _dial_raw(address: str, transport: str = "tcp") -> tuple[socket.socket, str]:
     """An authenticated block connection that reads slowly (a small receive buffer)."""
-    node = await BlockNode.start(transport=transport)
+    node = await BlockNode.start(link=transport)
     try:
         dialed = await node.dial(address, "blocks")
     finally:

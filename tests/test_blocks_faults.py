@@ -43,7 +43,7 @@ def peer(request: pytest.FixtureRequest) -> Iterator[PeerClient]:
 
 @pytest.fixture
 async def node(peer: PeerClient) -> AsyncIterator[BlockNode]:
-    async with await BlockNode.start(transport=peer.transport) as n:
+    async with await BlockNode.start(link=peer.transport) as n:
         yield n
         other = "tcp" if peer.transport == "auto" else "shm"
         assert n.service.payload_bytes[other] == 0, n.service.payload_bytes
@@ -87,7 +87,7 @@ async def quiet(node: BlockNode) -> None:
 async def test_reader_dies_mid_read_fails_the_owners_lease(peer: PeerClient) -> None:
     # A 1 MiB ring for a 4 MiB read: over shm the owner is left waiting on the
     # ring for a chunk the dead reader holds, not on the socket.
-    node = await BlockNode.start(transport=peer.transport, shm_ring_bytes=1 << 20)
+    node = await BlockNode.start(link=peer.transport, shm_ring_bytes=1 << 20)
     region = torch.zeros(2, 64, 32768, dtype=torch.uint8)
     node.service.register("big", region, block_dim=1)
     lease = node.service.expose("doomed", "big", list(range(64)), ttl=30)

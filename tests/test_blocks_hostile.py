@@ -236,8 +236,8 @@ async def shm_session(
 async def test_lying_shm_chunks_never_write_outside_the_granted_blocks() -> None:
     rng = random.Random(4321)
     async with (
-        await BlockNode.start(transport="auto") as owner,
-        await BlockNode.start(transport="auto") as hostile,
+        await BlockNode.start(link="auto") as owner,
+        await BlockNode.start(link="auto") as hostile,
     ):
         region = make_layers(0, LAYERS, BLOCKS, block_shape=(64, 8, 16))
         owner.service.register("kv", region, block_dim=1)
@@ -291,7 +291,7 @@ async def test_a_lying_owner_cannot_steer_a_readers_bytes(lie: str) -> None:
     listener.serve("blocks", handler)
     path = RingPath(True, RING)
     try:
-        async with await BlockNode.start(transport="auto") as reader:
+        async with await BlockNode.start(link="auto") as reader:
             local = make_layers(1, 1, 8)
             before = local[0].clone()
             reader.service.register("kv", local, block_dim=1)

@@ -44,7 +44,7 @@ def peer(request: pytest.FixtureRequest) -> Iterator[PeerClient]:
 
 @pytest.fixture
 async def node(peer: PeerClient) -> AsyncIterator[BlockNode]:
-    async with await BlockNode.start(transport=peer.transport) as n:
+    async with await BlockNode.start(link=peer.transport) as n:
         yield n
         # Every payload took the path under test, on both sides.
         other = "tcp" if peer.transport == "auto" else "shm"
@@ -250,3 +250,34 @@ async def test_concurrent_layer_writes_of_one_request_queue_on_one_connection(
     landed = await peer.ok("blocks", name=name, blocks=remote)
     for got, mine in zip(landed, local, strict=True):
         assert torch.equal(got, mine[:, [0, 1, 2]])
+
+
+@pytest.mark.parametrize(
+    ("reader_options", "owner_options"),
+    [({}, {"transport": "tcp"}), ({"transport": "tcp"}, {})],
+    ids=["owner-refuses-shm", "reader-forces-tcp"],
+)
+async def test_one_side_forcing_tcp_keeps_payloads_on_the_socket(
+    reader_options: dict[str, str], owner_options: dict[str, str]
+) -> None:
+    """Both nodes may share memory, but one service says transport="tcp": an
+    owner refusing the ring is not an error, the read falls back to the socket."""
+    async with (
+        await BlockNode.start(link="auto", **owner_options) as owner,
+        await BlockNode.start(link="auto", **reader_options) as reader,
+    ):
+        source = make_layers(1, 2, 8)
+        owner.service.register("kv", source, block_dim=1)
+        local = make_layers(2, 2, 8)
+        reader.service.register("kv", local, block_dim=1)
+        for i in range(2):  # the second read reuses the connection, offering nothing again
+            lease = owner.service.expose(f"r{i}", "kv", [1, 5], ttl=10)
+            await reader.service.read(owner.address, f"r{i}", "kv", [1, 5], [6, 2])
+            await lease.wait()
+        assert all(
+            torch.equal(a[:, [6, 2]], b[:, [1, 5]]) for a, b in zip(local, source, strict=True)
+        )
+        for node in (owner, reader):
+            assert node.service.payload_bytes["shm"] == 0
+            assert node.service.payload_bytes["tcp"] == 2 * source[0][:, [1, 5]].nbytes * 2
+        assert reader.dials == 1
