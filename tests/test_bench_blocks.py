@@ -25,15 +25,18 @@ def _tracker() -> None:
 
 def test_every_blocks_figure_is_measured_with_its_baseline() -> None:
     args = argparse.Namespace(
-        loop="asyncio", quick=True, layers=2, blocks=4, iters=2, small_iters=3, compute_ms=0.5
+        loop="asyncio",
+        quick=True,
+        layers=2,
+        blocks=4,
+        iters=2,
+        small_iters=3,
+        compute_ms=0.5,
+        transport="both",
     )
     results = blocks.run(args)
-    assert [r.target for r in results] == [
-        ">= 1.5x faster",
-        ">= 0.80x",
-        "<= 1.15x",
-        "<= 2x",
-    ]
+    assert [r.target for r in results] == [">= 1.5x faster", ">= 0.80x", "<= 1.15x", "<= 2x"] * 2
+    assert [r.extra["transport"] for r in results] == ["tcp"] * 4 + ["shm"] * 4
     for r in results:
         assert r.suite == "blocks" and r.ok is not None, r
         assert math.isfinite(r.value) and r.value > 0, r

@@ -16,10 +16,10 @@ Figures, each beside a baseline measured in the same processes:
 * a 16-block read, p50, vs a Pipe round trip of the same bytes (target:
   <= 2x).
 
-Blocks move over the Endpoint's tcp links (``sendmsg`` / ``recvmsg_into``
-on the blocks themselves); the Pipe baselines are forced onto tcp too. A
-same-host shared-memory block path does not exist yet, so there is no shm
-row.
+Each figure is measured per ``--transport``: ``tcp`` (block payloads go
+``sendmsg`` / ``recvmsg_into`` on the blocks themselves) and ``shm`` (one
+copy per side through a shared-memory ring per connection direction); the
+Endpoint and the Pipe baselines are forced onto the same transport.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--small-iters", type=int, default=0, help="16-block reads (default 300, 20 --quick)"
     )
     parser.add_argument("--compute-ms", type=float, default=2.0, help="simulated compute/layer")
+    parser.add_argument("--transport", choices=("tcp", "shm", "both"), default="both")
 
 
 def run(args: argparse.Namespace) -> list[Result]:
@@ -55,9 +56,11 @@ def run(args: argparse.Namespace) -> list[Result]:
     nbytes = count * layers * 2 * BLOCK[0] * BLOCK[1] * BLOCK[2] * 2
     small_bytes = nbytes * 16 // count
     loops = ["asyncio", "uvloop"] if args.loop == "both" else [args.loop]
-    progress = Progress(len(loops), "blocks")
+    chosen = getattr(args, "transport", "both")
+    transports = ["tcp", "shm"] if chosen == "both" else [chosen]
+    progress = Progress(len(loops) * len(transports), "blocks")
     results: list[Result] = []
-    for loop_name in loops:
+    for loop_name, transport in ((lp, tr) for tr in transports for lp in loops):
         got = run_pair(
             worker,
             (free_port(), free_port()),
@@ -69,12 +72,12 @@ def run(args: argparse.Namespace) -> list[Result]:
             iters,
             small_iters,
             args.compute_ms,
-            "tcp",
+            transport,
         )
-        progress.step(loop_name)
-        extra = {"loop": loop_name, "transport": "tcp", "bytes": nbytes, "blocks": count}
+        progress.step(f"{transport}, {loop_name}")
+        extra = {"loop": loop_name, "transport": transport, "bytes": nbytes, "blocks": count}
         mib = nbytes / (1 << 20)
-        what = f"{count} blocks x {layers} layers ({mib:.0f} MiB), tcp, {loop_name}"
+        what = f"{count} blocks x {layers} layers ({mib:.0f} MiB), {transport}, {loop_name}"
         pull, gather = percentile(got["pull"], 0.5), percentile(got["gather"], 0.5)
         contig = percentile(got["contig"], 0.5)
         transfer = percentile(got["transfer"], 0.5)
@@ -118,7 +121,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             ),
             Result(
                 "blocks",
-                f"16-block read p50 ({small_bytes >> 20} MiB), tcp, {loop_name}",
+                f"16-block read p50 ({small_bytes >> 20} MiB), {transport}, {loop_name}",
                 small * 1e6,
                 "us",
                 "Pipe round trip of the same bytes",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -104,8 +104,13 @@ def worker(
                 ]
                 service.register("kv", region, block_dim=1)
                 if rank == 0:
-                    return await prefill(service, pipe, region)
-                return await decode(service, pipe, region, f"127.0.0.1:{ep_port}", ep.address)
+                    got = await prefill(service, pipe, region)
+                else:
+                    got = await decode(service, pipe, region, f"127.0.0.1:{ep_port}", ep.address)
+                wrong: Literal["tcp", "shm"] = "tcp" if transport == "shm" else "shm"
+                if service.payload_bytes[wrong]:  # the figures would be another path's
+                    raise RuntimeError(f"block payloads took {wrong}, not {transport}")
+                return got
         finally:
             await service.aclose()
             await ep.aclose()
