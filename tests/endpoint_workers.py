@@ -54,6 +54,8 @@ def config(args: argparse.Namespace, **extra: Any) -> EndpointConfig:
         peer_timeout=args.peer_timeout,
         buffer_bytes=args.buffer,
         connect_timeout=args.connect_timeout,
+        handshake_timeout=args.handshake_timeout,
+        max_pending_handshakes=args.max_pending,
         **extra,
     )
 
@@ -167,7 +169,14 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--inflight", type=int, default=8)
+    parser.add_argument("--handshake-timeout", type=float, default=5.0)
+    parser.add_argument("--max-pending", type=int, default=64)
+    parser.add_argument("--max-fds", type=int, default=0, help="lower RLIMIT_NOFILE to this")
     args = parser.parse_args()
+    if args.max_fds:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (args.max_fds, args.max_fds))
     summary = asyncio.run(decode(args) if args.role == "decode" else prefill(args))
     print(json.dumps(summary), flush=True)
 

@@ -14,8 +14,10 @@ starve the legitimate peers:
 * a cap on connections still in their handshake (``max_pending``): the
   oldest is dropped to make room, so a flood of idle connections cannot
   keep a real peer (who finishes its handshake in a round trip) out;
-* out of file descriptors (``EMFILE``/``ENFILE``), the loop drops the oldest
-  pending connection, backs off and keeps accepting instead of dying.
+* out of file descriptors (``EMFILE``/``ENFILE``), the loop halves the cap
+  (strangers may hold at most half the descriptors they reached, which
+  leaves room for the real peers' transports), drops the oldest pending
+  connections down to it, backs off and keeps accepting instead of dying.
 """
 
 from __future__ import annotations
@@ -176,9 +178,11 @@ class Listener:
                 conn, _ = await loop.sock_accept(self._sock)
             except OSError as exc:
                 if exc.errno in _OUT_OF_FDS:
-                    # The caller stays in the kernel's backlog; free a slot
+                    # The caller stays in the kernel's backlog; make room
                     # and retry later instead of letting the loop die.
-                    self._drop_oldest()
+                    self.max_pending = max(1, len(self._pending) // 2)
+                    while len(self._pending) > self.max_pending:
+                        self._drop_oldest()
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, _BACKOFF_MAX)
                     continue
