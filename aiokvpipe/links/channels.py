@@ -8,33 +8,44 @@ same choice without talking; set-up is bounded by ``connect_timeout``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 from .._timeouts import deadline
 from ..transport import RecvChannel, SendChannel, choose_transport, load_transport
-from ..transport.base import Link
+from ..transport.base import Link, PeerInfo
 
 
 async def open_sender(link: Link) -> tuple[str, SendChannel]:
     """``(transport name, channel)`` for the sending end; closes the socket on failure."""
+    name = _choose(link, link.local, link.peer)
+    async with _opening(link, name):
+        return name, await load_transport(name).open_sender(link)
+
+
+async def open_receiver(link: Link) -> tuple[str, RecvChannel]:
+    """``(transport name, channel)`` for the receiving end; closes the socket on failure."""
+    name = _choose(link, link.peer, link.local)
+    async with _opening(link, name):
+        return name, await load_transport(name).open_receiver(link)
+
+
+def _choose(link: Link, sender: PeerInfo, receiver: PeerInfo) -> str:
     try:
-        name = choose_transport(link.local, link.peer)
-        async with deadline(
-            link.config.connect_timeout, lambda: f"{link.describe}: opening transport {name!r}"
-        ):
-            return name, await load_transport(name).open_sender(link)
+        return choose_transport(sender, receiver)
     except BaseException:
         link.sock.close()
         raise
 
 
-async def open_receiver(link: Link) -> tuple[str, RecvChannel]:
-    """``(transport name, channel)`` for the receiving end; closes the socket on failure."""
+@contextlib.asynccontextmanager
+async def _opening(link: Link, name: str) -> AsyncIterator[None]:
+    """Bounded by ``connect_timeout``; the link's socket is closed on failure."""
     try:
-        name = choose_transport(link.peer, link.local)
         async with deadline(
             link.config.connect_timeout, lambda: f"{link.describe}: opening transport {name!r}"
         ):
-            return name, await load_transport(name).open_receiver(link)
+            yield
     except BaseException:
         link.sock.close()
         raise
