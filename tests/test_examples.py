@@ -88,3 +88,16 @@ def test_paged_kv_pulls_and_pushes_blocks_bit_exact(transport: str) -> None:
     assert push is not None, report
     assert "OK: pulled and pushed blocks arrived bit-exact" in out, report
     assert "FAILED" not in out + result.stderr, report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_xpyd_survives_a_decode_killed_and_restarted() -> None:
+    result = run_example("xpyd.py", "--requests", "120", timeout=100)
+    report = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, report
+    for name in ("p0", "p1"):
+        assert re.search(rf"^{name}: 120/120 answered", result.stdout, re.MULTILINE), report
+    served = re.search(r"d0 served (\d+), d1 \(new instance\) served (\d+)", result.stdout)
+    assert served is not None and int(served[2]) > 0, report
+    assert "OK: every request answered and verified" in result.stdout, report
