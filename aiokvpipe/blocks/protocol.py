@@ -52,9 +52,11 @@ from ..errors import (
     LeaseNotGrantedError,
     MalformedFrameError,
     PeerClosedError,
+    ProtocolError,
     UnknownRegionError,
     UnsupportedVersionError,
 )
+from ..handshake import parse_control_message
 from .region import TensorLayout, layout_from_wire
 from .sgio import Segments, recv_segments, send_segments
 
@@ -144,11 +146,10 @@ async def read_message(sock: socket.socket, what: str, eof_ok: bool = False) -> 
         raise MalformedFrameError(f"{what}: {nids} block ids in a {Kind(kind).name} message")
     rest = await _recv_exactly(sock, json_len + 4 * nids, what)
     try:
-        body = json.loads(bytes(rest[:json_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedFrameError(f"{what}: control message is not valid JSON") from exc
-    if not isinstance(body, dict):
-        raise MalformedFrameError(f"{what}: control message is not a JSON object")
+        # The same hostile-JSON guards as every other control message.
+        body = parse_control_message(bytes(rest[:json_len]), what)
+    except ProtocolError as exc:
+        raise MalformedFrameError(str(exc)) from exc
     ids = array("I")
     ids.frombytes(bytes(rest[json_len:]))
     if sys.byteorder != "little":  # pragma: no cover
