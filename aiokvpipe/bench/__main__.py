@@ -12,7 +12,7 @@ from importlib import import_module
 
 from .report import Result, print_table, write_json
 
-SUITES = ("pipe", "ring", "cuda", "kv", "blocks")
+SUITES = ("pipe", "ring", "cuda", "kv", "blocks", "endpoint")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,9 +8,13 @@ on it without every transport knowing; a second socket costs one fd and
 keeps the transports unchanged.
 
 Both ends write one byte every ``interval`` and note when they last heard
-anything; an end silent for ``timeout`` is declared dead. Everything is
-driven by loop callbacks (a reader on the socket, one timer): no task, no
-wake-up between beats, so an idle link costs two tiny syscalls per interval.
+anything; an end silent for ``timeout`` is declared dead. One timer callback
+per interval does everything: it drains what the peer wrote (non-blocking
+``recv``), checks the silence, writes its own beat. No task, no reader
+callback per incoming beat: an idle link costs one wake-up and two tiny
+syscalls per interval and end. The price is that EOF and goodbyes are seen
+at the next beat (within ``interval``), which is well inside ``timeout``;
+data connections see a dead peer's EOF at once anyway.
 
 What ends a session, as :class:`PeerClosedError` and a kind given to
 ``on_end``: ``"silent"`` (a frozen or unreachable peer), ``"eof"`` (its
@@ -50,7 +54,6 @@ class Heartbeat:
         on_end: Callable[[PeerClosedError, EndKind], None],
     ) -> None:
         self._sock = sock
-        self._fd = sock.fileno()
         self.interval = interval
         self.timeout = timeout
         self.what = what
@@ -63,7 +66,6 @@ class Heartbeat:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.last_heard = time.monotonic()
-        self._loop.add_reader(self._fd, self._on_readable)
         self._beat()
 
     @property
@@ -84,8 +86,6 @@ class Heartbeat:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._loop is not None and self._sock.fileno() >= 0:
-            self._loop.remove_reader(self._fd)
         self._sock.close()
         self.ended = True
 
@@ -95,24 +95,31 @@ class Heartbeat:
         self._finish()
         self._on_end(error, kind)
 
-    def _on_readable(self) -> None:
-        try:
-            data = self._sock.recv(256)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._end(PeerClosedError(f"{self.what}: connection broken: {exc}"), "broken")
-            return
-        if not data:
-            reason = "the peer's process exited or it dropped the link"
-            self._end(PeerClosedError(f"{self.what}: {reason}"), "eof")
-            return
-        self.last_heard = time.monotonic()
-        if _GOODBYE in data:
-            self._end(PeerClosedError(f"{self.what}: the peer closed its endpoint"), "goodbye")
+    def _drain(self) -> bool:
+        """Read what the peer wrote since the last beat; False if the session ended."""
+        while True:
+            try:
+                data = self._sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError as exc:
+                self._end(PeerClosedError(f"{self.what}: connection broken: {exc}"), "broken")
+                return False
+            if not data:
+                reason = "the peer's process exited or it dropped the link"
+                self._end(PeerClosedError(f"{self.what}: {reason}"), "eof")
+                return False
+            self.last_heard = time.monotonic()
+            if _GOODBYE in data:
+                self._end(PeerClosedError(f"{self.what}: the peer closed its endpoint"), "goodbye")
+                return False
+            if len(data) < 4096:
+                return True
 
     def _beat(self) -> None:
         self._timer = None
+        if not self._drain():
+            return
         silent = self.silent_for
         if silent >= self.timeout:
             self._end(
