@@ -37,6 +37,7 @@ from aiokvpipe.transport.cuda_ipc import (
     CudaIpcSendChannel,
     InProcessMemory,
     Mappings,
+    _in_process,
 )
 from aiokvpipe.transport.testing import link_pair
 from aiokvpipe.wire import HEADER_SIZE, decode_header
@@ -218,6 +219,21 @@ async def test_out_of_range_descriptor_is_refused() -> None:
     finally:
         await p.sender.aclose()
         await p.receiver.aclose()
+
+
+def test_same_pid_in_another_process_is_not_in_process() -> None:
+    """Issue 16, defect 6: two containers of one pod share boot id and
+    namespaces and can both be pid 1; the random process id tells them apart."""
+    send_link, recv_link = link_pair(PipeConfig(rank=0, connect_timeout=5.0))
+    try:
+        assert _in_process(send_link)
+        assert send_link.peer.pid == send_link.local.pid
+        assert send_link.peer.host_id == send_link.local.host_id
+        twin = dataclasses.replace(send_link.peer, process_id="the other container")
+        assert not _in_process(dataclasses.replace(send_link, peer=twin))
+    finally:
+        send_link.sock.close()
+        recv_link.sock.close()
 
 
 async def test_both_ends_must_agree_on_in_process() -> None:
