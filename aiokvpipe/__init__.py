@@ -31,12 +31,14 @@ from .errors import (
 from .semaphore import ByteSemaphore
 
 if TYPE_CHECKING:
+    from .blocks import Lease
     from .endpoint import Endpoint
     from .kv_buffer import KVBufferStats, KVLookupBuffer
     from .pipe import Pipe, Transfer
 
 _LAZY = {
     "Endpoint": ".endpoint",
+    "Lease": ".blocks",
     "Pipe": ".pipe",
     "Transfer": ".pipe",
     "KVLookupBuffer": ".kv_buffer",
@@ -67,6 +69,7 @@ __all__ = [
     "KVBufferError",
     "KVBufferStats",
     "KVLookupBuffer",
+    "Lease",
     "PeerClosedError",
     "PeerUnreachableError",
     "Pipe",

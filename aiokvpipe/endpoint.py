@@ -41,7 +41,10 @@ from typing import Any
 import torch
 
 from ._timeouts import deadline
+from .blocks import BlockRegion, BlockService, Lease
+from .blocks.wiring import attach as attach_blocks
 from .config import EndpointConfig
+from .cuda.runtime import require_usable_device
 from .errors import (
     ConfigError,
     PeerClosedError,
@@ -84,15 +87,13 @@ class Endpoint:
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
         self.latency = LatencyHistogram()
+        self._blocks: BlockService | None = None  # set by start(): paged-block transfers
 
     # -- construction ----------------------------------------------------------
     @classmethod
     async def start(cls, config: EndpointConfig) -> Endpoint:
         """Listen on ``config.host:config.port`` and serve peers; returns at once."""
-        if config.device.startswith("cuda") or config.transport in ("nccl", "cuda_ipc"):
-            from .cuda.runtime import require_cuda  # lazy: CPU users never import it
-
-            require_cuda(f"endpoint {config.name or config.host}", config.device)
+        require_usable_device(config.device, config.transport)
         listener = Listener(
             config.host,
             config.port,
@@ -115,6 +116,7 @@ class Endpoint:
         ep = cls(config, listener, local)
         listener.serve("session", ep._on_session)
         listener.serve("data", ep._on_data)
+        ep._blocks = attach_blocks(ep, op_timeout=config.op_timeout)
         listener.start()
         return ep
 
@@ -251,6 +253,9 @@ class Endpoint:
             out.transport, sender = await open_sender(
                 Link(cfg, data.sock, "send", self._local, peer)
             )
+            # A GPU transport's set-up failure is the first send's error, not a
+            # later surprise in the background.
+            await sender.ready()
         except BaseException as exc:
             if isinstance(exc, Exception):
                 self._count_error(state, exc)
@@ -526,6 +531,93 @@ class Endpoint:
                 raise
             raise PeerUnreachableError(f"{what}: {exc}") from exc
 
+    # -- paged blocks (aiokvpipe.blocks; docs/blocks.md) --------------------------
+    @property
+    def blocks(self) -> BlockService:
+        """The paged-block service on this endpoint's links (regions, leases, counters)."""
+        self._check_open()
+        assert self._blocks is not None
+        return self._blocks
+
+    def register(self, name: str, tensors: Any, block_dim: int) -> BlockRegion:
+        """Register ``tensors`` (one tensor or a list, e.g. one per layer) as paged
+        memory ``name``; block ``i`` of a tensor is index ``i`` on ``block_dim``.
+        Peers reach it only through leases (:meth:`expose`, :meth:`expect`)."""
+        return self.blocks.register(name, tensors, block_dim)
+
+    def unregister(self, name: str) -> None:
+        """Forget region ``name``; its leases end and its transfers stop."""
+        self.blocks.unregister(name)
+
+    def expose(
+        self, request_id: str, name: str, blocks: Any, ttl: float, layers: Any = None
+    ) -> Lease:
+        """Grant peers READ access to ``blocks`` of ``name`` for ``request_id``, for ``ttl`` s.
+
+        ``await lease.wait()`` returns once a reader took every block (and
+        layer), raises TransferTimeout at ``ttl`` and PeerClosedError if the
+        reader dies mid-read; until then the blocks must not be reused.
+        """
+        return self.blocks.expose(request_id, name, blocks, ttl, layers)
+
+    def expect(
+        self, request_id: str, name: str, blocks: Any, ttl: float, layers: Any = None
+    ) -> Lease:
+        """Grant peers WRITE access to ``blocks``; the lease completes when every
+        layer of every block has landed (a push may come layer by layer)."""
+        return self.blocks.expect(request_id, name, blocks, ttl, layers)
+
+    async def read(
+        self,
+        owner_address: str,
+        request_id: str,
+        name: str,
+        remote_blocks: Any,
+        local_blocks: Any,
+        layers: Any = None,
+        *,
+        timeout: float | None = _DEFAULT,
+    ) -> None:
+        """Pull the owner's exposed ``remote_blocks`` into our ``local_blocks`` (same order).
+
+        If the owner dies mid-read: PeerClosedError, and the destination
+        blocks are undefined (nothing else is written).
+        """
+        self._check_open()
+        await self.blocks.read(
+            owner_address,
+            request_id,
+            name,
+            remote_blocks,
+            local_blocks,
+            layers,
+            **({} if timeout is _DEFAULT else {"timeout": timeout}),
+        )
+
+    async def write(
+        self,
+        owner_address: str,
+        request_id: str,
+        name: str,
+        local_blocks: Any,
+        remote_blocks: Any,
+        layers: Any = None,
+        *,
+        timeout: float | None = _DEFAULT,
+    ) -> None:
+        """Push our ``local_blocks`` into the owner's expected ``remote_blocks``;
+        returns once they landed. Call once per layer to overlap with compute."""
+        self._check_open()
+        await self.blocks.write(
+            owner_address,
+            request_id,
+            name,
+            local_blocks,
+            remote_blocks,
+            layers,
+            **({} if timeout is _DEFAULT else {"timeout": timeout}),
+        )
+
     # -- metrics -----------------------------------------------------------------
     def stats(self) -> dict[str, PeerStats]:
         """Per peer address: bytes and messages each way, last heard, transports, errors."""
@@ -554,6 +646,8 @@ class Endpoint:
             raise unreported
 
     async def _shutdown(self) -> BaseException | None:
+        if self._blocks is not None:
+            await self._blocks.aclose()  # before the listener: it owns block sockets
         await self._listener.aclose()
         outs = [s.out for s in self._peers.values() if s.out is not None]
         for out in outs:

@@ -68,19 +68,6 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
-def block_api(ep: Endpoint) -> Any:
-    """The endpoint's block API (``register/expose/expect/read/write``).
-
-    Until the Endpoint carries those methods itself, attach the block
-    service to its links; the calls below are the same either way.
-    """
-    if hasattr(ep, "register"):
-        return ep
-    from aiokvpipe.blocks.wiring import attach
-
-    return attach(ep)
-
-
 async def send_json(ep: Endpoint, peer: str, obj: Any) -> None:
     await ep.send(peer, torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8))
 
@@ -106,40 +93,35 @@ def config(name: str, token: str, transport: str) -> EndpointConfig:
 
 async def prefill(args: argparse.Namespace, token: str) -> None:
     async with await Endpoint.start(config("prefill", token, args.transport)) as ep:
-        kv = block_api(ep)
-        try:
-            layers = cache(args.layers, args.num_blocks, seed=1)
-            kv.register("kv", layers, block_dim=1)
-            decode = args.decode
-            # 1. A finished request's blocks, granted for reading.
-            pull_blocks = scattered(args.request_blocks, args.num_blocks, seed=2)
-            lease = kv.expose("req-pull", "kv", pull_blocks, ttl=TIMEOUT)
-            await send_json(ep, decode, {"request": "req-pull", "blocks": pull_blocks})
-            await asyncio.wait_for(lease.wait(), TIMEOUT)  # decode has read them all
+        layers = cache(args.layers, args.num_blocks, seed=1)
+        ep.register("kv", layers, block_dim=1)
+        decode = args.decode
+        # 1. A finished request's blocks, granted for reading.
+        pull_blocks = scattered(args.request_blocks, args.num_blocks, seed=2)
+        lease = ep.expose("req-pull", "kv", pull_blocks, ttl=TIMEOUT)
+        await send_json(ep, decode, {"request": "req-pull", "blocks": pull_blocks})
+        await asyncio.wait_for(lease.wait(), TIMEOUT)  # decode has read them all
 
-            # 2. Decode granted a write; compute layer by layer, ship each at once.
-            _, grant = await recv_json(ep)
-            mine = scattered(args.request_blocks, args.num_blocks, seed=3)
-            index = torch.tensor(mine)
-            results = [computed_layer(i, t[:, mine], seed=4) for i, t in enumerate(layers)]
-            writes = []
-            start = time.perf_counter()
-            for layer, tensor in enumerate(layers):
-                await asyncio.sleep(args.compute_ms / 1e3)  # the layer's forward pass...
-                tensor.index_copy_(1, index, results[layer])  # ...writes its KV blocks
-                writes.append(
-                    asyncio.ensure_future(
-                        kv.write(decode, grant["request"], "kv", mine, grant["blocks"], [layer])
-                    )
+        # 2. Decode granted a write; compute layer by layer, ship each at once.
+        _, grant = await recv_json(ep)
+        mine = scattered(args.request_blocks, args.num_blocks, seed=3)
+        index = torch.tensor(mine)
+        results = [computed_layer(i, t[:, mine], seed=4) for i, t in enumerate(layers)]
+        writes = []
+        start = time.perf_counter()
+        for layer, tensor in enumerate(layers):
+            await asyncio.sleep(args.compute_ms / 1e3)  # the layer's forward pass...
+            tensor.index_copy_(1, index, results[layer])  # ...writes its KV blocks
+            writes.append(
+                asyncio.ensure_future(
+                    ep.write(decode, grant["request"], "kv", mine, grant["blocks"], [layer])
                 )
-            await asyncio.gather(*writes)
-            pushed = time.perf_counter() - start
-            await send_json(ep, decode, {"pushed_s": pushed})
-            _, bye = await recv_json(ep)
-            assert bye == {"bye": True}
-        finally:
-            if kv is not ep:
-                await kv.aclose()
+            )
+        await asyncio.gather(*writes)
+        pushed = time.perf_counter() - start
+        await send_json(ep, decode, {"pushed_s": pushed})
+        _, bye = await recv_json(ep)
+        assert bye == {"bye": True}
 
 
 # ------------------------------------------------------------------ decode (this process)
@@ -147,7 +129,6 @@ async def prefill(args: argparse.Namespace, token: str) -> None:
 
 async def decode(args: argparse.Namespace, token: str) -> bool:
     async with await Endpoint.start(config("decode", token, args.transport)) as ep:
-        kv = block_api(ep)
         child = await asyncio.create_subprocess_exec(
             sys.executable,
             __file__,
@@ -158,10 +139,8 @@ async def decode(args: argparse.Namespace, token: str) -> bool:
         )
         ok = False
         try:
-            ok = await _decode(args, ep, kv)
+            ok = await _decode(args, ep)
         finally:
-            if kv is not ep:
-                await kv.aclose()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(child.wait(), TIMEOUT)
             if child.returncode is None:
@@ -173,9 +152,9 @@ async def decode(args: argparse.Namespace, token: str) -> bool:
         return ok
 
 
-async def _decode(args: argparse.Namespace, ep: Endpoint, kv: Any) -> bool:
+async def _decode(args: argparse.Namespace, ep: Endpoint) -> bool:
     layers = cache(args.layers, args.num_blocks, seed=None)
-    kv.register("kv", layers, block_dim=1)
+    ep.register("kv", layers, block_dim=1)
     block_bytes = 2 * BLOCK_SIZE * KV_HEADS * HEAD_DIM * 2  # K and V, one layer
     request_bytes = args.request_blocks * args.layers * block_bytes
     print(
@@ -192,7 +171,7 @@ async def _decode(args: argparse.Namespace, ep: Endpoint, kv: Any) -> bool:
     prefill, offer = await recv_json(ep)
     dest = scattered(args.request_blocks, args.num_blocks, seed=5)
     start = time.perf_counter()
-    await kv.read(prefill, offer["request"], "kv", offer["blocks"], dest)
+    await ep.read(prefill, offer["request"], "kv", offer["blocks"], dest)
     pulled = time.perf_counter() - start
     good = all(
         same_bits(mine[:, dest], theirs[:, offer["blocks"]])
@@ -210,7 +189,7 @@ async def _decode(args: argparse.Namespace, ep: Endpoint, kv: Any) -> bool:
     target = [b for b in scattered(args.num_blocks, args.num_blocks, seed=6) if b not in dest]
     target = target[: args.request_blocks]
     before = [t.clone() for t in layers]
-    lease = kv.expect("req-push", "kv", target, ttl=TIMEOUT)
+    lease = ep.expect("req-push", "kv", target, ttl=TIMEOUT)
     await send_json(ep, prefill, {"request": "req-push", "blocks": target})
     await asyncio.wait_for(lease.wait(), TIMEOUT)  # every layer of every block landed
     _, report = await recv_json(ep)

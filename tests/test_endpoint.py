@@ -221,10 +221,12 @@ async def test_hooks_serve_dial_and_peer_events() -> None:
             await incoming.accept(owner.local)
             got.set_result(incoming)
 
-        owner.serve("blocks", handler)
+        owner.serve("echo", handler)
         with pytest.raises(ConfigError):
             owner.serve("session", handler)
-        dialed = await user.dial(owner.address, "blocks")
+        with pytest.raises(ConfigError):
+            owner.serve("blocks", handler)  # the paged-block service has it
+        dialed = await user.dial(owner.address, "echo")
         incoming = await asyncio.wait_for(got, 5)
         try:
             assert dialed.peer is not None and dialed.peer.instance == owner.instance

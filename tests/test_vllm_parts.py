@@ -189,16 +189,8 @@ def _agent(name: str, tensors: list[torch.Tensor], **extra: object) -> TransferA
     return agent
 
 
-def _need_block_api() -> None:
-    from aiokvpipe.endpoint import Endpoint
-
-    if not hasattr(Endpoint, "read"):
-        pytest.skip("Endpoint has no paged-block API yet (issue 13 in progress)")
-
-
 @pytest.fixture
 def pair() -> Iterator[tuple[TransferAgent, list[torch.Tensor], TransferAgent, list[torch.Tensor]]]:
-    _need_block_api()
     owner_t, reader_t = _layers(1), [torch.zeros(BLOCKS, *BLOCK_SHAPE) for _ in range(2)]
     owner = _agent("owner", owner_t, lease_ttl=5.0)
     reader = _agent("reader", reader_t, test_hooks=True)
@@ -257,7 +249,6 @@ def test_agent_read_before_the_lease_is_filed_retries_within_grace(pair) -> None
 
 
 def test_agent_expired_lease_fails_the_read_and_frees_the_owner() -> None:
-    _need_block_api()
     owner_t, reader_t = _layers(2), [torch.zeros(BLOCKS, *BLOCK_SHAPE) for _ in range(2)]
     owner = _agent("owner", owner_t, lease_ttl=0.2)
     reader = _agent("reader", reader_t)

@@ -61,7 +61,6 @@ def worker(
     compute_ms: float,
     transport: str,
 ) -> None:
-    from ..blocks.wiring import attach
     from ..config import EndpointConfig, PipeConfig
     from ..endpoint import Endpoint
     from ..pipe import Pipe
@@ -84,7 +83,7 @@ def worker(
                 transport=transport,  # type: ignore[arg-type]
             )
         )
-        service = attach(ep)
+        service = ep.blocks
         try:
             async with await Pipe.connect(
                 PipeConfig(
@@ -112,7 +111,6 @@ def worker(
                     raise RuntimeError(f"block payloads took {wrong}, not {transport}")
                 return got
         finally:
-            await service.aclose()
             await ep.aclose()
 
     async def prefill(service: Any, pipe: Any, region: list[torch.Tensor]) -> dict[str, Any]:

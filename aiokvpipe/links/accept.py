@@ -30,7 +30,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .._timeouts import deadline
-from ..errors import AuthenticationError, PeerClosedError, ProtocolError, TransferTimeout
+from ..errors import (
+    AuthenticationError,
+    ConfigError,
+    PeerClosedError,
+    ProtocolError,
+    TransferTimeout,
+)
 from ..handshake import authenticate_acceptor, recv_message, send_message
 from ..transport.base import PeerInfo
 from .net import listening_socket, tune_data_socket
@@ -141,7 +147,7 @@ class Listener:
     def serve(self, purpose: str, handler: Handler) -> None:
         """Hand authenticated connections with this ``purpose`` to ``handler``."""
         if purpose in self._handlers:
-            raise ValueError(f"purpose {purpose!r} is already served")
+            raise ConfigError("purpose", f"{purpose!r} is already served on this listener")
         self._handlers[purpose] = handler
 
     def unserve(self, purpose: str) -> None:
