@@ -148,7 +148,7 @@ def vllm(session: nox.Session) -> None:
         "vllm",
         "-p",
         "no:cacheprovider",
-        *(session.posargs or ("--durations=10", "tests/vllm")),
+        *(session.posargs or ("--durations=10", "tests/vllm_engines")),
         env=env,
     )
     session.run(

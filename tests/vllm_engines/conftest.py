@@ -23,6 +23,8 @@ import pytest
 from aiokvpipe.integrations.vllm.serving import VllmServer
 
 REQUIRE = os.environ.get("AIOKVPIPE_REQUIRE_VLLM") == "1"
+# (This folder is not named "vllm": pytest puts tests/ on sys.path, and a
+# folder of that name would pass for the package.)
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 
 if not HAVE_VLLM and REQUIRE:
