@@ -996,3 +996,86 @@ def test_blocking_dequeue_timing_out_in_the_window_clears_the_flag() -> None:
         assert spinning(reader) == 0
         writer.enqueue_sync(b"sync")
         assert reader.dequeue_sync(timeout=1) == b"sync"
+
+
+# -- chunk calls that never wait (the shm transport's small-message path) ----------
+
+
+async def test_write_and_read_chunk_nowait_round_trip_in_order() -> None:
+    async with ring_of(n_reader=1, chunk=256, chunks=2) as (writer, (reader,)):
+        for i in range(2):
+            assert writer.write_chunk_nowait(lambda buf, i=i: buf.__setitem__(0, 65 + i))
+        # both chunks are held by the reader: nothing is written, nothing published
+        assert not writer.write_chunk_nowait(lambda buf: pytest.fail("must not be called"))
+        got: list[int] = []
+        assert reader.read_chunk_nowait(lambda buf: got.append(buf[0]))
+        assert len(got) == 1
+        assert reader.read_chunk_nowait(lambda buf: got.append(buf[0]) or len(buf))
+        assert got == [65, 66]
+        assert not reader.read_chunk_nowait(lambda buf: pytest.fail("nothing is published"))
+        # the async calls go on from where these left off
+        await writer.enqueue(b"after", timeout=1)
+        assert await reader.dequeue(timeout=1) == b"after"
+
+
+async def test_chunk_nowait_calls_that_raise_publish_or_consume_nothing() -> None:
+    async with ring_of(n_reader=1, chunk=256, chunks=2) as (writer, (reader,)):
+
+        def broken(buf: memoryview) -> None:
+            buf[0] = 1
+            raise ValueError("filling failed")
+
+        with pytest.raises(ValueError, match="filling failed"):
+            writer.write_chunk_nowait(broken)
+        assert not reader.read_chunk_nowait(lambda buf: pytest.fail("nothing was published"))
+        assert writer.write_chunk_nowait(lambda buf: buf.__setitem__(0, 7))
+        with pytest.raises(KeyError):
+            reader.read_chunk_nowait(lambda buf: {}[buf[0]])
+        got: list[int] = []
+        assert reader.read_chunk_nowait(lambda buf: got.append(buf[0]))  # handed out again
+        assert got == [7]
+
+
+async def test_chunk_nowait_calls_refuse_the_wrong_role_a_busy_or_closed_endpoint() -> None:
+    async with ring_of(n_reader=1, chunk=256, chunks=2) as (writer, (reader,)):
+        with pytest.raises(RingUsageError, match="cannot read"):
+            writer.read_chunk_nowait(lambda buf: None)
+        with pytest.raises(RingUsageError, match="cannot write"):
+            reader.write_chunk_nowait(lambda buf: None)
+        waiting = asyncio.ensure_future(reader.wait_readable(timeout=5))
+        await asyncio.sleep(0.01)
+        with pytest.raises(RingUsageError, match="already using"):
+            reader.read_chunk_nowait(lambda buf: None)
+        assert writer.write_chunk_nowait(lambda buf: None)
+        await asyncio.wait_for(waiting, 2)
+        assert reader.read_chunk_nowait(lambda buf: None)
+        writer.close()
+        with pytest.raises(PipeClosedError):
+            writer.write_chunk_nowait(lambda buf: None)
+
+
+async def test_wait_readable_waits_times_out_and_reports_the_writer_gone() -> None:
+    async with ring_of(n_reader=1, chunk=256, chunks=2, backoff=NO_SAFETY_NET) as (
+        writer,
+        (reader,),
+    ):
+        with pytest.raises(TransferTimeout, match="reader 0"):
+            await reader.wait_readable(timeout=0.02)
+        waiting = asyncio.ensure_future(reader.wait_readable())
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        assert writer.write_chunk_nowait(lambda buf: buf.__setitem__(0, 9))
+        await asyncio.wait_for(waiting, 2)  # rung: no safety timer could have ended it
+        # waiting took nothing: the chunk is still there, once
+        got: list[int] = []
+        assert reader.read_chunk_nowait(lambda buf: got.append(buf[0]))
+        assert got == [9] and not reader.read_chunk_nowait(lambda buf: None)
+        # cancelled mid-wait: the endpoint is free again
+        waiting = asyncio.ensure_future(reader.wait_readable())
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        writer.close()
+        with pytest.raises(WriterGoneError):
+            await reader.wait_readable(timeout=1)

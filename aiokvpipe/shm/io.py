@@ -289,6 +289,64 @@ class ShmRingBufferIO(RingEndpoint):
         finally:
             self._leave()
 
+    def write_chunk_nowait(self, fill: Callable[[memoryview], object]) -> bool:
+        """Writer: fill and publish the next chunk now if it is free; False if not.
+
+        ``fill(buf)`` writes into the whole chunk (``max_chunk_bytes``) and must
+        not keep ``buf`` or any view of it: unlike :meth:`acquire_write` there
+        is no view accounting, which is what makes this the cheap path for a
+        caller that copies into the chunk and lets go (the shm transport's
+        small messages). Nothing is published when ``fill`` raises; the chunk
+        stays claimed and the next write reuses it. Never waits, never awaits.
+        """
+        if not (self._idle and self.is_writer):
+            self._enter(True)  # raises: closed, a reader endpoint, or busy
+        try:
+            idx = self._try_claim()
+            if idx is None:
+                return False
+            fill(self._chunks[idx])
+            self._publish(idx, self._cap, 0, codec.RAW)
+            return True
+        except ValueError as exc:
+            raise self._released(exc) from exc
+
+    async def wait_readable(self, timeout: float | None = None) -> None:
+        """Reader: return once the next chunk is published (taking nothing).
+
+        Waits the way :meth:`dequeue` does (anticipation, spin, doorbell);
+        pair it with :meth:`read_chunk_nowait`. Raises TransferTimeout after
+        ``timeout`` and WriterGoneError once the writer is gone with nothing
+        left to read, as :meth:`acquire_read` does.
+        """
+        self._enter(False)
+        try:
+            if self._poll_readable() is None:
+                await self._wait(self._poll_readable, timeout, deadline_after(timeout), False)
+        finally:
+            self._leave()
+
+    def read_chunk_nowait(self, take: Callable[[memoryview], object]) -> bool:
+        """Reader: hand the next published chunk to ``take`` now; False if none yet.
+
+        ``take(buf)`` gets the chunk's payload (the bytes the writer declared)
+        and must copy what it needs and not keep ``buf``: the chunk is marked
+        read when ``take`` returns, and the writer may then overwrite it. When
+        ``take`` raises, the chunk is not marked read. Never waits.
+        """
+        if not (self._idle and not self.is_writer):
+            self._enter(False)  # raises: closed, the writer endpoint, or busy
+        try:
+            idx = self._poll_readable()
+            if idx is None:
+                return False
+            total, offset, _ = self._descriptor(idx)
+            take(self._chunks[idx][: min(self._cap, total - offset)])
+            self._consume(idx)
+            return True
+        except ValueError as exc:
+            raise self._released(exc) from exc
+
     def _first_held(self, count: int) -> int | None:
         """Writer: how far past the next chunk the first of the next ``count``
         that readers still hold is (None: all ``count`` can be claimed now)."""

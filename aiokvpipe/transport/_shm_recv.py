@@ -62,6 +62,7 @@ class ShmRecvChannel(RecvChannel):
         self._stopped = False  # no more frames will be delivered
         self._eof = False  # the link socket hit EOF: drain what is published, then stop
         self._in_acquire = False  # the reader task is waiting for a chunk
+        self._parked = 0  # recv() callers waiting for a message
         self._expected_seq = 0
         # The payload being gathered across chunks (state survives a restarted task).
         self._dest: memoryview | None = None
@@ -90,7 +91,11 @@ class ShmRecvChannel(RecvChannel):
                 return tensor
             if self._error is not None:
                 raise self._error
-            await self._waiters.wait()
+            self._parked += 1
+            try:
+                await self._waiters.wait()
+            finally:
+                self._parked -= 1
 
     async def aclose(self) -> None:
         if not self._closed:
@@ -123,15 +128,25 @@ class ShmRecvChannel(RecvChannel):
                     await asyncio.sleep(0)
                     start = _perf_counter()
                     slice_end = start + SLICE_SECONDS
-                # Once the peer is gone, a zero timeout: take what is published, never wait.
-                self._in_acquire = True
                 try:
-                    async with io.acquire_read(0 if self._eof else None) as buf:
+                    if not io.read_chunk_nowait(self._take):
+                        # Once the peer is gone, a zero timeout: take what is
+                        # published, never wait.
+                        self._in_acquire = True
+                        await io.wait_readable(0 if self._eof else None)
                         self._in_acquire = False
                         now = _perf_counter()
                         if now - start > _SUSPENDED:  # waited: the loop ran meanwhile
                             slice_end = now + SLICE_SECONDS
-                        self._take(buf)
+                        if not io.read_chunk_nowait(self._take):
+                            continue
+                    if self._parked and self._dest is None:
+                        # A recv() is parked on what was just delivered: let it
+                        # run before this task goes back to waiting on the ring,
+                        # whose spin yields the CPU (sched_yield) first. Measured
+                        # 7-15 us off a 4 KiB round trip, same run, interleaved.
+                        await asyncio.sleep(0)
+                        slice_end = _perf_counter() + SLICE_SECONDS
                 except PeerClosedError as exc:
                     # The ring's writer closed or died. It may have published a
                     # last chunk between the ring's poll and its liveness

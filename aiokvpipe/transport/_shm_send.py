@@ -2,15 +2,11 @@
 
 One writer task copies queued messages chunk after chunk. A small message
 (one chunk) submitted while that task is idle is copied inside ``submit``
-itself, through the ring's own ``acquire_write`` whose fast path never
-suspends: waking the task would cost a loop iteration, a good part of a
-4 KiB message's latency. Whether the next chunk is free is peeked first,
-fence-free, from the ring's documented layout (chunk ``seq`` at index
-``seq % max_chunks``, flags ``[written, read_0]`` per chunk, sequences from
-1), because entering an acquire that must wait costs a spin step for
-nothing. The peek is only a hint: a wrong answer costs one fallback to the
-writer task, never data, since the chunk is still claimed and published
-through the ring's API.
+itself, through the ring's ``write_chunk_nowait``, which never awaits and
+lends no guarded view: waking the task would cost a loop iteration, and the
+view accounting of ``acquire_write`` (two coroutines, a PickleBuffer) a few
+cold microseconds, a good part of a 4 KiB message's latency. When no chunk
+is free the message goes to the writer task, which waits for one.
 """
 
 from __future__ import annotations
@@ -19,8 +15,6 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Coroutine
-from typing import Any, TypeVar
 
 import torch
 
@@ -39,7 +33,6 @@ from ._shm_setup import (
 )
 from .base import Link, OutgoingMessage, SendChannel
 
-T = TypeVar("T")
 _perf_counter = time.perf_counter
 
 
@@ -52,7 +45,6 @@ class ShmSendChannel(SendChannel):
         self._fd = link.sock.fileno()
         self._loop = asyncio.get_running_loop()
         self._io = io
-        self._cursor = ChunkCursor(io)
         self._piece = piece
         self._pending: deque[OutgoingMessage] = deque()
         self._wakeup: asyncio.Future[None] | None = None
@@ -147,26 +139,17 @@ class ShmSendChannel(SendChannel):
         task would cost, which is a good part of a small message's latency.
         """
         header, tensor = message.header, message.tensor
-        if header.nbytes > self._piece or not _on_cpu(tensor) or not self._cursor.writable():
+        if header.nbytes > self._piece or not _on_cpu(tensor):
             return False
         try:
-            slot = self._io.acquire_write()
-            buf = run_now(slot.__aenter__())
-            if buf is None:
-                return False
-            try:
-                self._fill_first(buf, header, tensor)
-            except BaseException as exc:
-                run_now(slot.__aexit__(type(exc), exc, exc.__traceback__))  # abandoned
-                raise
-            run_now(slot.__aexit__(None, None, None))  # published
+            written = self._io.write_chunk_nowait(lambda buf: self._fill_first(buf, header, tensor))
         except Exception as exc:
             self._fail(translate_error(exc, self._link.describe), exc)
             message.done.set_exception(self._error or exc)
             return True
-        self._cursor.advance()
-        message.done.set_result(None)
-        return True
+        if written:
+            message.done.set_result(None)
+        return written
 
     def _fill_first(self, buf: memoryview, header: FrameHeader, tensor: torch.Tensor | None) -> int:
         """Header slot and the payload's first piece; returns the payload bytes copied."""
@@ -183,11 +166,10 @@ class ShmSendChannel(SendChannel):
 
             assert tensor is not None
             tensor = await to_host(tensor)
-        total, piece, io, cursor = header.nbytes, self._piece, self._io, self._cursor
+        total, piece, io = header.nbytes, self._piece, self._io
         await self._pace()
         async with io.acquire_write() as buf:
             sent = self._fill_first(buf, header, tensor)
-        cursor.advance()
         if sent == total:
             return
         assert tensor is not None
@@ -197,8 +179,7 @@ class ShmSendChannel(SendChannel):
             n = min(total - sent, piece)
             async with io.acquire_write() as buf:
                 buf[:n] = payload[sent : sent + n]
-            cursor.advance()
-            sent += n
+                sent += n
 
     async def _pace(self) -> None:
         """Yield to the loop once this slice of copying is used up."""
@@ -240,38 +221,6 @@ class ShmSendChannel(SendChannel):
         self._io.close()  # unmaps; unlinks the name if the receiver never attached
         self._sock.close()
         self._idle.set()
-
-
-class ChunkCursor:
-    """Which chunk the writer of a one-reader ring claims next, and a peek at it."""
-
-    def __init__(self, io: ShmRingBufferIO) -> None:
-        ring = io.buffer
-        if ring.n_reader != 1:
-            raise ValueError("a pipe ring has exactly one reader")
-        self._flags = ring.flags
-        self._chunks = ring.max_chunks
-        self.seq = 1  # a fresh ring: nothing published yet
-
-    def advance(self) -> None:
-        """One chunk was published through the ring."""
-        self.seq += 1
-
-    def writable(self) -> bool:
-        """The next chunk was never written or has been read (a hint)."""
-        base = (self.seq % self._chunks) * 2
-        flags = self._flags
-        return not flags[base] or bool(flags[base + 1])
-
-
-def run_now(coro: Coroutine[Any, Any, T]) -> T | None:
-    """``coro``'s result if it finishes without suspending; else close it, None."""
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
-    coro.close()
-    return None
 
 
 def _on_cpu(tensor: torch.Tensor | None) -> bool:
