@@ -36,8 +36,10 @@ def test_every_ring_figure_is_measured_with_its_baseline() -> None:
     by_name = {r.name: r for r in results}
     for readers in ("1 reader", "2 readers"):
         for q in ("p50", "p99"):
-            wake = by_name[f"asyncio: wake-up {q}, 64 B every 2 ms, {readers}"]
-            assert wake.baseline_name == f"mp.Pipe {q}"
+            wake = by_name[f"asyncio: wake-up {q}, 64 B every ~2 ms (coroutine), {readers}"]
+            # the seed-style busy-poll reader, run on the same writer in the same run
+            assert wake.baseline_name == f"seed-style reader {q}"
+            assert 0 < wake.baseline_value < 1_000_000
             # a send-to-receive time: positive, and far below the 2 ms gap
             # unless the machine stalled (bounded generously: CI is noisy)
             assert 0 < wake.value < 1_000_000
@@ -47,8 +49,9 @@ def test_every_ring_figure_is_measured_with_its_baseline() -> None:
         assert r.baseline_value is not None and r.baseline_value > 0, r
     targets = [r for r in results if r.ok is not None]
     assert {r.target for r in targets} == {
-        "<= 20 us",
-        "<= 100 us",
+        "<= 0.5x seed",
+        "<= 1.0x seed",
+        "<= 15%",
         "<= 2%",
         ">= 150k msg/s",
         ">= 0.80x memcpy",

@@ -17,7 +17,8 @@ from typing import Any
 
 from ..shm import ShmRingBuffer, ShmRingBufferIO, ShmRingHandle
 from ..shm.endpoint import DESC_SIZE
-from ..shm.ring import DESC_STAMP, DESC_STAMP_OFF
+from ..shm.fence import fence
+from ..shm.ring import DESC, DESC_STAMP, DESC_STAMP_OFF
 from .procs import run_loop
 
 SEQ = struct.Struct("<q")  # a stamped message's index, first in its bytes
@@ -115,6 +116,42 @@ def ring_read(
         return run_loop(loop_name, body)
     finally:
         io.close()
+
+
+def seed_read(conn: Connection, handle: ShmRingHandle, rank: int, n: int) -> Any:
+    """The reference ring's reader, for the latency baseline (written for the bench).
+
+    It waits the way the seed's ``ShmRingBuffer`` reader does: check the
+    next chunk's "written" flag and its own read flag, and between checks
+    ``time.sleep(1e-7)`` (a busy poll: no doorbell, no parking). It reads
+    this project's ring (the flag layout is the seed's), so the writer is the
+    same ``enqueue`` as for the library's readers and only the waiting differs.
+    """
+    ring = ShmRingBuffer.attach(handle)
+    flags, desc, chunks = ring.flags, ring.descriptors, ring.chunks
+    nflag, nchunks, rflag = 1 + ring.n_reader, ring.max_chunks, 1 + rank
+    got: list[tuple[int, int]] = []
+    clock, sleep = time.perf_counter_ns, time.sleep
+    try:
+        conn.send("ready")
+        seq = 1
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        for _ in range(n):
+            idx = seq % nchunks
+            base = idx * nflag
+            while not flags[base] or flags[base + rflag]:
+                sleep(1e-7)
+            total = DESC.unpack_from(desc, idx * DESC_SIZE)[1]
+            msg = bytes(chunks[idx][:total])
+            fence()  # the bytes are copied before the chunk is handed back
+            flags[base + rflag] = 1
+            seq += 1
+            _received(msg, clock(), got)
+        cpu = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+        del flags, desc, chunks
+        return (got, cpu, [])
+    finally:
+        ring.close()
 
 
 def pipe_write(
@@ -231,7 +268,16 @@ def floor_write(
 
 _COMMANDS: dict[str, Callable[..., Any]] = {
     f.__name__: f
-    for f in (ring_write, ring_read, pipe_write, pipe_read, poll_idle, floor_read, floor_write)
+    for f in (
+        ring_write,
+        ring_read,
+        seed_read,
+        pipe_write,
+        pipe_read,
+        poll_idle,
+        floor_read,
+        floor_write,
+    )
 }
 
 
