@@ -46,6 +46,8 @@ def test_demo_transfers_and_verifies_every_tensor(loop: str) -> None:
     latency = re.search(r"round trip over (\d+) pings: p50 (\d+) us, p99 (\d+) us", out)
     assert latency is not None, report
     assert int(latency[1]) == 300 and 0 < int(latency[2]) <= int(latency[3]), report
+    # warm figures, and the demo says what it timed (issue 17)
+    assert "after a warm-up pass" in out and "after 100 warm-up pings" in out, report
     assert "OK: every tensor verified by rank 1" in out, report
     assert "FAILED" not in out + result.stderr, report
 

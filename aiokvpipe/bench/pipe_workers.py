@@ -31,7 +31,10 @@ def _pipe_worker(
     transport: str,
     window: int,
     anticipate: bool = True,
+    gap: float = 0.0,
 ) -> None:
+    """``gap`` (rtt): rank 0 awaits ``asyncio.sleep(gap)`` before each round
+    trip, so the gaps jitter the way an application's do."""
     from ..config import PipeConfig
     from ..pipe import Pipe
 
@@ -63,9 +66,14 @@ def _pipe_worker(
                     await pipe.send(None)
             elif mode == "rtt":
                 payload = torch.ones(size // 4, dtype=torch.float32)
+                cpu0 = 0.0
                 if rank == 0:
                     samples = []
                     for i in range(count + 50):
+                        if i == 50:
+                            cpu0 = cpu_seconds()
+                        if gap:
+                            await asyncio.sleep(gap)
                         t0 = time.perf_counter()
                         await pipe.send(payload)
                         await pipe.recv()
@@ -73,8 +81,12 @@ def _pipe_worker(
                             samples.append(time.perf_counter() - t0)
                     out["samples"] = samples
                 else:
-                    for _ in range(count + 50):
+                    for i in range(count + 50):
+                        if i == 50:
+                            cpu0 = cpu_seconds()
                         await pipe.send(await pipe.recv())
+                # CPU per round trip (waiting included: what anticipation spends)
+                out[f"cpu{rank}"] = (cpu_seconds() - cpu0) / count
             elif mode == "lag":
                 big: torch.Tensor | None = (
                     torch.ones(size, dtype=torch.uint8) if rank == 0 else None
