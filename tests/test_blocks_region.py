@@ -52,7 +52,7 @@ def test_register_checks_every_tensor() -> None:
         table.register("odd", [layers[0], torch.zeros(2, 9, 4, 2, 8)], block_dim=1)
     with pytest.raises(RegionError, match="tensor 0 is not contiguous"):
         table.register("strided", layers[0].transpose(0, 1), block_dim=1)
-    with pytest.raises(RegionError, match="only CPU memory"):
+    with pytest.raises(RegionError, match="only CPU or CUDA memory"):
         table.register("meta", torch.empty(2, 10, 4, device="meta"), block_dim=1)
     with pytest.raises(RegionError, match="only dense tensors"):
         table.register("sparse", torch.eye(4).to_sparse(), block_dim=0)

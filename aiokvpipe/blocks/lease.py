@@ -25,7 +25,7 @@ import asyncio
 import math
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from ..errors import (
     ConfigError,
@@ -61,6 +61,9 @@ class Lease:
         self.layers = layers
         self.ttl = ttl
         self.peers: set[str] = set()  # who has used it: their death ends it
+        #: GPU regions: an event marking the owner's work queued when the lease
+        #: was granted; peers' copies of the blocks start only after it.
+        self.fence: Any = None
         self._table = table
         self._block_set = frozenset(blocks)
         self._pending = {(layer, block) for layer in layers for block in blocks}
@@ -227,6 +230,10 @@ class LeaseTable:
         raise LeaseNotGrantedError(
             f"no {kind} lease for request {request_id!r} on region {region!r}"
         )
+
+    def holds(self, request_id: str, region: str) -> bool:
+        """A live lease of either kind for ``request_id`` on ``region``."""
+        return any((kind, request_id, region) in self._live for kind in ("read", "write"))
 
     def _on_end(self, lease: Lease) -> None:
         key = (lease.kind, lease.request_id, lease.region)

@@ -18,6 +18,17 @@ One transfer on a connection (the requester dialled the owner)::
     read:  REQUEST -> REPLY(ok, nbytes) <- payload <- STATUS(ok|error) <- STATUS(done|abort) ->
     write: REQUEST -> REPLY(ok, nbytes) <- payload -> STATUS(commit|abort) -> STATUS(landed|...) <-
 
+GPU regions on one host may skip the payload (:mod:`aiokvpipe.blocks.gpu`):
+a REQUEST naming the owner's IPC export (``ipc``) may be answered
+REPLY(ok, path=ipc); the requester then copies through its mapping and::
+
+    read:  ... STATUS(done|abort) -> STATUS(ok|aborted|error) <-
+    write: ... STATUS(commit|abort) -> STATUS(landed|aborted|error) <-
+
+A requester maps the owner's region first with SETUP{ipc: 1, region,
+request_id, first} messages, each answered with up to 32 tensor
+descriptions (or an error: the requester then stages).
+
 Between transfers the requester may send SETUP to move one direction's
 payloads through a shared-memory ring from then on (same host only; see
 :mod:`aiokvpipe.blocks.shmpath`). A refused REQUEST gets REPLY(error) and
@@ -98,6 +109,7 @@ class Request:
     layouts: tuple[TensorLayout, ...]
     nbytes: int
     blocks: tuple[int, ...]
+    ipc: str | None = None  # the owner's export the requester mapped, if it would copy
 
 
 # ------------------------------------------------------------------ framing
@@ -200,8 +212,9 @@ def request(
     layouts: Sequence[TensorLayout],
     nbytes: int,
     blocks: Sequence[int],
+    ipc: str | None = None,
 ) -> tuple[dict[str, Any], Sequence[int]]:
-    body = {
+    body: dict[str, Any] = {
         "op": op,
         "request_id": request_id,
         "region": region,
@@ -209,6 +222,8 @@ def request(
         "layouts": [layout.to_wire() for layout in layouts],
         "nbytes": nbytes,
     }
+    if ipc is not None:
+        body["ipc"] = ipc
     return body, blocks
 
 
@@ -225,6 +240,9 @@ def parse_request(message: Message, what: str) -> Request:
         raise MalformedFrameError(f"{what}: {len(layers)} layers with {len(layouts)} layouts")
     if not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
         raise MalformedFrameError(f"{what}: layers must be integers")
+    ipc = body.get("ipc")
+    if ipc is not None and (not isinstance(ipc, str) or not 0 < len(ipc) <= 64):
+        raise MalformedFrameError(f"{what}: field 'ipc' must name an export")
     try:
         parsed = tuple(layout_from_wire(obj) for obj in layouts)
     except ValueError as exc:
@@ -237,6 +255,7 @@ def parse_request(message: Message, what: str) -> Request:
         layouts=parsed,
         nbytes=_count(body, "nbytes", what),
         blocks=message.ids,
+        ipc=ipc,
     )
 
 
@@ -295,8 +314,22 @@ def remote_error(body: dict[str, Any], peer: str) -> AiokvpipeError:
 # ------------------------------------------------------------------ REPLY / STATUS
 
 
-def reply_ok(nbytes: int) -> dict[str, Any]:
-    return {"ok": True, "nbytes": nbytes}
+Path = Literal["stream", "ipc"]
+
+
+def reply_ok(nbytes: int, path: Path = "stream") -> dict[str, Any]:
+    body: dict[str, Any] = {"ok": True, "nbytes": nbytes}
+    if path != "stream":
+        body["path"] = path
+    return body
+
+
+def reply_path(message: Message, what: str) -> Path:
+    """How an agreed transfer moves: the payload on the stream, or copies through IPC."""
+    path = message.body.get("path", "stream")
+    if path not in ("stream", "ipc"):
+        raise MalformedFrameError(f"{what}: unknown payload path {path!r}")
+    return "ipc" if path == "ipc" else "stream"
 
 
 def parse_reply(message: Message, peer: str, what: str) -> int:

@@ -10,12 +10,19 @@ The byte stream of a transfer is fixed by the id list, not by memory:
 for each layer, for each outer index (K, V), the blocks in list order. Both
 sides agree on it without agreeing on where their blocks sit, so each side
 coalesces its own adjacent ids (:func:`aiokvpipe.blocks.runs.coalesce`).
+
+Regions live in host memory or on one GPU (every tensor on the same device).
+Host regions hand the socket or the shared-memory ring ``memoryview`` s of
+their blocks; GPU regions are described by the same byte ranges
+(:meth:`BlockRegion.ranges`) over a flat ``uint8`` view of each tensor, which
+the GPU paths copy on a transport stream (:mod:`aiokvpipe.blocks.gpu`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,22 +60,57 @@ class TensorLayout:
         return [dtype_code(self.dtype), list(self.outer), list(self.inner)]
 
 
+#: Where a tensor's memory is: None for host memory, else a device key
+#: (``"cuda:0"``) the service's GPU backend understands; RegionError if neither.
+Placement = Callable[[torch.Tensor], "str | None"]
+
+
+def host_or_cuda(tensor: torch.Tensor) -> str | None:
+    """The default placement: CPU memory, or a CUDA device by its index."""
+    if tensor.device.type == "cpu":
+        return None
+    if tensor.device.type == "cuda":
+        return str(tensor.device)
+    raise RegionError(f"is on {tensor.device}; only CPU or CUDA memory can be registered")
+
+
 @dataclass(frozen=True)
 class _BlockTensor:
-    tensor: torch.Tensor  # held so ``view`` stays valid
-    view: memoryview  # every byte of the tensor
+    tensor: torch.Tensor  # held so ``view`` and ``flat`` stay valid
+    view: memoryview  # every byte of the tensor (host regions; empty on a GPU)
+    flat: torch.Tensor  # every byte of the tensor, as a 1-D uint8 view (any device)
     layout: TensorLayout
     outer_count: int  # prod(layout.outer)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.flat.numel())
 
 
 class BlockRegion:
     """One registered region; built only through :meth:`RegionTable.register`."""
 
-    def __init__(self, name: str, tensors: Sequence[torch.Tensor], block_dim: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        tensors: Sequence[torch.Tensor],
+        block_dim: int,
+        placement: str | None = None,
+    ) -> None:
         self.name = name
         self.block_dim = block_dim
         self.num_blocks = int(tensors[0].shape[block_dim])
+        #: None: host memory; else the device every tensor lives on.
+        self.placement = placement
+        #: Names this registration; a peer's cached GPU mapping of an older
+        #: registration under the same name is recognised as stale by it.
+        self.export_id = secrets.token_hex(8)
         self._tensors = tuple(self._prepare(t) for t in tensors)
+
+    @property
+    def on_device(self) -> bool:
+        """The region lives in GPU memory (payloads need a GPU path or staging)."""
+        return self.placement is not None
 
     @property
     def num_layers(self) -> int:
@@ -86,8 +128,19 @@ class BlockRegion:
         dim = self.block_dim
         shape = tuple(int(d) for d in tensor.shape)
         layout = TensorLayout(tensor.dtype, shape[:dim], shape[dim + 1 :])
-        view = byte_view(tensor)
-        return _BlockTensor(tensor, view, layout, math.prod(layout.outer))
+        view = byte_view(tensor) if self.placement is None else memoryview(b"")
+        flat = tensor.reshape(-1).view(torch.uint8)
+        return _BlockTensor(tensor, view, flat, layout, math.prod(layout.outer))
+
+    def flat(self, layer: int) -> torch.Tensor:
+        """Every byte of tensor ``layer`` as a 1-D uint8 view (on its device)."""
+        return self._tensors[layer].flat
+
+    def tensor_bytes(self, layer: int) -> int:
+        return self._tensors[layer].nbytes
+
+    def outer_count(self, layer: int) -> int:
+        return self._tensors[layer].outer_count
 
     # -- checks ------------------------------------------------------------
     def check_blocks(self, argument: str, ids: Any) -> tuple[int, ...]:
@@ -129,10 +182,10 @@ class BlockRegion:
             self._tensors[i].outer_count * self._tensors[i].layout.block_bytes for i in layers
         )
 
-    def segments(self, ids: Sequence[int], layers: Sequence[int]) -> list[memoryview]:
-        """Views of the blocks, in stream order: layer, outer index, run."""
+    def ranges(self, ids: Sequence[int], layers: Sequence[int]) -> list[tuple[int, int, int]]:
+        """``(layer, first byte, length)`` of the blocks in stream order (layer, outer, run)."""
         runs = coalesce(ids)
-        out: list[memoryview] = []
+        out: list[tuple[int, int, int]] = []
         for layer in layers:
             t = self._tensors[layer]
             size = t.layout.block_bytes
@@ -142,9 +195,15 @@ class BlockRegion:
             for o in range(t.outer_count):
                 base = o * stride
                 for start, length in runs:
-                    begin = base + start * size
-                    out.append(t.view[begin : begin + length * size])
+                    out.append((layer, base + start * size, length * size))
         return out
+
+    def segments(self, ids: Sequence[int], layers: Sequence[int]) -> list[memoryview]:
+        """Views of the blocks of a host region, in stream order (see :meth:`ranges`)."""
+        if self.placement is not None:
+            raise RegionError(f"region {self.name!r} is on {self.placement}, not in host memory")
+        views = [t.view for t in self._tensors]
+        return [views[layer][begin : begin + n] for layer, begin, n in self.ranges(ids, layers)]
 
 
 def layout_from_wire(obj: Any) -> TensorLayout:
@@ -165,14 +224,17 @@ def layout_from_wire(obj: Any) -> TensorLayout:
     return TensorLayout(CODE_DTYPES[code], dims[0], dims[1])
 
 
-def _check_tensor(name: str, index: int, tensor: Any, block_dim: int) -> None:
+def _check_tensor(
+    name: str, index: int, tensor: Any, block_dim: int, placement: Placement
+) -> str | None:
+    """Refuse what cannot hold blocks; the tensor's placement (None: host memory)."""
     where = f"register({name!r}): tensor {index}"
     if not isinstance(tensor, torch.Tensor):
         raise RegionError(f"{where} is a {type(tensor).__name__}, not a torch.Tensor")
-    if tensor.device.type != "cpu":
-        raise RegionError(
-            f"{where} is on {tensor.device}; only CPU memory can be registered in this build"
-        )
+    try:
+        where_it_is = placement(tensor)
+    except RegionError as exc:
+        raise RegionError(f"{where} {exc}") from None
     if tensor.layout is not torch.strided:
         raise RegionError(f"{where} has layout {tensor.layout}; only dense tensors hold blocks")
     if not tensor.is_contiguous():
@@ -190,6 +252,7 @@ def _check_tensor(name: str, index: int, tensor: Any, block_dim: int) -> None:
         dtype_code(tensor.dtype)
     except UnsupportedTensorError as exc:
         raise RegionError(f"{where}: {exc}") from exc
+    return where_it_is
 
 
 class RegionTable:
@@ -198,8 +261,13 @@ class RegionTable:
     def __init__(self) -> None:
         self._regions: dict[str, BlockRegion] = {}
 
-    def register(self, name: str, tensors: Any, block_dim: int) -> BlockRegion:
-        """Validate and add a region; see :class:`BlockRegion` for the layout rules."""
+    def register(
+        self, name: str, tensors: Any, block_dim: int, placement: Placement = host_or_cuda
+    ) -> BlockRegion:
+        """Validate and add a region; see :class:`BlockRegion` for the layout rules.
+
+        ``placement`` says where each tensor's memory is; every tensor of a
+        region must be in the same place (host memory, or one GPU)."""
         if not isinstance(name, str) or not name or len(name) > 256:
             raise RegionError(f"register: region name must be a non-empty str, not {name!r}")
         if name in self._regions:
@@ -209,15 +277,19 @@ class RegionTable:
             raise RegionError(f"register({name!r}): no tensors given")
         if isinstance(block_dim, bool) or not isinstance(block_dim, int):
             raise RegionError(f"register({name!r}): block_dim must be an int, not {block_dim!r}")
-        for i, t in enumerate(listed):
-            _check_tensor(name, i, t, block_dim)
+        places = [_check_tensor(name, i, t, block_dim, placement) for i, t in enumerate(listed)]
+        if len(set(places)) != 1:
+            shown = ", ".join(p or "cpu" for p in places)
+            raise RegionError(
+                f"register({name!r}): every tensor of a region must be on one device, not {shown}"
+            )
         counts = [int(t.shape[block_dim]) for t in listed]
         if len(set(counts)) != 1:
             raise RegionError(
                 f"register({name!r}): tensors hold different numbers of blocks on "
                 f"dim {block_dim}: {counts}"
             )
-        region = BlockRegion(name, listed, block_dim)
+        region = BlockRegion(name, listed, block_dim, places[0])
         self._regions[name] = region
         return region
 
@@ -226,6 +298,9 @@ class RegionTable:
             return self._regions.pop(name)
         except KeyError:
             raise UnknownRegionError(name) from None
+
+    def find(self, name: str) -> BlockRegion | None:
+        return self._regions.get(name)
 
     def get(self, name: str, where: str = "") -> BlockRegion:
         region = self._regions.get(name)

@@ -90,6 +90,23 @@ def coalesce(ids: Sequence[int]) -> list[BlockRun]:
     return runs
 
 
+def pair_runs(dst: Sequence[int], src: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(dst first, src first, count)`` where both lists advance by one together.
+
+    A device-to-device copy needs both ends contiguous at once:
+    ``dst=[0, 1, 2, 9]``, ``src=[5, 6, 8, 9]`` -> ``[(0, 5, 2), (2, 8, 1), (9, 9, 1)]``.
+    """
+    out: list[tuple[int, int, int]] = []
+    for d, s in zip(dst, src, strict=True):
+        if out:
+            d0, s0, n = out[-1]
+            if d == d0 + n and s == s0 + n:
+                out[-1] = (d0, s0, n + 1)
+                continue
+        out.append((d, s, 1))
+    return out
+
+
 def _show(noun: str, values: Sequence[int], limit: int = 8) -> str:
     shown = ", ".join(str(v) for v in values[:limit])
     more = f" (+{len(values) - limit} more)" if len(values) > limit else ""

@@ -21,6 +21,9 @@ layer, each as early as the bandwidth allows, instead of splitting it.
 Payloads take the socket (``sendmsg`` / ``recvmsg_into`` on the blocks) or,
 on one host, a shared-memory ring per direction of the connection
 (:mod:`aiokvpipe.blocks.shmpath`); control messages always take the socket.
+Regions in GPU memory copy through CUDA IPC with a GPU peer on the same host,
+and stage through page-locked host memory onto those paths otherwise
+(:mod:`aiokvpipe.blocks.gpu`).
 
 Cancelling (or timing out) a read or write never breaks its connection in
 the middle of a transfer: the remaining bytes move through scratch memory in
@@ -40,18 +43,40 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+import torch
+
 from .._timeouts import deadline
+from ..cuda.events import wait_event
+from ..cuda.streams import fence
 from ..errors import (
     AiokvpipeError,
     BlockError,
     ConfigError,
+    CudaTransferError,
     LeaseCancelledError,
     MalformedFrameError,
     PeerClosedError,
     PipeClosedError,
     ProtocolError,
+    TransferTimeout,
 )
+from ..tensors import byte_view
 from . import protocol
+from .gpu import (
+    Export,
+    GpuBackend,
+    MappedRegion,
+    PeerMaps,
+    Reaper,
+    TorchGpu,
+    enqueue_copies,
+    export_answer,
+    export_region,
+    parse_export_answer,
+    plan_copies,
+    stage_in,
+    stage_out,
+)
 from .lease import Lease, LeaseKind, LeaseTable
 from .protocol import Kind
 from .region import BlockRegion, RegionTable
@@ -66,10 +91,12 @@ class Dialled(NamedTuple):
     sock: socket.socket
     peer: str
     shared_memory: bool = False
+    ipc: bool = False  # GPU regions may use CUDA IPC (gpu.may_map_device_memory)
+    in_process: bool = False  # the peer is this process (raw pointers, not IPC handles)
 
 
 Dial = Callable[[str], Awaitable[Dialled]]
-Path = Literal["tcp", "shm"]
+Path = Literal["tcp", "shm", "cuda_ipc"]
 _DEFAULT: Any = object()
 _U32 = 1 << 32
 
@@ -80,10 +107,22 @@ class _Conn:
     owner: str  # the address dialled
     peer: str  # the instance behind it, as the dialler named it
     path: RingPath  # its shared-memory rings, if any
+    ipc: bool = False
+    in_process: bool = False
 
     def close(self) -> None:
         self.sock.close()
         self.path.close()
+
+
+@dataclass(frozen=True)
+class _Inbound:
+    """Who is on the other end of an inbound block connection, and what it may do."""
+
+    peer: str  # the key peer_lost uses
+    label: str  # how messages name it
+    ipc: bool  # it may map our GPU regions (same host, no transport forced)
+    in_process: bool  # it is this process
 
 
 @dataclass
@@ -104,6 +143,11 @@ class _Outbound:
     nbytes: int
     segs: Segments
     region: str
+    local: BlockRegion
+    local_ids: tuple[int, ...]
+    layers: tuple[int, ...]
+    ready: Any = None  # GPU regions: the caller's stream when the call was made
+    host: torch.Tensor | None = None  # GPU regions on the stream path: staged bytes
     conn: _Conn | None = None
     error: BaseException | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -114,6 +158,10 @@ class _Outbound:
             f"{self.op} of {len(self.request[1])} blocks x {len(body['layers'])} layers of "
             f"request {body['request_id']!r} region {self.region!r} with {self.owner}"
         )
+
+    @property
+    def gpu(self) -> bool:
+        return self.local.on_device
 
     def stop(self, error: BaseException | None, close: bool) -> None:
         """Stop touching the blocks now; ``close``: also drop the connection (peer gone)."""
@@ -134,6 +182,8 @@ class BlockService:
     peers on this host (as the hooks report), ``"tcp"`` always over the
     socket (both ends must allow shared memory for it to be used).
     ``shm_ring_bytes``: the size of each shared-memory ring this side creates.
+    ``gpu``: where GPU regions get device operations and CUDA IPC from
+    (default: real CUDA; tests pass :class:`aiokvpipe.cuda.testing.FakeGpu`).
     """
 
     def __init__(
@@ -145,6 +195,7 @@ class BlockService:
         max_idle_per_peer: int = 4,
         transport: Literal["auto", "tcp"] = "auto",
         shm_ring_bytes: int = RING_BYTES,
+        gpu: GpuBackend | None = None,
     ) -> None:
         if transport not in ("auto", "tcp"):
             raise ConfigError("transport", f"must be 'auto' or 'tcp', not {transport!r}")
@@ -160,23 +211,36 @@ class BlockService:
         self._write_queues: dict[tuple[str, str, str], _Queue] = {}
         self._ops: dict[asyncio.Task[None], _Outbound] = {}
         self._inbound: dict[asyncio.Task[None], tuple[str, socket.socket, RingPath]] = {}
+        self._gpu: GpuBackend = gpu if gpu is not None else TorchGpu()
+        self._maps: dict[str, PeerMaps] = {}  # requester: owners' regions mapped, by peer
+        self._exports: dict[tuple[str, bool], Export] = {}  # owner: (region, in_process)
+        self._reaper = Reaper(abort_timeout)
         self._closed = False
         self._on_close: list[Callable[[], object]] = []
         #: Inbound connections cut off for a protocol violation, and the last reason.
         self.cut_off = 0
         self.last_cut_off: str = ""
-        #: Payload bytes this service sent or received, by path.
-        self.payload_bytes: dict[Path, int] = {"tcp": 0, "shm": 0}
+        #: Payload bytes this service sent or received, by path (cuda_ipc: copied
+        #: by this side, or counted by the owner when the copier reported done).
+        self.payload_bytes: dict[Path, int] = {"tcp": 0, "shm": 0, "cuda_ipc": 0}
+        #: Bytes of GPU regions staged through host memory (they count on tcp/shm too).
+        self.staged_bytes = 0
+        #: The last device failure that ended an inbound transfer.
+        self.last_device_error: str = ""
 
     # ------------------------------------------------------------ owner side
     def register(self, name: str, tensors: Any, block_dim: int) -> BlockRegion:
         """Register ``tensors`` (one or a list) as paged memory named ``name``."""
         self._check_open()
-        return self.regions.register(name, tensors, block_dim)
+        return self.regions.register(name, tensors, block_dim, self._gpu.placement)
 
     def unregister(self, name: str) -> None:
         """Forget a region: its leases end (LeaseCancelledError), its transfers stop."""
         self.regions.unregister(name)
+        for in_process in (False, True):
+            self._exports.pop((name, in_process), None)
+        for maps in self._maps.values():
+            maps.drop(name)  # our half of the transfers is gone: unmap the peers' halves
         self.leases.end_region(name, LeaseCancelledError(f"region {name!r} was unregistered"))
         for op in list(self._ops.values()):
             if op.region == name:
@@ -201,7 +265,12 @@ class BlockService:
         region = self.regions.get(name)
         ids = region.check_blocks("blocks", blocks)
         layer_ids = region.check_layers("layers", layers)
-        return self.leases.grant(kind, request_id, name, ids, layer_ids, ttl)
+        lease = self.leases.grant(kind, request_id, name, ids, layer_ids, ttl)
+        if region.placement is not None:
+            # The owner's kernels queued so far (writing the KV a peer reads,
+            # or still reading blocks a peer will overwrite) come first.
+            lease.fence = fence(self._gpu.ops(region.placement))
+        return lease
 
     # ------------------------------------------------------------ requester side
     async def read(
@@ -262,8 +331,25 @@ class BlockService:
             nbytes,
             remote,
         )
-        segs = Segments(region.segments(local, layer_ids), receive=kind == "read")
-        return _Outbound(kind, owner, (request[0], tuple(request[1])), nbytes, segs, name)
+        if region.placement is None:
+            segs = Segments(region.segments(local, layer_ids), receive=kind == "read")
+            ready = None
+        else:
+            # Bytes of a GPU region take a stream only staged (see _stream_segs).
+            segs = Segments([], receive=kind == "read")
+            ready = fence(self._gpu.ops(region.placement))  # the producer, at the call
+        return _Outbound(
+            kind,
+            owner,
+            (request[0], tuple(request[1])),
+            nbytes,
+            segs,
+            name,
+            region,
+            local,
+            layer_ids,
+            ready,
+        )
 
     async def _run(self, op: _Outbound, timeout: float | None) -> None:
         if timeout is _DEFAULT:
@@ -332,14 +418,20 @@ class BlockService:
         healthy = False
         refusal: AiokvpipeError | None = None
         try:
-            direction = conn.path.needs(op.op)
-            if direction is not None and not op.segs.redirected:
-                await conn.path.open(conn.sock, direction, f"{op.op} with {conn.owner}")
+            mapped = None
+            if op.gpu and conn.ipc and not op.segs.redirected:
+                mapped = await self._mapping(conn, op)
+            if mapped is None:
+                direction = conn.path.needs(op.op)
+                if direction is not None and not op.segs.redirected:
+                    await conn.path.open(conn.sock, direction, f"{op.op} with {conn.owner}")
+                if op.gpu and op.op == "write" and not op.segs.redirected:
+                    await self._stage_out(op)  # before the owner waits on us
             if not op.segs.redirected:  # else stopped before a byte was sent
                 if op.op == "read":
-                    refusal = await self._do_read(conn, op)
+                    refusal = await self._do_read(conn, op, mapped)
                 else:
-                    refusal = await self._do_write(conn, op)
+                    refusal = await self._do_write(conn, op, mapped)
             healthy = True
         except asyncio.CancelledError:
             if op.error is not None:
@@ -355,31 +447,55 @@ class BlockService:
         if refusal is not None:
             raise refusal
 
-    async def _do_read(self, conn: _Conn, op: _Outbound) -> AiokvpipeError | None:
+    async def _request(self, conn: _Conn, op: _Outbound, mapped: MappedRegion | None) -> None:
+        body, ids = op.request
+        if mapped is not None:
+            body = {**body, "ipc": mapped.export_id}
+        await protocol.send_message(
+            conn.sock, Kind.REQUEST, body, f"{op.op} with {conn.owner}", ids
+        )
+
+    async def _do_read(
+        self, conn: _Conn, op: _Outbound, mapped: MappedRegion | None
+    ) -> AiokvpipeError | None:
         """The owner's refusal (the connection stays usable) or None; raises if broken."""
         sock, what = conn.sock, f"read from {conn.owner}"
-        body, ids = op.request
-        await protocol.send_message(sock, Kind.REQUEST, body, what, ids)
-        refusal = await self._agreed(conn, op, what)
+        await self._request(conn, op, mapped)
+        refusal, path = await self._agreed(conn, op, mapped, what)
         if refusal is not None:
             return refusal
-        await self._recv_payload(sock, conn.path, op.segs, what)
+        if path == "ipc":
+            assert mapped is not None
+            await self._ipc_copy(conn, op, mapped, what)
+            return await self._ipc_verdict(conn, op, "done", "ok", what)
+        segs = self._stream_segs(op)
+        await self._recv_payload(sock, conn.path, segs, what)
         trailer = await protocol.expect_message(sock, Kind.STATUS, what)
         value = protocol.parse_status(trailer, frozenset(("ok", "error")), what)
+        if value == "ok" and op.gpu and not op.segs.redirected and op.host is not None:
+            await self._stage_in(op)
         verdict: protocol.Status = "done" if value == "ok" and not op.segs.redirected else "abort"
         await protocol.send_message(sock, Kind.STATUS, protocol.status(verdict), what)
         if value == "error":
             return protocol.remote_error(trailer.body, f"owner {conn.owner}")
         return None
 
-    async def _do_write(self, conn: _Conn, op: _Outbound) -> AiokvpipeError | None:
+    async def _do_write(
+        self, conn: _Conn, op: _Outbound, mapped: MappedRegion | None
+    ) -> AiokvpipeError | None:
         sock, what = conn.sock, f"write to {conn.owner}"
-        body, ids = op.request
-        await protocol.send_message(sock, Kind.REQUEST, body, what, ids)
-        refusal = await self._agreed(conn, op, what)
+        await self._request(conn, op, mapped)
+        refusal, path = await self._agreed(conn, op, mapped, what)
         if refusal is not None:
             return refusal
-        await self._send_payload(sock, conn.path, op.segs, what)
+        if path == "ipc":
+            assert mapped is not None
+            await self._ipc_copy(conn, op, mapped, what)
+            return await self._ipc_verdict(conn, op, "commit", "landed", what)
+        if op.gpu and op.host is None and not op.segs.redirected:
+            await self._stage_out(op)  # we meant to copy by IPC; the owner said stream
+        segs = self._stream_segs(op)
+        await self._send_payload(sock, conn.path, segs, what)
         verdict: protocol.Status = "abort" if op.segs.redirected else "commit"
         await protocol.send_message(sock, Kind.STATUS, protocol.status(verdict), what)
         answer = await protocol.expect_message(sock, Kind.STATUS, what)
@@ -390,17 +506,153 @@ class BlockService:
             raise MalformedFrameError(f"{what}: owner answered {value!r} to {verdict!r}")
         return None
 
-    async def _agreed(self, conn: _Conn, op: _Outbound, what: str) -> AiokvpipeError | None:
-        """The owner's REPLY: its refusal, or None once it agreed to our byte count."""
+    async def _agreed(
+        self, conn: _Conn, op: _Outbound, mapped: MappedRegion | None, what: str
+    ) -> tuple[AiokvpipeError | None, protocol.Path]:
+        """The owner's REPLY: its refusal, or None and the path once it agreed to our size."""
         reply = await protocol.expect_message(conn.sock, Kind.REPLY, what)
         try:
             nbytes = protocol.parse_reply(reply, f"owner {conn.owner}", what)
         except BlockError as exc:
-            return exc
+            return exc, "stream"
         if nbytes != op.nbytes:
             raise MalformedFrameError(
                 f"{what}: owner announced {nbytes} payload bytes for blocks that hold {op.nbytes}"
             )
+        path = protocol.reply_path(reply, what)
+        if path == "ipc" and mapped is None:
+            raise MalformedFrameError(f"{what}: owner chose CUDA IPC for a request without it")
+        if path == "stream" and mapped is not None:
+            # The owner registered the region anew since we mapped it: the
+            # mapping holds memory it no longer uses. Map the new one next time.
+            maps = self._maps.get(conn.peer)
+            if maps is not None:
+                maps.drop(op.region)
+        return None, path
+
+    # ------------------------------------------------------------ GPU regions
+    async def _settle(self, event: Any, what: str, on_done: Callable[[], None]) -> None:
+        """Await a device copy; if we stop waiting first, ``on_done`` runs when it completes."""
+        try:
+            await wait_event(event, timeout=self._op_timeout, what=what)
+        except BaseException:
+            self._reaper.later(event, on_done, what)
+            raise
+        on_done()
+
+    def _stream_segs(self, op: _Outbound) -> Segments:
+        """What the socket or ring moves for ``op``: its blocks, or a GPU region's staged bytes."""
+        if not op.gpu:
+            return op.segs
+        receive = op.op == "read"
+        if op.segs.redirected or (op.host is None and not receive):
+            segs = Segments.scratch(op.nbytes, receive=receive)
+        else:
+            if op.host is None:
+                assert op.local.placement is not None
+                op.host = self._gpu.ops(op.local.placement).empty_pinned(op.nbytes)
+            segs = Segments([byte_view(op.host)] if op.nbytes else [], receive=receive)
+            self.staged_bytes += op.nbytes
+        op.segs = segs  # stop() redirects what is moving now
+        return segs
+
+    async def _stage_out(self, op: _Outbound) -> None:
+        assert op.local.placement is not None
+        ops = self._gpu.ops(op.local.placement)
+        what = f"staging {op.nbytes} bytes of region {op.region!r} to the host"
+        op.host = await stage_out(
+            ops, op.local, op.local_ids, op.layers, op.ready, self._settle, what
+        )
+
+    async def _stage_in(self, op: _Outbound) -> None:
+        assert op.local.placement is not None and op.host is not None
+        ops = self._gpu.ops(op.local.placement)
+        what = f"copying {op.nbytes} staged bytes into region {op.region!r}"
+        await stage_in(ops, op.local, op.local_ids, op.layers, op.host, None, self._settle, what)
+
+    async def _mapping(self, conn: _Conn, op: _Outbound) -> MappedRegion | None:
+        """The owner's region mapped here (mapped now if need be), or None: stage instead."""
+        assert op.local.placement is not None
+        key = op.local.placement
+        maps = self._maps.get(conn.peer)
+        if maps is None:
+            try:
+                memory = self._gpu.memory(key, conn.in_process)
+            except AiokvpipeError:
+                return None  # no cupy, say: staging needs none
+            maps = self._maps[conn.peer] = PeerMaps(memory)
+        mapped = maps.regions.get(op.region)
+        if mapped is not None or op.region in maps.refused:
+            return mapped
+        what = f"mapping region {op.region!r} of {conn.owner}"
+        first, tensors = 0, []
+        ident: tuple[str, int, int] | None = None
+        while True:
+            body = {"ipc": 1, "region": op.region, "request_id": op.request[0]["request_id"]}
+            await protocol.send_message(conn.sock, Kind.SETUP, {**body, "first": first}, what)
+            answer = (await protocol.expect_message(conn.sock, Kind.SETUP, what)).body
+            error = answer.get("error")
+            if error is not None:
+                if answer.get("retry") is not True:  # for good: stage from now on
+                    maps.refused[op.region] = str(error)[:500]
+                return None
+            export_id, num_blocks, layers, part = parse_export_answer(answer, first, what)
+            if ident is not None and ident != (export_id, num_blocks, layers):
+                raise MalformedFrameError(f"{what}: the export changed between answers")
+            ident = (export_id, num_blocks, layers)
+            tensors.extend(part)
+            first += len(part)
+            if first >= layers:
+                break
+        try:
+            return maps.map(
+                op.region,
+                export_id,
+                num_blocks,
+                tensors,
+                lambda address, n: self._gpu.view(key, address, n),
+            )
+        except ProtocolError:
+            raise
+        except AiokvpipeError as exc:  # cannot map here (another GPU set, say): stage
+            maps.refused[op.region] = str(exc)[:500]
+            return None
+
+    async def _ipc_copy(self, conn: _Conn, op: _Outbound, mapped: MappedRegion, what: str) -> None:
+        """Copy the blocks through the mapping, every copy checked before the first is queued."""
+        assert op.local.placement is not None
+        remote = op.request[1]
+        copies = plan_copies(op.op, op.local, op.local_ids, mapped, remote, op.layers, what)
+        if op.segs.redirected:
+            return  # stopped before a copy was queued: nothing to undo
+        maps = self._maps[conn.peer]
+        mapped.busy += 1
+        try:
+            key = op.local.placement
+            event = enqueue_copies(self._gpu.ops(key), self._gpu.stream(key), copies, op.ready)
+        except BaseException:
+            maps.copy_done(mapped)
+            raise
+        await self._settle(event, f"{what}: CUDA IPC copies", lambda: maps.copy_done(mapped))
+        self.payload_bytes["cuda_ipc"] += op.nbytes
+
+    async def _ipc_verdict(
+        self,
+        conn: _Conn,
+        op: _Outbound,
+        success: protocol.Status,
+        counted: str,
+        what: str,
+    ) -> AiokvpipeError | None:
+        """Tell the owner the copies landed (or that we stopped); its answer."""
+        verdict: protocol.Status = "abort" if op.segs.redirected else success
+        await protocol.send_message(conn.sock, Kind.STATUS, protocol.status(verdict), what)
+        answer = await protocol.expect_message(conn.sock, Kind.STATUS, what)
+        value = protocol.parse_status(answer, frozenset((counted, "aborted", "error")), what)
+        if value == "error":
+            return protocol.remote_error(answer.body, f"owner {conn.owner}")
+        if (value == "aborted") != (verdict == "abort"):
+            raise MalformedFrameError(f"{what}: owner answered {value!r} to {verdict!r}")
         return None
 
     # ------------------------------------------------------------ payloads
@@ -433,12 +685,15 @@ class BlockService:
             if _still_open(conn.sock):
                 return conn
             conn.close()
-        sock, peer, shared = await self._dial(owner)
+        dialled = await self._dial(owner)
+        sock = dialled.sock
         if self._closed:
             sock.close()
             raise PipeClosedError("block service closed while dialling")
         sock.setblocking(False)
-        return _Conn(sock, owner, peer, RingPath(self._shm and shared, self._ring_bytes))
+        path = RingPath(self._shm and dialled.shared_memory, self._ring_bytes)
+        ipc = self._shm and dialled.ipc  # transport="tcp" keeps GPU regions off IPC too
+        return _Conn(sock, owner, dialled.peer, path, ipc, dialled.in_process)
 
     def _release(self, conn: _Conn) -> None:
         idle = self._idle.setdefault(conn.owner, [])
@@ -449,17 +704,25 @@ class BlockService:
 
     # ------------------------------------------------------------ inbound
     def accept(
-        self, sock: socket.socket, peer: str, label: str = "", shared_memory: bool = False
+        self,
+        sock: socket.socket,
+        peer: str,
+        label: str = "",
+        shared_memory: bool = False,
+        ipc: bool = False,
+        in_process: bool = False,
     ) -> None:
         """Serve an inbound, authenticated block connection from ``peer`` (the
         key :meth:`peer_lost` uses; ``label`` names it in messages); owns ``sock``.
-        ``shared_memory``: the peer shares our host (it may set up rings)."""
+        ``shared_memory``: the peer shares our host (it may set up rings);
+        ``ipc``: it may map our GPU regions (``in_process``: it is this process)."""
         if self._closed:
             sock.close()
             return
         sock.setblocking(False)
         path = RingPath(self._shm and shared_memory, self._ring_bytes)
-        task = asyncio.get_running_loop().create_task(self._serve(sock, path, peer, label or peer))
+        inbound = _Inbound(peer, label or peer, self._shm and ipc, in_process)
+        task = asyncio.get_running_loop().create_task(self._serve(sock, path, inbound))
         self._inbound[task] = (peer, sock, path)
         task.add_done_callback(self._inbound_done)
 
@@ -471,7 +734,8 @@ class BlockService:
             entry[1].close()
             entry[2].close()
 
-    async def _serve(self, sock: socket.socket, path: RingPath, peer: str, label: str) -> None:
+    async def _serve(self, sock: socket.socket, path: RingPath, inbound: _Inbound) -> None:
+        peer, label = inbound.peer, inbound.label
         what = f"blocks from {label}"
         try:
             while True:
@@ -479,7 +743,10 @@ class BlockService:
                 if message is None:
                     return
                 if message.kind == Kind.SETUP:
-                    await path.answer(sock, message, what)
+                    if message.body.get("ipc") == 1:
+                        await self._answer_ipc(sock, inbound, message.body, what)
+                    else:
+                        await path.answer(sock, message, what)
                     continue
                 request = protocol.parse_request(message, what)
                 try:
@@ -488,7 +755,10 @@ class BlockService:
                     await protocol.send_message(sock, Kind.REPLY, protocol.error_body(exc), what)
                     continue
                 lease.peers.add(peer)
-                if request.op == "read":
+                ipc = self._ipc_agreed(request, region, inbound)
+                if ipc:
+                    await self._serve_ipc(sock, label, request, lease, what)
+                elif request.op == "read":
                     await self._serve_read(sock, path, label, request, region, lease, what)
                 else:
                     await self._serve_write(sock, path, label, request, region, lease, what)
@@ -497,6 +767,8 @@ class BlockService:
             self.last_cut_off = str(exc)
         except PeerClosedError:
             pass  # gone; a transfer it was in already failed its lease
+        except (CudaTransferError, TransferTimeout) as exc:
+            self.last_device_error = str(exc)  # the transfer's lease failed with it
         finally:
             sock.close()
             path.close()
@@ -532,26 +804,36 @@ class BlockService:
         lease: Lease,
         what: str,
     ) -> None:
-        segs = Segments(region.segments(request.blocks, request.layers), receive=False)
-        lease.attach(segs)
         try:
-            await protocol.send_message(sock, Kind.REPLY, protocol.reply_ok(segs.total), what)
-            await self._send_payload(sock, path, segs, what)
-            trailer = (
-                protocol.status("error", lease.ended_error())
-                if segs.redirected
-                else protocol.status("ok")
-            )
-            await protocol.send_message(sock, Kind.STATUS, trailer, what)
-            answer = await protocol.expect_message(sock, Kind.STATUS, what)
-            value = protocol.parse_status(answer, frozenset(("done", "abort")), what)
-            if value == "done" and not segs.redirected:
-                lease.mark(request.blocks, request.layers)
+            host = None
+            if region.placement is None:
+                segs = Segments(region.segments(request.blocks, request.layers), receive=False)
+            else:
+                host = await self._owner_stage_out(region, request, lease, what)
+                segs = Segments([byte_view(host)] if request.nbytes else [], receive=False)
+            lease.attach(segs)
+            try:
+                reply = protocol.reply_ok(segs.total)
+                await protocol.send_message(sock, Kind.REPLY, reply, what)
+                await self._send_payload(sock, path, segs, what)
+                trailer = (
+                    protocol.status("error", lease.ended_error())
+                    if segs.redirected
+                    else protocol.status("ok")
+                )
+                await protocol.send_message(sock, Kind.STATUS, trailer, what)
+                answer = await protocol.expect_message(sock, Kind.STATUS, what)
+                value = protocol.parse_status(answer, frozenset(("done", "abort")), what)
+                if value == "done" and not segs.redirected:
+                    lease.mark(request.blocks, request.layers)
+            finally:
+                lease.detach(segs)
         except PeerClosedError as exc:
             lease.fail(PeerClosedError(f"{lease.describe}: {peer} was lost mid-read: {exc}"))
             raise
-        finally:
-            lease.detach(segs)
+        except (CudaTransferError, TransferTimeout) as exc:
+            lease.fail(exc)
+            raise
 
     async def _serve_write(
         self,
@@ -563,14 +845,34 @@ class BlockService:
         lease: Lease,
         what: str,
     ) -> None:
-        segs = Segments(region.segments(request.blocks, request.layers), receive=True)
+        host = None
+        if region.placement is None:
+            segs = Segments(region.segments(request.blocks, request.layers), receive=True)
+        else:
+            # Staged: the payload lands in host memory; the blocks are written
+            # only once the writer committed, and only if the lease still stands.
+            host = self._gpu.ops(region.placement).empty_pinned(request.nbytes)
+            segs = Segments([byte_view(host)] if request.nbytes else [], receive=True)
+            self.staged_bytes += request.nbytes
         lease.attach(segs)
         try:
             await protocol.send_message(sock, Kind.REPLY, protocol.reply_ok(segs.total), what)
             await self._recv_payload(sock, path, segs, what)
             answer = await protocol.expect_message(sock, Kind.STATUS, what)
             value = protocol.parse_status(answer, frozenset(("commit", "abort")), what)
-            if segs.redirected:
+            if value == "commit" and host is not None and not segs.redirected:
+                assert region.placement is not None
+                await stage_in(
+                    self._gpu.ops(region.placement),
+                    region,
+                    request.blocks,
+                    request.layers,
+                    host,
+                    lease.fence,
+                    self._settle,
+                    f"{what}: copying {request.nbytes} staged bytes into region {region.name!r}",
+                )
+            if segs.redirected or (value == "commit" and lease.ended):
                 reply = protocol.status("error", lease.ended_error())
             elif value == "commit":
                 lease.mark(request.blocks, request.layers)
@@ -581,8 +883,141 @@ class BlockService:
         except PeerClosedError as exc:
             lease.fail(PeerClosedError(f"{lease.describe}: {peer} was lost mid-write: {exc}"))
             raise
+        except (CudaTransferError, TransferTimeout) as exc:
+            lease.fail(exc)
+            raise
         finally:
             lease.detach(segs)
+
+    async def _owner_stage_out(
+        self, region: BlockRegion, request: protocol.Request, lease: Lease, what: str
+    ) -> torch.Tensor:
+        assert region.placement is not None
+        self.staged_bytes += request.nbytes
+        return await stage_out(
+            self._gpu.ops(region.placement),
+            region,
+            request.blocks,
+            request.layers,
+            lease.fence,
+            self._settle,
+            f"{what}: staging {request.nbytes} bytes of region {region.name!r}",
+        )
+
+    # ------------------------------------------------------------ CUDA IPC, owner side
+    def _export(self, region: BlockRegion, in_process: bool) -> Export:
+        """``region``'s export for peers of this kind, made once per registration."""
+        assert region.placement is not None
+        key = (region.name, in_process)
+        export = self._exports.get(key)
+        if export is None or export.export_id != region.export_id:
+            memory = self._gpu.memory(region.placement, in_process)
+            export = self._exports[key] = export_region(region, memory)
+        return export
+
+    async def _answer_ipc(
+        self, sock: socket.socket, inbound: _Inbound, body: dict[str, Any], what: str
+    ) -> None:
+        """A peer asks to map one of our GPU regions: its export, or why not."""
+        name, request_id, first = body.get("region"), body.get("request_id"), body.get("first")
+        if not (
+            isinstance(name, str)
+            and isinstance(request_id, str)
+            and isinstance(first, int)
+            and not isinstance(first, bool)
+            and first >= 0
+        ):
+            raise MalformedFrameError(f"{what}: malformed CUDA IPC set-up {body!r:.200}")
+
+        async def refuse(reason: str, retry: bool = False) -> None:
+            answer = {"ipc": 1, "error": reason[:500], "retry": retry}
+            await protocol.send_message(sock, Kind.SETUP, answer, what)
+
+        if not inbound.ipc:
+            await refuse("not on one host, or another transport forced")
+            return
+        region = self.regions.find(name)
+        if region is None:
+            await refuse(f"no region {name!r}", retry=True)
+            return
+        if region.placement is None:
+            await refuse(f"region {name!r} is in host memory")
+            return
+        # Only a peer with business in the region may map it (the mapping
+        # reaches the whole allocation; see aiokvpipe.blocks.gpu).
+        if not self.leases.holds(request_id, name):
+            await refuse(f"no live lease for request {request_id!r} on {name!r}", retry=True)
+            return
+        try:
+            export = self._export(region, inbound.in_process)
+        except AiokvpipeError as exc:
+            await refuse(f"cannot export region {name!r}: {exc}")
+            return
+        if first >= len(export.tensors):
+            raise MalformedFrameError(f"{what}: CUDA IPC set-up from tensor {first}")
+        answer = {"ipc": 1, **export_answer(export, first)}
+        await protocol.send_message(sock, Kind.SETUP, answer, what)
+
+    def _ipc_agreed(
+        self, request: protocol.Request, region: BlockRegion, inbound: _Inbound
+    ) -> bool:
+        """The requester copies through its mapping of our current export."""
+        if request.ipc is None or not inbound.ipc or region.placement is None:
+            return False
+        export = self._exports.get((region.name, inbound.in_process))
+        return export is not None and export.export_id == region.export_id == request.ipc
+
+    async def _serve_ipc(
+        self,
+        sock: socket.socket,
+        peer: str,
+        request: protocol.Request,
+        lease: Lease,
+        what: str,
+    ) -> None:
+        """The requester copies; we wait for its word and count it if the lease still stands."""
+        try:
+            if lease.fence is not None:
+                await self._lease_fence(lease, what)
+            if lease.ended:
+                body = protocol.error_body(lease.ended_error())
+                await protocol.send_message(sock, Kind.REPLY, body, what)
+                return
+            reply = protocol.reply_ok(request.nbytes, "ipc")
+            await protocol.send_message(sock, Kind.REPLY, reply, what)
+            success: protocol.Status
+            counted: protocol.Status
+            success, counted = ("done", "ok") if request.op == "read" else ("commit", "landed")
+            answer = await protocol.expect_message(sock, Kind.STATUS, what)
+            value = protocol.parse_status(answer, frozenset((success, "abort")), what)
+            if value == "abort":
+                status = protocol.status("aborted")
+            elif _ended(lease):  # the copies ran after the lease ended: they count for nothing
+                status = protocol.status("error", lease.ended_error())
+            else:
+                lease.mark(request.blocks, request.layers)
+                self.payload_bytes["cuda_ipc"] += request.nbytes
+                status = protocol.status(counted)
+            await protocol.send_message(sock, Kind.STATUS, status, what)
+        except PeerClosedError as exc:
+            lease.fail(
+                PeerClosedError(f"{lease.describe}: {peer} was lost mid-{request.op}: {exc}")
+            )
+            raise
+
+    async def _lease_fence(self, lease: Lease, what: str) -> None:
+        """Until the owner's work queued before the grant is done (or the lease ends)."""
+
+        def ended() -> None:
+            if lease.ended:
+                raise LeaseCancelledError("ended")
+
+        try:
+            await wait_event(lease.fence, check=ended, what=f"{what}: the owner's queued work")
+        except LeaseCancelledError:
+            pass  # the caller sees lease.ended
+        except CudaTransferError as exc:
+            lease.fail(exc)
 
     # ------------------------------------------------------------ liveness, closing
     def peer_lost(self, peer: str, error: BaseException | None = None) -> None:
@@ -594,6 +1029,9 @@ class BlockService:
         for task, (who, _sock, _path) in list(self._inbound.items()):
             if who == peer:
                 task.cancel()
+        maps = self._maps.pop(peer, None)
+        if maps is not None:
+            maps.drop_all()  # each mapping closes once no copy uses it
         for op in list(self._ops.values()):
             if op.owner == peer or (op.conn is not None and op.conn.peer == peer):
                 op.stop(PeerClosedError(f"{op.describe()}: {reason}"), close=True)
@@ -629,10 +1067,20 @@ class BlockService:
             for conn in idle:
                 conn.close()
         self._idle.clear()
+        for maps in self._maps.values():
+            maps.drop_all()
+        self._maps.clear()
+        self._exports.clear()
         pending = [*self._ops, *self._inbound]
         if pending:
             with contextlib.suppress(BaseException):
                 await asyncio.gather(*pending, return_exceptions=True)
+        await self._reaper.aclose()  # copies nobody awaited: their mappings close now
+
+
+def _ended(lease: Lease) -> bool:
+    """``lease.ended`` read afresh (after an await, where mypy would keep its old value)."""
+    return lease.ended
 
 
 def _still_open(sock: socket.socket) -> bool:

@@ -48,6 +48,14 @@ class Segments:
         self.moved = 0
         self.redirected = False
 
+    @classmethod
+    def scratch(cls, nbytes: int, *, receive: bool) -> Segments:
+        """``nbytes`` that touch no caller's memory: a stopped transfer's framing."""
+        segs = cls([], receive=receive)
+        segs.total = nbytes
+        segs.redirect()
+        return segs
+
     @property
     def remaining(self) -> int:
         return self.total - self.moved

@@ -81,15 +81,16 @@ def may_share_memory(local: PeerInfo, peer: PeerInfo | None) -> bool:
     """Whether block payloads between ``local`` and ``peer`` may go through shared memory.
 
     The rule :func:`~aiokvpipe.transport.choose_transport` uses for shm: one
-    host (the same boot id and namespaces), CPU on both ends, and neither
-    end forced onto another transport (an endpoint configured with
-    ``transport="tcp"`` keeps its block payloads on TCP too).
+    host (the same boot id and namespaces), and neither end forced onto
+    another transport (an endpoint configured with ``transport="tcp"`` keeps
+    its block payloads on TCP too). The endpoints' devices do not matter:
+    block payloads on this path are always host bytes (CPU regions, or GPU
+    regions staged through pinned memory).
     """
     if peer is None or not local.host_id or local.host_id != peer.host_id:
         return False
-    if local.device != "cpu" or peer.device != "cpu":
-        return False
-    return local.transport in ("auto", "shm") and peer.transport in ("auto", "shm")
+    allowed = ("auto", "shm", "cuda_ipc")
+    return local.transport in allowed and peer.transport in allowed
 
 
 class RingPath:

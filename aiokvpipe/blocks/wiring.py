@@ -8,7 +8,9 @@ peer's *instance* id, so a restarted peer on the same address is a
 different peer, and a ``PeerEvent`` for the old instance fails exactly what
 the old one held. Payloads move through shared memory when both ends are
 on one host and allow it (:func:`~aiokvpipe.blocks.shmpath.may_share_memory`
-on the two PeerInfos, and ``transport="auto"``, the default).
+on the two PeerInfos, and ``transport="auto"``, the default); GPU regions
+copy through CUDA IPC under the same host rule
+(:func:`~aiokvpipe.blocks.gpu.may_map_device_memory`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Protocol
 from ..links.accept import Handler, Incoming
 from ..links.dial import Dialed
 from ..transport.base import PeerInfo
+from .gpu import may_map_device_memory
 from .service import BlockService, Dialled
 from .shmpath import may_share_memory
 
@@ -52,6 +55,10 @@ def peer_key(peer: PeerInfo | None, address: str) -> str:
     return peer.instance if peer is not None and peer.instance else address
 
 
+def _same_process(local: PeerInfo, peer: PeerInfo | None) -> bool:
+    return peer is not None and peer.process_id == local.process_id
+
+
 def attach(host: LinkHost, **options: Any) -> BlockService:
     """A BlockService serving and dialling block connections over ``host``'s links.
 
@@ -61,8 +68,14 @@ def attach(host: LinkHost, **options: Any) -> BlockService:
 
     async def dial(address: str) -> Dialled:
         dialed = await host.dial(address, PURPOSE)
-        shared = may_share_memory(host.local, dialed.peer)
-        return Dialled(dialed.sock, peer_key(dialed.peer, address), shared)
+        peer = dialed.peer
+        return Dialled(
+            dialed.sock,
+            peer_key(peer, address),
+            may_share_memory(host.local, peer),
+            may_map_device_memory(host.local, peer),
+            _same_process(host.local, peer),
+        )
 
     service = BlockService(dial, **options)
 
@@ -74,6 +87,8 @@ def attach(host: LinkHost, **options: Any) -> BlockService:
             peer_key(peer, peer.endpoint),
             peer.label,
             shared_memory=may_share_memory(host.local, peer),
+            ipc=may_map_device_memory(host.local, peer),
+            in_process=_same_process(host.local, peer),
         )
 
     def on_event(event: PeerEventLike) -> None:
