@@ -55,7 +55,10 @@ def test_backpressure_holds_the_window_and_waits_without_spinning(loop: str) -> 
     for oversize, pending, window in samples:
         limit = 6.0 if oversize else float(window)
         assert float(pending) <= limit, report
-    assert any(float(p) == float(w) for _, p, w in samples), f"window never filled\n{report}"
+    # Full = no room for one more 512 KiB tensor: every message is also charged
+    # its header and bookkeeping (wire.message_charge), so eight payloads of
+    # an eighth of the window each no longer fit, and seven is full.
+    assert any(float(w) - float(p) <= 0.5 for _, p, w in samples), f"window never filled\n{report}"
     peak = re.search(r"peak ([\d.]+) MiB pending with a ([\d.]+) MiB window", out)
     assert peak is not None and float(peak[1]) <= 6.0, report
     blocked = re.search(
