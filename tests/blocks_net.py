@@ -57,15 +57,18 @@ def make_layers(
 PATHS = {"tcp": "tcp", "shm": "auto"}
 
 
-def local_info(port: int, transport: str) -> PeerInfo:
-    """A node's PeerInfo; ``transport="auto"``: payloads through shm with peers on this host."""
+def local_info(
+    port: int, transport: str, host_id: str | None = None, device: str = "cpu"
+) -> PeerInfo:
+    """A node's PeerInfo; ``transport="auto"``: payloads through shm with peers on this host.
+    ``host_id``: pretend to be on another host."""
     return PeerInfo(
         rank=-1,
         address="127.0.0.1",
         port=port,
-        host_id=host_identity(),
+        host_id=host_identity() if host_id is None else host_id,
         pid=os.getpid(),
-        device="cpu",
+        device=device,
         transport=transport,
         name=f"node-{port}",
         instance=secrets.token_hex(8),
@@ -82,13 +85,20 @@ class BlockNode:
     :meth:`lose` plays the Endpoint's peer event.
     """
 
-    def __init__(self, token: bytes | None, link: str = "tcp", **service_options: Any) -> None:
+    def __init__(
+        self,
+        token: bytes | None,
+        link: str = "tcp",
+        host_id: str | None = None,
+        **service_options: Any,
+    ) -> None:
         """``link``: the PeerInfo.transport this node announces ("auto": payloads
-        through shm with peers on this host); ``service_options`` go to the service."""
+        through shm with peers on this host); ``host_id``: pretend to be on
+        another host; ``service_options`` go to the service."""
         self.token = token
         self.dials = 0
         self._listener = Listener("127.0.0.1", 0, token=token, what="block node").start()
-        self.local = local_info(self._listener.port, link)
+        self.local = local_info(self._listener.port, link, host_id)
         self.address = self.local.endpoint
         self.instance = self.local.instance
         self._callbacks: list[Callable[[Any], None]] = []
@@ -96,9 +106,13 @@ class BlockNode:
 
     @classmethod
     async def start(
-        cls, token: bytes | None = TOKEN, link: str = "tcp", **service_options: Any
+        cls,
+        token: bytes | None = TOKEN,
+        link: str = "tcp",
+        host_id: str | None = None,
+        **service_options: Any,
     ) -> BlockNode:
-        return cls(token, link, **service_options)
+        return cls(token, link, host_id, **service_options)
 
     async def __aenter__(self) -> BlockNode:
         return self

@@ -622,10 +622,14 @@ class BlockService:
         """Copy the blocks through the mapping, every copy checked before the first is queued."""
         assert op.local.placement is not None
         remote = op.request[1]
-        copies = plan_copies(op.op, op.local, op.local_ids, mapped, remote, op.layers, what)
+        maps = self._maps[conn.peer]
+        try:
+            copies = plan_copies(op.op, op.local, op.local_ids, mapped, remote, op.layers, what)
+        except ProtocolError:
+            maps.drop(op.region)  # an export that lies is not kept for the next transfer
+            raise
         if op.segs.redirected:
             return  # stopped before a copy was queued: nothing to undo
-        maps = self._maps[conn.peer]
         mapped.busy += 1
         try:
             key = op.local.placement
