@@ -186,6 +186,8 @@ async def _peer(conn: Connection, transport: str) -> None:
         if kind == "register":
             shape = tuple(cmd.get("block_shape", BLOCK_SHAPE))
             tensors = make_layers(cmd["seed"], cmd["layers"], cmd["blocks"], block_shape=shape)
+            if cmd.get("device"):  # a GPU region (the cuda tests)
+                tensors = [t.to(cmd["device"]) for t in tensors]
             svc.register(cmd["name"], tensors, block_dim=1)
             return None
         if kind in ("expose", "expect"):
@@ -216,7 +218,7 @@ async def _peer(conn: Connection, transport: str) -> None:
         if kind == "blocks":  # contents of some blocks, every layer
             region = svc.regions.get(cmd["name"])
             index = torch.tensor(cmd["blocks"], dtype=torch.long)
-            return [t.index_select(1, index).clone() for t in region.tensors]
+            return [t.index_select(1, index.to(t.device)).cpu() for t in region.tensors]
         raise ValueError(f"unknown command {kind!r}")
 
     async def handle(cmd: dict[str, Any]) -> None:
