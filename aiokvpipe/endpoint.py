@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -60,7 +61,16 @@ from .links.heartbeat import EndKind, Heartbeat
 from .links.net import host_identity
 from .metrics import LatencyHistogram
 from .outbound import Outbound, Transfer
-from .peers import Inbox, InLink, OutLink, PeerEvent, PeerState, PeerStats, parse_address
+from .peers import (
+    Inbox,
+    InLink,
+    Interruptible,
+    OutLink,
+    PeerEvent,
+    PeerState,
+    PeerStats,
+    parse_address,
+)
 from .transport.base import Link, PeerInfo
 from .wire import message_charge
 
@@ -68,6 +78,19 @@ __all__ = ["Endpoint", "PeerEvent", "PeerStats"]
 
 RESERVED_PURPOSES = frozenset({"session", "data", "register", "ring"})
 _DEFAULT: Any = object()
+# Direct reads (see Endpoint._next) need Task.cancelling() (3.11) to tell an
+# interrupt from a cancel that arrived at the same time; 3.10 always pumps.
+_DIRECT = sys.version_info >= (3, 11)
+
+
+def _cancels() -> int:
+    """Cancel requests pending on the current task (3.11+; 0 before).
+
+    Compared before and after an interrupted read: a count that grew means
+    the task was also cancelled, and that cancel must propagate.
+    """
+    task = asyncio.current_task()
+    return task.cancelling() if _DIRECT and task is not None else 0
 
 
 class Endpoint:
@@ -82,6 +105,11 @@ class Endpoint:
         self._canon: dict[str, str] = {}
         self._sessions: dict[str, InLink] = {}
         self._inbox = Inbox(config.buffer_bytes)
+        # Links whose pump runs (until the stream ends); with exactly one, recv
+        # may read it directly (_direct_link, the reads in _direct_reads).
+        self._live_in: set[InLink] = set()
+        self._direct_link: InLink | None = None
+        self._direct_reads: set[Interruptible[Any]] = set()
         self._tasks: set[asyncio.Future[Any]] = set()
         self._listeners: list[Callable[[PeerEvent], None]] = []
         self._closed = False
@@ -300,10 +328,90 @@ class Endpoint:
         """The next ``(peer address, tensor or None)`` from any peer; in order per peer."""
         self._check_open()
         wait = self.config.op_timeout if timeout is _DEFAULT else timeout
-        async with deadline(wait, lambda: f"recv on {self.name}: nothing arrived"):
-            link, obj, charge = await self._inbox.get()
-        self._inbox.window.release(charge)
+        if wait is None:
+            link, obj = await self._next()
+        else:
+            async with deadline(wait, lambda: f"recv on {self.name}: nothing arrived"):
+                link, obj = await self._next()
         return link.peer.endpoint, obj
+
+    async def _next(self) -> tuple[InLink, torch.Tensor | None]:
+        """The next message: read straight from the only live link when the
+        inbox is empty (no pump hop), else from the inbox.
+
+        A direct read is the channel's own ``recv`` awaited in this task (so
+        the transport wakes the caller itself, as in a Pipe), wrapped in an
+        :class:`Interruptible` that :meth:`_leave_direct` stops when another
+        link needs serving, the link is fenced, or we close; an interrupted
+        read took nothing, and this loop falls back to the inbox.
+        """
+        inbox = self._inbox
+        while _DIRECT and not len(inbox):
+            link = self._direct_link or self._enter_direct()
+            if link is None:
+                break
+            assert link.receiver is not None
+            read = Interruptible(link.receiver.recv())
+            self._direct_reads.add(read)
+            cancels = _cancels()
+            try:
+                obj = await read
+            except asyncio.CancelledError:
+                if read.interrupted and _cancels() == cancels:
+                    continue  # taken off the link, nothing consumed: look again
+                # Cancelled (a timeout, or the caller's own cancel): a caller
+                # that stopped reading gets the pump back, so that what
+                # arrives meanwhile is queued (and counted) in the inbox.
+                if not self._direct_reads - {read}:
+                    self._leave_direct()
+                raise
+            except (PeerClosedError, PipeClosedError, ProtocolError):
+                # The stream ended or broke (the error is sticky): the pump,
+                # released, meets it too and ends the link as usual.
+                link.direct_ok = False
+                self._leave_direct()
+                continue
+            finally:
+                self._direct_reads.discard(read)
+            state = self._peers.get(link.peer.endpoint)
+            if state is not None:
+                state.bytes_received += 0 if obj is None else obj.numel() * obj.element_size()
+                state.messages_received += 1
+            return link, obj
+        link, obj, charge = await inbox.get()
+        inbox.window.release(charge)
+        return link, obj
+
+    def _enter_direct(self) -> InLink | None:
+        """Make the only live link readable by recv directly, if there is one
+        and nothing of it is queued or in the pump's hands."""
+        if self._closed or len(self._live_in) != 1:
+            return None
+        link = next(iter(self._live_in))
+        if (
+            link.dead is not None
+            or not link.direct_ok
+            or link.holding
+            or (link.after is not None and not link.after.finished.is_set())
+        ):
+            return None
+        self._direct_link = link
+        link.gate = asyncio.get_running_loop().create_future()
+        if link.reading is not None:
+            link.reading.interrupt()  # the pump's parked recv: it takes nothing more
+        return link
+
+    def _leave_direct(self) -> None:
+        """Hand the direct link back to its pump (every direct read stops taking)."""
+        link = self._direct_link
+        if link is None:
+            return
+        self._direct_link = None
+        for read in self._direct_reads:
+            read.interrupt()
+        gate, link.gate = link.gate, None
+        if gate is not None and not gate.done():
+            gate.set_result(None)
 
     # -- the listening side ----------------------------------------------------
     async def _on_session(self, incoming: Incoming) -> None:
@@ -351,6 +459,9 @@ class Endpoint:
         link.pump = asyncio.ensure_future(self._pump(state, link))
         self._tasks.add(link.pump)
         link.pump.add_done_callback(self._tasks.discard)
+        self._live_in.add(link)
+        if len(self._live_in) > 1:
+            self._leave_direct()  # two links now: both are pumped into the inbox
         if not link.alive:  # its session ended while the receiver opened
             link.pump.cancel()
 
@@ -362,19 +473,36 @@ class Endpoint:
             if link.after is not None:
                 await link.after.finished.wait()  # an older link of this peer first
             while True:
-                obj = await receiver.recv()
+                if link.gate is not None:  # recv reads this link directly meanwhile
+                    await link.gate
+                    continue
+                read = link.reading = Interruptible(receiver.recv())
+                cancels = _cancels()
+                try:
+                    obj = await read
+                except asyncio.CancelledError:
+                    if read.interrupted and _cancels() == cancels:
+                        continue  # recv took the link over; nothing was taken
+                    raise
+                finally:
+                    link.reading = None
+                link.holding = True
                 nbytes = 0 if obj is None else obj.numel() * obj.element_size()
                 charge = message_charge(nbytes)
                 await self._inbox.window.acquire(charge)
                 state.bytes_received += nbytes
                 state.messages_received += 1
                 self._inbox.put((link, obj, charge))
+                link.holding = False
         except ProtocolError as exc:  # garbage from an authenticated peer
             self._count_error(state, exc)
             self._declare(state, link.peer.instance, exc, "dead", "broken")
         except (PeerClosedError, PipeClosedError):
             pass  # its session tells whether the peer closed, died, or we closed
         finally:
+            self._live_in.discard(link)
+            if self._direct_link is link:
+                self._leave_direct()
             link.finished.set()
             self._drop_inlink(state, link)
             await asyncio.shield(receiver.aclose())
@@ -469,6 +597,10 @@ class Endpoint:
         link.dead = error
         link.heartbeat.stop()
         self._sessions.pop(link.session, None)
+        if self._direct_link is link:
+            # Now, not when the pump gets its turn: a fenced instance's next
+            # message must not reach a direct read in between.
+            self._leave_direct()
         pump = link.pump
         if pump is None:
             self._drop_inlink(state, link)
@@ -658,6 +790,7 @@ class Endpoint:
             return_exceptions=True,
         )
         self._closed = True
+        self._leave_direct()
         for state in self._peers.values():
             if state.out is not None and state.out.heartbeat is not None:
                 state.out.heartbeat.stop(goodbye=True)

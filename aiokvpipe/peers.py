@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import torch
 
@@ -30,6 +30,7 @@ from .transport import RecvChannel
 from .transport.base import PeerInfo
 
 PeerEventKind = Literal["dead", "replaced", "closed"]
+T = TypeVar("T")
 
 
 def parse_address(address: Any) -> tuple[str, int, str]:
@@ -100,9 +101,74 @@ class OutLink:
         return self.outbound is not None and self.dead is None
 
 
-@dataclass
+class Interruptible(Generic[T]):
+    """``await`` a coroutine in the calling task, stoppable from outside.
+
+    Why: a receive channel parks its caller on futures of its own, and only
+    the task parked there is woken in one loop turn. The Endpoint lets
+    ``recv`` park on a link's channel itself (no pump task in between) and
+    must be able to take it back off when another link needs serving,
+    without cancelling the caller's task.
+
+    :meth:`interrupt` does to the coroutine what ``Task.cancel`` does: the
+    future it waits on is cancelled, and it gets a CancelledError at that
+    suspension (or at the next one, if it was already woken) instead of
+    resuming normally. The task is not cancelled (no cancel request is
+    counted); the ``await`` raises CancelledError with :attr:`interrupted`
+    True. A cancellation-safe coroutine (every ``RecvChannel.recv``) thus
+    loses nothing: from the moment :meth:`interrupt` returns it will take no
+    further message.
+    """
+
+    __slots__ = ("_coro", "_waiting", "interrupted")
+
+    def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
+        self._coro = coro
+        self._waiting: Any = None
+        self.interrupted = False
+
+    def interrupt(self) -> None:
+        if self.interrupted:
+            return
+        self.interrupted = True
+        waiting = self._waiting
+        if isinstance(waiting, asyncio.Future):
+            waiting.cancel()  # wakes the task now (a no-op if it was woken already)
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        coro = self._coro
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            if self.interrupted and error is None:
+                error = asyncio.CancelledError()  # never resume it normally again
+            try:
+                step = coro.send(value) if error is None else coro.throw(error)
+            except StopIteration as stop:
+                result: T = stop.value
+                return result
+            self._waiting = step
+            try:
+                value, error = (yield step), None
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # the task threw it in (a cancel): pass it on
+                value, error = None, exc
+            finally:
+                self._waiting = None
+
+
+@dataclass(eq=False)  # identity: kept in sets, compared with ``is``
 class InLink:
-    """One session a peer opened to send to us."""
+    """One session a peer opened to send to us.
+
+    Its messages reach ``Endpoint.recv`` one of two ways: the ``pump`` task
+    moves them into the Inbox, or, while it is the only live link and the
+    inbox is empty, ``recv`` reads the channel itself (the Endpoint's
+    "direct" mode) while the pump waits on ``gate``. Exactly one of the two
+    reads the channel at any time, so per-link order holds.
+    """
 
     peer: PeerInfo
     session: str
@@ -113,6 +179,10 @@ class InLink:
     after: InLink | None = None  # an older link of this address, delivered first
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     dead: BaseException | None = None
+    reading: Interruptible[Any] | None = None  # the pump's parked channel recv
+    holding: bool = False  # the pump took a message and has not queued it yet
+    gate: asyncio.Future[None] | None = None  # set: recv reads directly, the pump waits
+    direct_ok: bool = True  # False once a direct read met the end of the stream
 
     @property
     def alive(self) -> bool:

@@ -288,3 +288,103 @@ async def test_prometheus_collector() -> None:
         assert f"aiokvpipe_endpoint_messages_total{{{labels}}} 5.0" in text, text
         assert 'aiokvpipe_endpoint_transfer_seconds_count{endpoint="a"} 5.0' in text, text
         assert f'aiokvpipe_endpoint_peer_up{{endpoint="a",peer="{b.address}"}} 1.0' in text
+
+
+# -- direct reads: recv parked on the only live link's channel, no pump hop ----------
+
+
+async def _direct_on(b: Endpoint, a: Endpoint, value: int) -> None:
+    """Send one message a -> b and take it, so that b reads a's link directly
+    (a recv finding the inbox empty with one live link takes it over)."""
+    await a.send(b.address, None)
+    assert (await b.recv(timeout=5))[1] is None  # the link is up: one live link
+    pending = asyncio.ensure_future(b.recv(timeout=5))
+    await asyncio.sleep(0.02)
+    await a.send(b.address, tagged(value))
+    src, obj = await pending
+    assert src == a.address
+    assert_same(obj, tagged(value))
+    assert b._direct_link is not None  # the case under test is the direct one
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+async def test_a_recv_parked_on_one_link_serves_a_second_peer(transport: str) -> None:
+    async with endpoints(*(cfg(transport=transport) for _ in range(3))) as (a, b, c):
+        await _direct_on(b, a, 0)
+        pending = asyncio.ensure_future(b.recv(timeout=5))
+        await asyncio.sleep(0.05)  # parked on a's channel
+        await c.send(b.address, tagged(1))  # a stays silent: c must not starve
+        src, obj = await pending
+        assert src == c.address
+        assert_same(obj, tagged(1))
+        assert b._direct_link is None  # two live links: both pumped
+        await a.send(b.address, tagged(2))
+        src, obj = await b.recv(timeout=5)
+        assert (src, int(obj[0])) == (a.address, 2)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+async def test_cancelled_and_timed_out_direct_reads_lose_nothing(transport: str) -> None:
+    async with endpoints(cfg(transport=transport), cfg(transport=transport)) as (a, b):
+        await _direct_on(b, a, -1)
+        got: list[int] = []
+
+        async def sender() -> None:
+            for i in range(200):
+                await a.send(b.address, tagged(i))
+                if i % 7 == 0:
+                    await asyncio.sleep(0.001)
+
+        sending = asyncio.ensure_future(sender())
+        turn = 0
+        while len(got) < 200:
+            turn += 1
+            if turn % 3 == 0:  # cancelled wherever it is parked
+                task = asyncio.ensure_future(b.recv())
+                await asyncio.sleep(0 if turn % 2 else 0.0005)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    _, obj = await task
+                    got.append(int(obj[0]))
+            elif turn % 3 == 1:  # a timeout that may expire mid-read
+                with contextlib.suppress(aiokvpipe.TransferTimeout):
+                    _, obj = await b.recv(timeout=0.0005)
+                    got.append(int(obj[0]))
+            else:
+                _, obj = await b.recv(timeout=5)
+                got.append(int(obj[0]))
+        await sending
+        assert got == list(range(200))
+        stats = b.stats()[a.address]
+        assert stats.messages_received == 202
+
+
+@pytest.mark.timeout(20)
+async def test_an_older_link_of_the_same_peer_is_delivered_first() -> None:
+    """b reads a's link directly; a's link breaks and a dials a new one: what
+    the old link carried comes first, then the new link's, nothing lost."""
+    async with endpoints(cfg(), cfg()) as (a, b):
+        await _direct_on(b, a, -1)
+        for i in range(5):
+            await a.send(b.address, tagged(i))
+        await a.flush()
+        old = a._peers[b.address].out
+        assert old is not None
+        a._end_out(old, PeerClosedError("test: this link is gone"))  # a new send dials again
+        for i in range(5, 10):
+            await a.send(b.address, tagged(i))
+        got = [int((await b.recv(timeout=5))[1][0]) for _ in range(10)]
+        assert got == list(range(10))
+
+
+@pytest.mark.timeout(20)
+async def test_closing_wakes_a_direct_read() -> None:
+    async with endpoints(cfg(), cfg()) as (a, b):
+        await _direct_on(b, a, 0)
+        pending = asyncio.ensure_future(b.recv())
+        await asyncio.sleep(0.05)
+        await b.aclose()
+        with pytest.raises(PipeClosedError, match=r"endpoint .* is closed"):
+            await pending
