@@ -63,8 +63,8 @@ class Group:
 
 
 GROUPS = (
-    Group(4 * KiB, 64, (torch.float32, torch.int64, torch.uint8, torch.bool)),
-    Group(1 * MiB, 16, (torch.float16, torch.bfloat16, torch.int32)),
+    Group(4 * KiB, 1024, (torch.float32, torch.int64, torch.uint8, torch.bool)),
+    Group(1 * MiB, 64, (torch.float16, torch.bfloat16, torch.int32)),
     Group(16 * MiB, 6, (torch.float32, torch.bfloat16)),
     Group(64 * MiB, 3, (torch.float32, torch.int8)),
 )
