@@ -121,7 +121,7 @@ async def test_ipc_pull_and_layer_wise_push_copy_device_to_device(pair: Pair) ->
 
     nbytes = pair.reader.service.regions.get(name).nbytes(5 + 3, range(3))
     for node in (pair.owner, pair.reader):
-        assert node.service.payload_bytes == {"tcp": 0, "shm": 0, "cuda_ipc": nbytes}
+        assert node.service.payload_bytes == {"tcp": 0, "shm": 0, "cuda_ipc": nbytes, "nccl": 0}
         assert node.service.staged_bytes == 0
     # Each owner tensor exported once, each allocation mapped once by the reader.
     assert len(pair.ipc.actions("owner", "export")) == 3

@@ -43,7 +43,8 @@ from typing import Any, Protocol
 import torch
 
 from ..cuda.events import wait_event
-from ..cuda.runtime import cupy_or_raise, require_cuda
+from ..cuda.nccl_thread import NcclThread, nccl_thread
+from ..cuda.runtime import cupy_or_raise, nccl_or_raise, require_cuda
 from ..cuda.streams import DeviceOps, TorchCudaOps, after, fence
 from ..errors import MalformedFrameError
 from ..transport.base import PeerInfo
@@ -86,6 +87,13 @@ class GpuBackend(Protocol):
     def view(self, key: str, address: int, nbytes: int) -> torch.Tensor:
         """A uint8 tensor over ``nbytes`` of mapped memory at ``address``."""
 
+    def nccl(self, key: str) -> tuple[Any, NcclThread]:
+        """NCCL's bindings and the thread that makes every NCCL call, for ``key``.
+
+        CudaUnavailableError (an AiokvpipeError) where there is no NCCL: GPU
+        regions on two hosts then stage through host memory.
+        """
+
 
 class TorchGpu:
     """:class:`GpuBackend` on real CUDA devices (cupy for IPC, imported on first use)."""
@@ -122,6 +130,10 @@ class TorchGpu:
 
     def view(self, key: str, address: int, nbytes: int) -> torch.Tensor:
         return view_of(address, nbytes, self.ops(key).device)
+
+    def nccl(self, key: str) -> tuple[Any, NcclThread]:
+        self.ops(key)  # CUDA itself first
+        return nccl_or_raise(f"NCCL block transfers on {key}"), nccl_thread()
 
 
 def may_map_device_memory(local: PeerInfo, peer: PeerInfo | None) -> bool:

@@ -25,6 +25,12 @@ REPLY(ok, path=ipc); the requester then copies through its mapping and::
     read:  ... STATUS(done|abort) -> STATUS(ok|aborted|error) <-
     write: ... STATUS(commit|abort) -> STATUS(landed|aborted|error) <-
 
+GPU regions on two hosts may move the runs with NCCL instead
+(:mod:`aiokvpipe.blocks.ncclpath`): the REQUEST carries the run lengths
+(``nccl``), a REPLY(ok, path=nccl) agrees, both ends post their NCCL
+operations, and the same STATUS pairs as for IPC follow. SETUP{nccl: 1}
+messages build the connection's communicator first.
+
 A requester maps the owner's region first with SETUP{ipc: 1, region,
 request_id, first} messages, each answered with up to 32 tensor
 descriptions (or an error: the requester then stages).
@@ -79,6 +85,8 @@ MAX_IDS = 1 << 20
 MAX_NAME = 256
 MAX_LAYERS = 4096
 MAX_PAYLOAD = 1 << 50
+#: Run lengths one NCCL REQUEST may carry (far below MAX_JSON); more runs stage.
+MAX_NCCL_RUNS = 1024
 
 
 class Kind(enum.IntEnum):
@@ -110,6 +118,7 @@ class Request:
     nbytes: int
     blocks: tuple[int, ...]
     ipc: str | None = None  # the owner's export the requester mapped, if it would copy
+    nccl: tuple[int, ...] | None = None  # run lengths, if it would move the runs by NCCL
 
 
 # ------------------------------------------------------------------ framing
@@ -213,6 +222,7 @@ def request(
     nbytes: int,
     blocks: Sequence[int],
     ipc: str | None = None,
+    nccl: Sequence[int] | None = None,
 ) -> tuple[dict[str, Any], Sequence[int]]:
     body: dict[str, Any] = {
         "op": op,
@@ -224,6 +234,8 @@ def request(
     }
     if ipc is not None:
         body["ipc"] = ipc
+    if nccl is not None:
+        body["nccl"] = list(nccl)
     return body, blocks
 
 
@@ -243,6 +255,9 @@ def parse_request(message: Message, what: str) -> Request:
     ipc = body.get("ipc")
     if ipc is not None and (not isinstance(ipc, str) or not 0 < len(ipc) <= 64):
         raise MalformedFrameError(f"{what}: field 'ipc' must name an export")
+    nccl = body.get("nccl")
+    if nccl is not None:
+        nccl = _run_counts(nccl, len(message.ids), what)
     try:
         parsed = tuple(layout_from_wire(obj) for obj in layouts)
     except ValueError as exc:
@@ -256,7 +271,21 @@ def parse_request(message: Message, what: str) -> Request:
         nbytes=_count(body, "nbytes", what),
         blocks=message.ids,
         ipc=ipc,
+        nccl=nccl,
     )
+
+
+def _run_counts(value: Any, nids: int, what: str) -> tuple[int, ...]:
+    """The requester's run lengths for an NCCL transfer: positive, covering every id once."""
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_NCCL_RUNS:
+        raise MalformedFrameError(f"{what}: field 'nccl' must list 1..{MAX_NCCL_RUNS} run lengths")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value):
+        raise MalformedFrameError(f"{what}: field 'nccl' holds a run length below 1")
+    if sum(value) != nids:
+        raise MalformedFrameError(
+            f"{what}: NCCL runs of {sum(value)} blocks in all for a request of {nids} blocks"
+        )
+    return tuple(value)
 
 
 # ------------------------------------------------------------------ errors on the wire
@@ -314,7 +343,7 @@ def remote_error(body: dict[str, Any], peer: str) -> AiokvpipeError:
 # ------------------------------------------------------------------ REPLY / STATUS
 
 
-Path = Literal["stream", "ipc"]
+Path = Literal["stream", "ipc", "nccl"]
 
 
 def reply_ok(nbytes: int, path: Path = "stream") -> dict[str, Any]:
@@ -327,9 +356,11 @@ def reply_ok(nbytes: int, path: Path = "stream") -> dict[str, Any]:
 def reply_path(message: Message, what: str) -> Path:
     """How an agreed transfer moves: the payload on the stream, or copies through IPC."""
     path = message.body.get("path", "stream")
-    if path not in ("stream", "ipc"):
+    if path == "ipc" or path == "nccl":
+        return path  # type: ignore[no-any-return]
+    if path != "stream":
         raise MalformedFrameError(f"{what}: unknown payload path {path!r}")
-    return "ipc" if path == "ipc" else "stream"
+    return "stream"
 
 
 def parse_reply(message: Message, peer: str, what: str) -> int:

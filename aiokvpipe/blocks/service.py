@@ -61,7 +61,7 @@ from ..errors import (
     TransferTimeout,
 )
 from ..tensors import byte_view
-from . import protocol
+from . import ncclpath, protocol
 from .gpu import (
     Export,
     GpuBackend,
@@ -78,6 +78,16 @@ from .gpu import (
     stage_out,
 )
 from .lease import Lease, LeaseKind, LeaseTable
+from .ncclpath import (
+    MAX_RUNS,
+    OWNER_RANK,
+    REQUESTER_RANK,
+    NcclLink,
+    run_counts,
+    run_group,
+    scratch_like,
+    segments,
+)
 from .protocol import Kind
 from .region import BlockRegion, RegionTable
 from .runs import as_ids, check_ids, check_same_length
@@ -93,10 +103,11 @@ class Dialled(NamedTuple):
     shared_memory: bool = False
     ipc: bool = False  # GPU regions may use CUDA IPC (gpu.may_map_device_memory)
     in_process: bool = False  # the peer is this process (raw pointers, not IPC handles)
+    nccl: bool = False  # GPU regions may move by NCCL (ncclpath.may_use_nccl)
 
 
 Dial = Callable[[str], Awaitable[Dialled]]
-Path = Literal["tcp", "shm", "cuda_ipc"]
+Path = Literal["tcp", "shm", "cuda_ipc", "nccl"]
 _DEFAULT: Any = object()
 _U32 = 1 << 32
 
@@ -109,10 +120,15 @@ class _Conn:
     path: RingPath  # its shared-memory rings, if any
     ipc: bool = False
     in_process: bool = False
+    nccl_ok: bool = False  # GPU regions may move by NCCL on this connection
+    nccl: NcclLink | None = None  # its communicator, once built
 
     def close(self) -> None:
         self.sock.close()
         self.path.close()
+        if self.nccl is not None:
+            self.nccl.close()  # aborted once, on the NCCL thread
+            self.nccl = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,7 @@ class _Inbound:
     label: str  # how messages name it
     ipc: bool  # it may map our GPU regions (same host, no transport forced)
     in_process: bool  # it is this process
+    nccl: bool = False  # it may move GPU regions by NCCL (another host, no transport forced)
 
 
 @dataclass
@@ -215,6 +232,7 @@ class BlockService:
         self._maps: dict[str, PeerMaps] = {}  # requester: owners' regions mapped, by peer
         self._exports: dict[tuple[str, bool], Export] = {}  # owner: (region, in_process)
         self._reaper = Reaper(abort_timeout)
+        self._nccl_refused: dict[str, str] = {}  # requester: peers we stage with, and why
         self._closed = False
         self._on_close: list[Callable[[], object]] = []
         #: Inbound connections cut off for a protocol violation, and the last reason.
@@ -222,7 +240,7 @@ class BlockService:
         self.last_cut_off: str = ""
         #: Payload bytes this service sent or received, by path (cuda_ipc: copied
         #: by this side, or counted by the owner when the copier reported done).
-        self.payload_bytes: dict[Path, int] = {"tcp": 0, "shm": 0, "cuda_ipc": 0}
+        self.payload_bytes: dict[Path, int] = {"tcp": 0, "shm": 0, "cuda_ipc": 0, "nccl": 0}
         #: Bytes of GPU regions staged through host memory (they count on tcp/shm too).
         self.staged_bytes = 0
         #: The last device failure that ended an inbound transfer.
@@ -418,10 +436,12 @@ class BlockService:
         healthy = False
         refusal: AiokvpipeError | None = None
         try:
-            mapped = None
+            mapped = link = None
             if op.gpu and conn.ipc and not op.segs.redirected:
                 mapped = await self._mapping(conn, op)
-            if mapped is None:
+            elif op.gpu and conn.nccl_ok and not op.segs.redirected:
+                link = await self._nccl_link(conn, op)
+            if mapped is None and link is None:
                 direction = conn.path.needs(op.op)
                 if direction is not None and not op.segs.redirected:
                     await conn.path.open(conn.sock, direction, f"{op.op} with {conn.owner}")
@@ -429,9 +449,9 @@ class BlockService:
                     await self._stage_out(op)  # before the owner waits on us
             if not op.segs.redirected:  # else stopped before a byte was sent
                 if op.op == "read":
-                    refusal = await self._do_read(conn, op, mapped)
+                    refusal = await self._do_read(conn, op, mapped, link)
                 else:
-                    refusal = await self._do_write(conn, op, mapped)
+                    refusal = await self._do_write(conn, op, mapped, link)
             healthy = True
         except asyncio.CancelledError:
             if op.error is not None:
@@ -447,23 +467,31 @@ class BlockService:
         if refusal is not None:
             raise refusal
 
-    async def _request(self, conn: _Conn, op: _Outbound, mapped: MappedRegion | None) -> None:
+    async def _request(
+        self, conn: _Conn, op: _Outbound, mapped: MappedRegion | None, link: NcclLink | None
+    ) -> None:
         body, ids = op.request
         if mapped is not None:
             body = {**body, "ipc": mapped.export_id}
+        if link is not None:
+            body = {**body, "nccl": run_counts(op.local_ids, ids)}
         await protocol.send_message(
             conn.sock, Kind.REQUEST, body, f"{op.op} with {conn.owner}", ids
         )
 
     async def _do_read(
-        self, conn: _Conn, op: _Outbound, mapped: MappedRegion | None
+        self, conn: _Conn, op: _Outbound, mapped: MappedRegion | None, link: NcclLink | None
     ) -> AiokvpipeError | None:
         """The owner's refusal (the connection stays usable) or None; raises if broken."""
         sock, what = conn.sock, f"read from {conn.owner}"
-        await self._request(conn, op, mapped)
-        refusal, path = await self._agreed(conn, op, mapped, what)
+        await self._request(conn, op, mapped, link)
+        refusal, path = await self._agreed(conn, op, mapped, link, what)
         if refusal is not None:
             return refusal
+        if path == "nccl":
+            assert link is not None
+            pending = await self._nccl_transfer(conn, op, link, what)
+            return await self._ipc_verdict(conn, op, "done", "ok", what, pending)
         if path == "ipc":
             assert mapped is not None
             await self._ipc_copy(conn, op, mapped, what)
@@ -481,13 +509,17 @@ class BlockService:
         return None
 
     async def _do_write(
-        self, conn: _Conn, op: _Outbound, mapped: MappedRegion | None
+        self, conn: _Conn, op: _Outbound, mapped: MappedRegion | None, link: NcclLink | None
     ) -> AiokvpipeError | None:
         sock, what = conn.sock, f"write to {conn.owner}"
-        await self._request(conn, op, mapped)
-        refusal, path = await self._agreed(conn, op, mapped, what)
+        await self._request(conn, op, mapped, link)
+        refusal, path = await self._agreed(conn, op, mapped, link, what)
         if refusal is not None:
             return refusal
+        if path == "nccl":
+            assert link is not None
+            pending = await self._nccl_transfer(conn, op, link, what)
+            return await self._ipc_verdict(conn, op, "commit", "landed", what, pending)
         if path == "ipc":
             assert mapped is not None
             await self._ipc_copy(conn, op, mapped, what)
@@ -507,7 +539,12 @@ class BlockService:
         return None
 
     async def _agreed(
-        self, conn: _Conn, op: _Outbound, mapped: MappedRegion | None, what: str
+        self,
+        conn: _Conn,
+        op: _Outbound,
+        mapped: MappedRegion | None,
+        link: NcclLink | None,
+        what: str,
     ) -> tuple[AiokvpipeError | None, protocol.Path]:
         """The owner's REPLY: its refusal, or None and the path once it agreed to our size."""
         reply = await protocol.expect_message(conn.sock, Kind.REPLY, what)
@@ -522,6 +559,8 @@ class BlockService:
         path = protocol.reply_path(reply, what)
         if path == "ipc" and mapped is None:
             raise MalformedFrameError(f"{what}: owner chose CUDA IPC for a request without it")
+        if path == "nccl" and link is None:
+            raise MalformedFrameError(f"{what}: owner chose NCCL for a request without it")
         if path == "stream" and mapped is not None:
             # The owner registered the region anew since we mapped it: the
             # mapping holds memory it no longer uses. Map the new one next time.
@@ -647,17 +686,92 @@ class BlockService:
         success: protocol.Status,
         counted: str,
         what: str,
+        pending: asyncio.Future[protocol.Message] | None = None,
     ) -> AiokvpipeError | None:
-        """Tell the owner the copies landed (or that we stopped); its answer."""
+        """Tell the owner the copies landed (or that we stopped); its answer.
+
+        ``pending``: the read of that answer, already started (the NCCL path
+        reads the socket while its transfer runs, to see the owner vanish).
+        """
         verdict: protocol.Status = "abort" if op.segs.redirected else success
-        await protocol.send_message(conn.sock, Kind.STATUS, protocol.status(verdict), what)
-        answer = await protocol.expect_message(conn.sock, Kind.STATUS, what)
+        try:
+            await protocol.send_message(conn.sock, Kind.STATUS, protocol.status(verdict), what)
+            if pending is not None:
+                answer = await pending
+            else:
+                answer = await protocol.expect_message(conn.sock, Kind.STATUS, what)
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
         value = protocol.parse_status(answer, frozenset((counted, "aborted", "error")), what)
         if value == "error":
             return protocol.remote_error(answer.body, f"owner {conn.owner}")
         if (value == "aborted") != (verdict == "abort"):
             raise MalformedFrameError(f"{what}: owner answered {value!r} to {verdict!r}")
         return None
+
+    # ------------------------------------------------------------ NCCL, requester side
+    async def _nccl_link(self, conn: _Conn, op: _Outbound) -> NcclLink | None:
+        """The connection's communicator (built now if need be), or None: stage instead."""
+        assert op.local.placement is not None
+        key = op.local.placement
+        link = conn.nccl
+        if link is not None and not link.comm.aborted:
+            return link if link.key == key else None  # built for another device: stage
+        conn.nccl = None
+        if conn.peer in self._nccl_refused:
+            return None
+        if len(run_counts(op.local_ids, op.request[1])) > MAX_RUNS:
+            return None  # too scattered for one REQUEST: this one stages
+        try:
+            nccl, thread = self._gpu.nccl(key)
+        except AiokvpipeError as exc:  # no cupy/NCCL here: stage from now on
+            self._nccl_refused[conn.peer] = str(exc)[:500]
+            return None
+        link, why, retry = await ncclpath.connect(
+            conn.sock,
+            nccl,
+            thread,
+            self._gpu.ops(key),
+            key,
+            op.region,
+            op.request[0]["request_id"],
+            self._op_timeout,
+            f"NCCL blocks with {conn.owner}",
+        )
+        if link is None and not retry:
+            self._nccl_refused[conn.peer] = why
+        conn.nccl = link
+        return link
+
+    async def _nccl_transfer(
+        self, conn: _Conn, op: _Outbound, link: NcclLink, what: str
+    ) -> asyncio.Future[protocol.Message]:
+        """Post our half of the NCCL group, await it; the pending read of the owner's answer.
+
+        Every segment is planned (and checked) before the group is queued.
+        Stopped before that (cancelled, lease ended), the pair's framing still
+        completes, through scratch memory, so the owner's half never hangs.
+        """
+        views = segments(
+            op.local, op.local_ids, run_counts(op.local_ids, op.request[1]), op.layers, what
+        )
+        answer = asyncio.ensure_future(protocol.expect_message(conn.sock, Kind.STATUS, what))
+        try:
+            if op.segs.redirected:
+                views = scratch_like(views)
+            ready = [e for e in (op.ready, fence(self._gpu.ops(link.key))) if e is not None]
+            sends, recvs = (views, []) if op.op == "write" else ([], views)
+            label = f"{what}: NCCL {op.op} of {op.nbytes} bytes in {len(views)} runs"
+            await run_group(link, OWNER_RANK, sends, recvs, ready, answer, self._op_timeout, label)
+        except BaseException:
+            answer.cancel()
+            link.close()  # queued work cannot be recalled: abort it (once)
+            conn.nccl = None
+            raise
+        if not op.segs.redirected:
+            self.payload_bytes["nccl"] += op.nbytes
+        return answer
 
     # ------------------------------------------------------------ payloads
     async def _send_payload(
@@ -697,7 +811,8 @@ class BlockService:
         sock.setblocking(False)
         path = RingPath(self._shm and dialled.shared_memory, self._ring_bytes)
         ipc = self._shm and dialled.ipc  # transport="tcp" keeps GPU regions off IPC too
-        return _Conn(sock, owner, dialled.peer, path, ipc, dialled.in_process)
+        nccl = self._shm and dialled.nccl  # ...and off NCCL
+        return _Conn(sock, owner, dialled.peer, path, ipc, dialled.in_process, nccl)
 
     def _release(self, conn: _Conn) -> None:
         idle = self._idle.setdefault(conn.owner, [])
@@ -715,17 +830,19 @@ class BlockService:
         shared_memory: bool = False,
         ipc: bool = False,
         in_process: bool = False,
+        nccl: bool = False,
     ) -> None:
         """Serve an inbound, authenticated block connection from ``peer`` (the
         key :meth:`peer_lost` uses; ``label`` names it in messages); owns ``sock``.
         ``shared_memory``: the peer shares our host (it may set up rings);
-        ``ipc``: it may map our GPU regions (``in_process``: it is this process)."""
+        ``ipc``: it may map our GPU regions (``in_process``: it is this process);
+        ``nccl``: it may move GPU regions by NCCL (another host)."""
         if self._closed:
             sock.close()
             return
         sock.setblocking(False)
         path = RingPath(self._shm and shared_memory, self._ring_bytes)
-        inbound = _Inbound(peer, label or peer, self._shm and ipc, in_process)
+        inbound = _Inbound(peer, label or peer, self._shm and ipc, in_process, self._shm and nccl)
         task = asyncio.get_running_loop().create_task(self._serve(sock, path, inbound))
         self._inbound[task] = (peer, sock, path)
         task.add_done_callback(self._inbound_done)
@@ -741,13 +858,18 @@ class BlockService:
     async def _serve(self, sock: socket.socket, path: RingPath, inbound: _Inbound) -> None:
         peer, label = inbound.peer, inbound.label
         what = f"blocks from {label}"
+        link: NcclLink | None = None  # this connection's communicator, once built
         try:
             while True:
                 message = await protocol.read_message(sock, what, eof_ok=True)
                 if message is None:
                     return
                 if message.kind == Kind.SETUP:
-                    if message.body.get("ipc") == 1:
+                    if message.body.get("nccl") == 1:
+                        if link is not None:
+                            link.close()
+                        link = await self._accept_nccl(sock, inbound, message.body, what)
+                    elif message.body.get("ipc") == 1:
                         await self._answer_ipc(sock, inbound, message.body, what)
                     else:
                         await path.answer(sock, message, what)
@@ -762,6 +884,13 @@ class BlockService:
                 ipc = self._ipc_agreed(request, region, inbound)
                 if ipc:
                     await self._serve_ipc(sock, label, request, lease, what)
+                elif (
+                    request.nccl is not None
+                    and link is not None
+                    and not link.comm.aborted
+                    and region.placement == link.key
+                ):
+                    await self._serve_nccl(sock, label, request, region, lease, link, what)
                 elif request.op == "read":
                     await self._serve_read(sock, path, label, request, region, lease, what)
                 else:
@@ -776,6 +905,8 @@ class BlockService:
         finally:
             sock.close()
             path.close()
+            if link is not None:
+                link.close()  # aborted once; a new connection builds a fresh one
 
     def _admit(self, request: protocol.Request, what: str) -> tuple[BlockRegion, Lease]:
         """Everything a request must pass before a byte of payload moves."""
@@ -1023,6 +1154,97 @@ class BlockService:
         except CudaTransferError as exc:
             lease.fail(exc)
 
+    # ------------------------------------------------------------ NCCL, owner side
+    async def _accept_nccl(
+        self, sock: socket.socket, inbound: _Inbound, body: dict[str, Any], what: str
+    ) -> NcclLink | None:
+        """A peer asks for a communicator on this connection: build our end, or say why not."""
+        name, request_id = body.get("region"), body.get("request_id")
+        fields_ok = isinstance(name, str) and isinstance(request_id, str)
+        if body.get("step") != "uid" or not fields_ok:
+            raise MalformedFrameError(f"{what}: malformed NCCL set-up {body!r:.200}")
+        if not inbound.nccl:
+            reason = "not on two hosts, or another transport forced"
+            await ncclpath.refuse(sock, reason, False, what)
+            return None
+        assert isinstance(name, str) and isinstance(request_id, str)
+        region = self.regions.find(name)
+        if region is None or region.placement is None:
+            await ncclpath.refuse(sock, f"no GPU region {name!r}", True, what)
+            return None
+        # Only a peer with business here gets a communicator (it costs the
+        # NCCL thread a set-up and the device a stream).
+        if not self.leases.holds(request_id, name):
+            await ncclpath.refuse(sock, f"no live lease for {request_id!r} on {name!r}", True, what)
+            return None
+        try:
+            nccl, thread = self._gpu.nccl(region.placement)
+        except AiokvpipeError as exc:
+            await ncclpath.refuse(sock, f"no NCCL here: {exc}", False, what)
+            return None
+        ops = self._gpu.ops(region.placement)
+        return await ncclpath.accept(
+            sock, body, nccl, thread, ops, region.placement, self._op_timeout, what
+        )
+
+    async def _serve_nccl(
+        self,
+        sock: socket.socket,
+        peer: str,
+        request: protocol.Request,
+        region: BlockRegion,
+        lease: Lease,
+        link: NcclLink,
+        what: str,
+    ) -> None:
+        """Our half of an NCCL transfer; counted once our event completed and the peer agreed."""
+        assert request.nccl is not None
+        try:
+            if lease.fence is not None:
+                await self._lease_fence(lease, what)
+            if lease.ended:
+                body = protocol.error_body(lease.ended_error())
+                await protocol.send_message(sock, Kind.REPLY, body, what)
+                return
+            # Checked before anything is queued: a lying requester is cut off here.
+            views = segments(region, request.blocks, request.nccl, request.layers, what)
+            reply = protocol.reply_ok(request.nbytes, "nccl")
+            await protocol.send_message(sock, Kind.REPLY, reply, what)
+            answer = asyncio.ensure_future(protocol.expect_message(sock, Kind.STATUS, what))
+            try:
+                sends, recvs = (views, []) if request.op == "read" else ([], views)
+                ready = [lease.fence] if lease.fence is not None else []
+                label = f"{what}: NCCL {request.op} of {request.nbytes} bytes"
+                await run_group(
+                    link, REQUESTER_RANK, sends, recvs, ready, answer, self._op_timeout, label
+                )
+                message = await answer
+            except BaseException:
+                answer.cancel()
+                link.close()
+                raise
+            success: protocol.Status
+            counted: protocol.Status
+            success, counted = ("done", "ok") if request.op == "read" else ("commit", "landed")
+            value = protocol.parse_status(message, frozenset((success, "abort")), what)
+            if value == "abort":
+                status = protocol.status("aborted")
+            elif _ended(lease):  # moved after the lease ended: counts for nothing
+                status = protocol.status("error", lease.ended_error())
+            else:
+                lease.mark(request.blocks, request.layers)
+                self.payload_bytes["nccl"] += request.nbytes
+                status = protocol.status(counted)
+            await protocol.send_message(sock, Kind.STATUS, status, what)
+        except PeerClosedError as exc:
+            lease.fail(
+                PeerClosedError(f"{lease.describe}: {peer} was lost mid-{request.op}: {exc}")
+            )
+            raise
+        except (CudaTransferError, TransferTimeout) as exc:
+            lease.fail(exc)
+            raise
+
     # ------------------------------------------------------------ liveness, closing
     def peer_lost(self, peer: str, error: BaseException | None = None) -> None:
         """``peer`` died or was replaced: fail its leases, transfers and connections."""
@@ -1033,6 +1255,7 @@ class BlockService:
         for task, (who, _sock, _path) in list(self._inbound.items()):
             if who == peer:
                 task.cancel()
+        self._nccl_refused.pop(peer, None)
         maps = self._maps.pop(peer, None)
         if maps is not None:
             maps.drop_all()  # each mapping closes once no copy uses it

@@ -10,7 +10,8 @@ the old one held. Payloads move through shared memory when both ends are
 on one host and allow it (:func:`~aiokvpipe.blocks.shmpath.may_share_memory`
 on the two PeerInfos, and ``transport="auto"``, the default); GPU regions
 copy through CUDA IPC under the same host rule
-(:func:`~aiokvpipe.blocks.gpu.may_map_device_memory`).
+(:func:`~aiokvpipe.blocks.gpu.may_map_device_memory`), and move by NCCL
+between hosts (:func:`~aiokvpipe.blocks.ncclpath.may_use_nccl`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..links.accept import Handler, Incoming
 from ..links.dial import Dialed
 from ..transport.base import PeerInfo
 from .gpu import may_map_device_memory
+from .ncclpath import may_use_nccl
 from .service import BlockService, Dialled
 from .shmpath import may_share_memory
 
@@ -75,6 +77,7 @@ def attach(host: LinkHost, **options: Any) -> BlockService:
             may_share_memory(host.local, peer),
             may_map_device_memory(host.local, peer),
             _same_process(host.local, peer),
+            may_use_nccl(host.local, peer),
         )
 
     service = BlockService(dial, **options)
@@ -89,6 +92,7 @@ def attach(host: LinkHost, **options: Any) -> BlockService:
             shared_memory=may_share_memory(host.local, peer),
             ipc=may_map_device_memory(host.local, peer),
             in_process=_same_process(host.local, peer),
+            nccl=may_use_nccl(host.local, peer),
         )
 
     def on_event(event: PeerEventLike) -> None:

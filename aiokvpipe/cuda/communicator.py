@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -109,6 +109,36 @@ class Communicator:
         self._use(f"grouped send/recv of {nbytes_of(src)} bytes", both)
         return self.stream.record_event()
 
+    def group_now(
+        self,
+        sends: Sequence[torch.Tensor],
+        recvs: Sequence[torch.Tensor],
+        peer: int,
+        ready: Sequence[Any] = (),
+    ) -> Any:
+        """Every send and recv with ``peer`` as one NCCL group, after ``ready``; its end event.
+
+        The peer posts the matching operations in the same order (NCCL pairs
+        the n-th send with the peer's n-th recv, sizes equal).
+        """
+        for event in ready:
+            self._after(event)
+
+        def grouped(comm: Any) -> None:
+            self.nccl.groupStart()
+            try:
+                for tensor in sends:
+                    self._queue(comm.send, tensor, peer)
+                for tensor in recvs:
+                    self._queue(comm.recv, tensor, peer)
+            finally:
+                self.nccl.groupEnd()
+
+        nbytes = sum(nbytes_of(t) for t in (*sends, *recvs))
+        label = f"grouped {len(sends)} sends / {len(recvs)} recvs of {nbytes} bytes"
+        self._use(label, grouped)
+        return self.stream.record_event()
+
     def poll_async_error(self) -> None:
         """Read ``ncclCommGetAsyncError`` and keep the first error (NCCL thread)."""
         with self._lock:
@@ -146,6 +176,21 @@ class Communicator:
         what = f"{self.what}: queuing a grouped send/recv"
         return await self.thread.call(
             lambda: self.exchange_now(src, dst, peer), timeout=timeout, what=what
+        )
+
+    async def group(
+        self,
+        sends: Sequence[torch.Tensor],
+        recvs: Sequence[torch.Tensor],
+        peer: int,
+        ready: Sequence[Any] = (),
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Queue :meth:`group_now` on the NCCL thread; the event marking its end."""
+        what = f"{self.what}: queuing {len(sends) + len(recvs)} grouped NCCL operations"
+        return await self.thread.call(
+            lambda: self.group_now(sends, recvs, peer, ready), timeout=timeout, what=what
         )
 
     async def queued(self, job: concurrent.futures.Future[Any], *, timeout: float | None) -> Any:

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CudaTransferError, RegionError
+from ..errors import CudaTransferError, CudaUnavailableError, RegionError
 
 _ids = itertools.count(1)
 
@@ -377,6 +377,10 @@ class FakeNccl:
         self._fabric = _fabric if _fabric is not None else _Fabric()
         self._local = threading.local()  # NCCL's group state is per thread
 
+    def on(self, device: FakeDevice) -> FakeNccl:
+        """The NCCL of another process with its own device, on the same wires."""
+        return FakeNccl(device, legacy_ids=self.legacy_ids, _fabric=self._fabric)
+
     def other_process(self) -> FakeNccl:
         """The NCCL of another process: same device and wires, its own comms and log."""
         other = FakeNccl(self.device, legacy_ids=self.legacy_ids, _fabric=self._fabric)
@@ -580,7 +584,9 @@ class FakeGpu:
     shared driver, ``memory`` this process's IPC memory.
     """
 
-    def __init__(self, name: str = "gpu", ipc: FakeIpc | None = None) -> None:
+    def __init__(
+        self, name: str = "gpu", ipc: FakeIpc | None = None, nccl: FakeNccl | None = None
+    ) -> None:
         self.name = name
         self.key = f"fake:{name}"
         self.fake = FakeDevice()
@@ -589,6 +595,14 @@ class FakeGpu:
         self.memory_ = self.ipc.process(name)
         self.asked_in_process: list[bool] = []
         self._stream: FakeStream | None = None
+        #: This fake process's NCCL (None: "no cupy", GPU regions on two hosts
+        #: stage), on this device and ``nccl``'s wires, with its own NCCL thread.
+        self.nccl_: FakeNccl | None = nccl.on(self.fake) if nccl is not None else None
+        self.nccl_thread: Any = None
+        if nccl is not None:
+            from .nccl_thread import NcclThread
+
+            self.nccl_thread = NcclThread(name=f"aiokvpipe: nccl ({name})", idle_exit=0.05)
 
     def tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         """Mark ``tensor`` (CPU) as memory of this fake device; returns it."""
@@ -628,6 +642,16 @@ class FakeGpu:
             return torch.empty(0, dtype=torch.uint8)
         buffer = (ctypes.c_uint8 * nbytes).from_address(address)
         return torch.frombuffer(buffer, dtype=torch.uint8)
+
+    def nccl(self, key: str) -> tuple[FakeNccl, Any]:
+        self._check(key)
+        if self.nccl_ is None:
+            raise CudaUnavailableError(f"fake GPU {self.name} has no NCCL")
+        return self.nccl_, self.nccl_thread
+
+    def nccl_ops(self) -> list[str]:
+        """NCCL operations queued on this device so far (``"nccl_send 96B"``...)."""
+        return [a for a in self.fake.actions() if a.startswith("nccl_")]
 
     def copies(self) -> int:
         """Copies enqueued on this device so far."""
