@@ -212,6 +212,33 @@ async def test_the_path_for_gpu_regions(case: str, payload: str) -> None:
         await p.aclose()
 
 
+async def test_a_failed_communicator_set_up_falls_back_to_staging() -> None:
+    p = await make_pair()
+    try:
+        for gpu in (p.owner_gpu, p.reader_gpu):
+            assert gpu.nccl_ is not None
+            gpu.nccl_.init_timeout = 0.3  # the reader's rank gives up waiting for the owner's
+        assert p.owner_gpu.nccl_ is not None
+        p.owner_gpu.nccl_.fail_init = RuntimeError("ncclCommInitRank: unhandled system error")
+        name = unique("kv")
+        theirs = register(p.owner, p.owner_gpu, name, 1, 8, layers=1)
+        mine = register(p.reader, p.reader_gpu, name, 2, 8, layers=1)
+        for i in range(2):
+            rid = unique("pull")
+            lease = p.owner.service.expose(rid, name, [3 + i], ttl=10)
+            await p.reader.service.read(p.owner.address, rid, name, [3 + i], [i])
+            await asyncio.wait_for(lease.wait(), 5)
+        assert same_blocks(mine, [0, 1], theirs, [3, 4])
+        got = p.reader.service.payload_bytes
+        assert got["nccl"] == 0 and got["tcp"] > 0 and p.reader.service.staged_bytes > 0
+        # Tried once (the failure is remembered for that peer), then staged.
+        assert [c[0] for c in p.owner_gpu.nccl_.calls].count("NcclCommunicator") == 1
+        assert "NCCL" in next(iter(p.reader.service._nccl_refused.values()))
+        assert comms(p.reader_gpu) == []  # its half timed out waiting: nothing left built
+    finally:
+        await p.aclose()
+
+
 # ------------------------------------------------------------------ checks before enqueue
 
 
