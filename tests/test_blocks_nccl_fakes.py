@@ -303,11 +303,13 @@ async def test_the_lease_completes_only_after_the_owners_event(pair: Pair) -> No
     await pair.reader.service.read(pair.owner.address, rid, name, [0], [0])
     rid = unique("held")
     lease = pair.owner.service.expect(rid, name, [1, 2], ttl=10)
+    assert lease.fence is not None and lease.fence.query()  # the owner's work before the grant
     pair.owner_gpu.fake.paused = True  # the owner's recvs queue up but do not run
+    queued = len(pair.owner_gpu.nccl_ops())
     write = asyncio.ensure_future(
         pair.reader.service.write(pair.owner.address, rid, name, [5, 6], [1, 2])
     )
-    await until(lambda: len(pair.owner_gpu.nccl_ops()) > 2)
+    await until(lambda: len(pair.owner_gpu.nccl_ops()) > queued)
     await asyncio.sleep(0.05)
     assert not write.done() and not lease.ended and lease.remaining == 2
     pair.owner_gpu.fake.paused = False
