@@ -412,3 +412,35 @@ async def test_a_cancelled_nccl_transfer_counts_for_nothing_and_keeps_the_link(
         assert same_blocks(theirs, [1, 2], mine, [5, 6])
     assert pair.reader.dials == 1 and len(comms(pair.reader_gpu)) == 1  # one link throughout
     assert aborts(pair.reader_gpu) == 0
+
+
+async def test_a_read_cancelled_before_its_recvs_were_queued_lands_in_scratch(
+    pair: Pair,
+) -> None:
+    name = unique("kv")
+    register(pair.owner, pair.owner_gpu, name, seed=1, blocks=8, layers=2)
+    mine = register(pair.reader, pair.reader_gpu, name, seed=2, blocks=8, layers=2)
+    warm = unique("warm")
+    pair.owner.service.expose(warm, name, [0], ttl=10)
+    await pair.reader.service.read(pair.owner.address, warm, name, [0], [0])
+    before = [t.clone() for t in mine]
+    rid = unique("early")
+    # The owner holds its REPLY until the work queued before the grant is done.
+    pair.owner_gpu.fake.paused = True
+    lease = pair.owner.service.expose(rid, name, [1, 2], ttl=10)
+    queued = len(pair.reader_gpu.nccl_ops())
+    task = asyncio.ensure_future(
+        pair.reader.service.read(pair.owner.address, rid, name, [1, 2], [5, 6])
+    )
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(pair.reader_gpu.nccl_ops()) == queued  # nothing posted yet
+    pair.owner_gpu.fake.paused = False
+    await until(lambda: not pair.reader.service._ops)
+    # The pair's framing completed: the owner's sends met receives into scratch.
+    assert len(pair.reader_gpu.nccl_ops()) == queued + 4
+    assert all(torch.equal(a, b) for a, b in zip(mine, before, strict=True))
+    assert not lease.ended and lease.remaining == 4
+    assert aborts(pair.reader_gpu) == 0 and pair.reader.dials == 1
