@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
-from blocks_net import BlockNode, make_layers
+from blocks_net import BlockNode, _dial_raw, make_layers
 
 from aiokvpipe.blocks import protocol
 from aiokvpipe.blocks.ncclpath import run_counts
@@ -444,3 +445,32 @@ async def test_a_read_cancelled_before_its_recvs_were_queued_lands_in_scratch(
     assert all(torch.equal(a, b) for a, b in zip(mine, before, strict=True))
     assert not lease.ended and lease.remaining == 4
     assert aborts(pair.reader_gpu) == 0 and pair.reader.dials == 1
+
+
+async def test_a_requester_that_never_arms_is_cut_off_and_its_reservation_dropped() -> None:
+    gpu = FakeGpu("owner", nccl=FakeNccl(FakeDevice()))
+    owner = await BlockNode.start(link="auto", host_id="elsewhere", gpu=gpu, op_timeout=0.3)
+    try:
+        name = unique("kv")
+        register(owner, gpu, name, seed=1, blocks=8, layers=1)
+        rid = unique("unarmed")
+        owner.service.expose(rid, name, [1], ttl=10)
+        sock, _ = await _dial_raw(owner.address, "auto")
+        with sock:
+            sock.setblocking(False)
+            body = {"nccl": 1, "step": "uid", "uid": os.urandom(128).hex()}
+            await protocol.send_message(
+                sock, protocol.Kind.SETUP, {**body, "region": name, "request_id": rid}, "raw"
+            )
+            answer = await protocol.expect_message(sock, protocol.Kind.SETUP, "raw")
+            assert answer.body["step"] == "reserved"
+            # ...and never arm: the owner gives up after op_timeout and hangs up.
+            assert (
+                await asyncio.wait_for(protocol.read_message(sock, "raw", eof_ok=True), 5) is None
+            )
+        assert "never armed" in owner.service.last_device_error
+        thread = gpu.nccl_thread
+        assert all(t.future.cancelled() for t in thread._tickets)
+        assert gpu.nccl_ is not None and gpu.nccl_.comms == []
+    finally:
+        await owner.aclose()

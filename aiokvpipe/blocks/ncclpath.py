@@ -66,6 +66,7 @@ from typing import Any
 
 import torch
 
+from .._timeouts import deadline
 from ..cuda.communicator import Communicator
 from ..cuda.nccl_thread import NcclThread
 from ..cuda.streams import DeviceOps
@@ -262,7 +263,10 @@ async def accept(
     )  # fmt: skip
     try:
         await protocol.send_message(sock, Kind.SETUP, {"nccl": 1, "step": "reserved"}, what)
-        armed = (await protocol.expect_message(sock, Kind.SETUP, what)).body
+        # Bounded: while our reservation waits unarmed, no other NCCL set-up of
+        # this process (a Pipe's included) can start.
+        async with deadline(timeout, lambda: f"{what}: the requester never armed its set-up"):
+            armed = (await protocol.expect_message(sock, Kind.SETUP, what)).body
         if armed.get("nccl") != 1 or armed.get("step") != "armed":
             raise MalformedFrameError(f"{what}: NCCL set-up not armed: {armed!r:.200}")
         ticket.arm()

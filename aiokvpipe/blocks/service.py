@@ -758,9 +758,12 @@ class BlockService:
         )
         answer = asyncio.ensure_future(protocol.expect_message(conn.sock, Kind.STATUS, what))
         try:
+            ops = self._gpu.ops(link.key)
             if op.segs.redirected:
                 views = scratch_like(views)
-            ready = [e for e in (op.ready, fence(self._gpu.ops(link.key))) if e is not None]
+                if views:  # freed on the current stream: not reused before the comm's use
+                    ops.record_stream(views[0], link.comm.stream)
+            ready = [e for e in (op.ready, fence(ops)) if e is not None]
             sends, recvs = (views, []) if op.op == "write" else ([], views)
             label = f"{what}: NCCL {op.op} of {op.nbytes} bytes in {len(views)} runs"
             await run_group(link, OWNER_RANK, sends, recvs, ready, answer, self._op_timeout, label)
