@@ -17,8 +17,9 @@ Two paths move the blocks of a GPU region (the service picks per transfer):
   control messages (request, lease checks, done/abort) stay on the block
   socket, so the owner counts a transfer only after the copier's event
   completed and it said so.
-* **Staging** (a GPU region with a peer on another host, a CPU region on the
-  other side, or IPC refused): the GPU side copies its block runs into (or
+* **Staging** (a CPU region on the other side, IPC refused, or a GPU peer on
+  another host where NCCL is unavailable: :mod:`aiokvpipe.blocks.ncclpath`
+  moves GPU regions between hosts otherwise): the GPU side copies its block runs into (or
   out of) one page-locked host buffer on the device's staging stream, and the
   bytes take the CPU path (socket or shared-memory ring) as any other
   payload. One extra copy on each GPU end; nothing else changes.

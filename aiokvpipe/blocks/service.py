@@ -21,9 +21,10 @@ layer, each as early as the bandwidth allows, instead of splitting it.
 Payloads take the socket (``sendmsg`` / ``recvmsg_into`` on the blocks) or,
 on one host, a shared-memory ring per direction of the connection
 (:mod:`aiokvpipe.blocks.shmpath`); control messages always take the socket.
-Regions in GPU memory copy through CUDA IPC with a GPU peer on the same host,
-and stage through page-locked host memory onto those paths otherwise
-(:mod:`aiokvpipe.blocks.gpu`).
+Regions in GPU memory copy through CUDA IPC with a GPU peer on the same host
+(:mod:`aiokvpipe.blocks.gpu`), move by NCCL with a GPU peer on another host
+(:mod:`aiokvpipe.blocks.ncclpath`), and stage through page-locked host memory
+onto the socket or ring otherwise.
 
 Cancelling (or timing out) a read or write never breaks its connection in
 the middle of a transfer: the remaining bytes move through scratch memory in
