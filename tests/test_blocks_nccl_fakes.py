@@ -23,7 +23,7 @@ import torch
 from blocks_net import BlockNode, _dial_raw, make_layers
 
 from aiokvpipe.blocks import protocol
-from aiokvpipe.blocks.ncclpath import run_counts
+from aiokvpipe.blocks.ncclpath import MAX_RUNS, run_counts
 from aiokvpipe.cuda.testing import FakeDevice, FakeGpu, FakeIpc, FakeNccl
 from aiokvpipe.errors import LeaseNotGrantedError, PeerClosedError, ProtocolError
 
@@ -474,3 +474,24 @@ async def test_a_requester_that_never_arms_is_cut_off_and_its_reservation_droppe
         assert gpu.nccl_ is not None and gpu.nccl_.comms == []
     finally:
         await owner.aclose()
+
+
+async def test_a_request_of_more_runs_than_one_request_carries_stages(pair: Pair) -> None:
+    name = unique("kv")
+    n = MAX_RUNS + 1
+    theirs = register(pair.owner, pair.owner_gpu, name, seed=1, blocks=n, layers=1)
+    mine = register(pair.reader, pair.reader_gpu, name, seed=2, blocks=2 * n, layers=1)
+    remote, local = list(range(n)), list(range(0, 2 * n, 2))  # every block its own run
+    rid = unique("scattered")
+    lease = pair.owner.service.expose(rid, name, remote, ttl=10)
+    await pair.reader.service.read(pair.owner.address, rid, name, remote, local)
+    await asyncio.wait_for(lease.wait(), 5)
+    assert same_blocks(mine, local, theirs, remote)
+    got = pair.reader.service.payload_bytes
+    assert got["nccl"] == 0 and got["tcp"] > 0
+    assert comms(pair.reader_gpu) == []  # not even set up for it
+    # A request within the limit on the same connection takes NCCL.
+    rid = unique("runs")
+    pair.owner.service.expose(rid, name, remote[:4], ttl=10)
+    await pair.reader.service.read(pair.owner.address, rid, name, remote[:4], local[:4])
+    assert pair.reader.service.payload_bytes["nccl"] > 0

@@ -716,14 +716,15 @@ class BlockService:
         """The connection's communicator (built now if need be), or None: stage instead."""
         assert op.local.placement is not None
         key = op.local.placement
+        runs = len(run_counts(op.local_ids, op.request[1]))
+        if not 0 < runs <= MAX_RUNS:
+            return None  # no blocks, or too scattered for one REQUEST: this one stages
         link = conn.nccl
         if link is not None and not link.comm.aborted:
             return link if link.key == key else None  # built for another device: stage
         conn.nccl = None
         if conn.peer in self._nccl_refused:
             return None
-        if len(run_counts(op.local_ids, op.request[1])) > MAX_RUNS:
-            return None  # too scattered for one REQUEST: this one stages
         try:
             nccl, thread = self._gpu.nccl(key)
         except AiokvpipeError as exc:  # no cupy/NCCL here: stage from now on
