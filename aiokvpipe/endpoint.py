@@ -83,6 +83,29 @@ _DEFAULT: Any = object()
 _DIRECT = sys.version_info >= (3, 11)
 
 
+class _DirectRead:
+    """A recv task parked on a channel in a direct read, and how to stop it.
+
+    :meth:`interrupt` cancels the task (which cancels the channel future it
+    waits on, or makes its next step raise); the read withdraws that cancel
+    with ``uncancel`` and looks again. ``cancels`` is the task's count of
+    pending cancel requests before ours: any more means someone else
+    cancelled it too, and that cancel propagates.
+    """
+
+    __slots__ = ("cancels", "interrupted", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.cancels = task.cancelling()
+        self.interrupted = False
+
+    def interrupt(self) -> None:
+        if not self.interrupted:
+            self.interrupted = True
+            self.task.cancel()
+
+
 def _cancels() -> int:
     """Cancel requests pending on the current task (3.11+; 0 before).
 
@@ -109,7 +132,7 @@ class Endpoint:
         # may read it directly (_direct_link, the reads in _direct_reads).
         self._live_in: set[InLink] = set()
         self._direct_link: InLink | None = None
-        self._direct_reads: set[Interruptible[Any]] = set()
+        self._direct_reads: set[_DirectRead] = set()
         self._tasks: set[asyncio.Future[Any]] = set()
         self._listeners: list[Callable[[PeerEvent], None]] = []
         self._closed = False
@@ -325,62 +348,65 @@ class Endpoint:
 
     # -- receiving ------------------------------------------------------------
     async def recv(self, *, timeout: float | None = _DEFAULT) -> tuple[str, torch.Tensor | None]:
-        """The next ``(peer address, tensor or None)`` from any peer; in order per peer."""
-        self._check_open()
-        wait = self.config.op_timeout if timeout is _DEFAULT else timeout
-        if wait is None:
-            link, obj = await self._next()
-        else:
-            async with deadline(wait, lambda: f"recv on {self.name}: nothing arrived"):
-                link, obj = await self._next()
-        return link.peer.endpoint, obj
+        """The next ``(peer address, tensor or None)`` from any peer; in order per peer.
 
-    async def _next(self) -> tuple[InLink, torch.Tensor | None]:
-        """The next message: read straight from the only live link when the
-        inbox is empty (no pump hop), else from the inbox.
-
-        A direct read is the channel's own ``recv`` awaited in this task (so
-        the transport wakes the caller itself, as in a Pipe), wrapped in an
-        :class:`Interruptible` that :meth:`_leave_direct` stops when another
-        link needs serving, the link is fenced, or we close; an interrupted
-        read took nothing, and this loop falls back to the inbox.
+        With the inbox empty and exactly one live link, the channel's own
+        ``recv`` is awaited right here (a *direct read*: the transport wakes
+        this task itself, as in a Pipe; no pump hop, no extra frame). When
+        another link needs serving, the link is fenced, or we close,
+        :meth:`_leave_direct` takes the read back off the channel (a cancel
+        of this task that is withdrawn at once: the channel's recv is
+        cancellation-safe, so it took nothing) and the loop falls back to
+        the inbox.
         """
+        if self._closed:
+            self._check_open()
+        wait = self.config.op_timeout if timeout is _DEFAULT else timeout
+        if wait is not None:
+            async with deadline(wait, lambda: f"recv on {self.name}: nothing arrived"):
+                return await self.recv(timeout=None)
         inbox = self._inbox
         while _DIRECT and not len(inbox):
             link = self._direct_link or self._enter_direct()
             if link is None:
                 break
-            assert link.receiver is not None
-            read = Interruptible(link.receiver.recv())
+            receiver = link.receiver
+            assert receiver is not None
+            task = asyncio.current_task()
+            assert task is not None
+            read = _DirectRead(task)
             self._direct_reads.add(read)
-            cancels = _cancels()
             try:
-                obj = await read
+                obj = await receiver.recv()
             except asyncio.CancelledError:
-                if read.interrupted and _cancels() == cancels:
-                    continue  # taken off the link, nothing consumed: look again
+                self._direct_reads.discard(read)
+                if read.interrupted and task.uncancel() == read.cancels:
+                    continue  # only our interrupt: nothing was consumed, look again
                 # Cancelled (a timeout, or the caller's own cancel): a caller
                 # that stopped reading gets the pump back, so that what
                 # arrives meanwhile is queued (and counted) in the inbox.
-                if not self._direct_reads - {read}:
+                if not self._direct_reads:
                     self._leave_direct()
                 raise
             except (PeerClosedError, PipeClosedError, ProtocolError):
                 # The stream ended or broke (the error is sticky): the pump,
                 # released, meets it too and ends the link as usual.
+                self._direct_reads.discard(read)
                 link.direct_ok = False
                 self._leave_direct()
                 continue
-            finally:
+            except BaseException:
                 self._direct_reads.discard(read)
-            state = self._peers.get(link.peer.endpoint)
-            if state is not None:
-                state.bytes_received += 0 if obj is None else obj.numel() * obj.element_size()
-                state.messages_received += 1
-            return link, obj
+                raise
+            self._direct_reads.discard(read)
+            state = link.state
+            assert state is not None
+            state.bytes_received += 0 if obj is None else obj.numel() * obj.element_size()
+            state.messages_received += 1
+            return link.address, obj
         link, obj, charge = await inbox.get()
         inbox.window.release(charge)
-        return link, obj
+        return link.address, obj
 
     def _enter_direct(self) -> InLink | None:
         """Make the only live link readable by recv directly, if there is one
@@ -408,7 +434,7 @@ class Endpoint:
             return
         self._direct_link = None
         for read in self._direct_reads:
-            read.interrupt()
+            read.interrupt()  # never the running task: it left the set first
         gate, link.gate = link.gate, None
         if gate is not None and not gate.done():
             gate.set_result(None)
@@ -425,7 +451,7 @@ class Endpoint:
         state = self._state(peer.endpoint)
         self._met(state, peer)
         await incoming.accept(self._local)
-        link = InLink(peer, session_id, heartbeat=None)  # type: ignore[arg-type]
+        link = InLink(peer, session_id, heartbeat=None, state=state)  # type: ignore[arg-type]
         link.heartbeat = self._heartbeat(incoming.sock, state, peer, inlink=link)
         self._sessions[session_id] = link
         state.inlinks.append(link)

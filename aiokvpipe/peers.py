@@ -183,6 +183,11 @@ class InLink:
     holding: bool = False  # the pump took a message and has not queued it yet
     gate: asyncio.Future[None] | None = None  # set: recv reads directly, the pump waits
     direct_ok: bool = True  # False once a direct read met the end of the stream
+    state: PeerState | None = field(default=None, repr=False)  # its peer's (for counters)
+    address: str = field(init=False)  # ``peer.endpoint``, computed once: recv returns it
+
+    def __post_init__(self) -> None:
+        self.address = self.peer.endpoint
 
     @property
     def alive(self) -> bool:

@@ -388,3 +388,33 @@ async def test_closing_wakes_a_direct_read() -> None:
         await b.aclose()
         with pytest.raises(PipeClosedError, match=r"endpoint .* is closed"):
             await pending
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("order", ["interrupt-then-cancel", "cancel-then-interrupt", "interrupt"])
+async def test_a_cancel_meeting_an_interrupt_is_not_swallowed(order: str) -> None:
+    """Taking a direct read off its link withdraws only its own cancel: the
+    caller's cancel in the same loop turn still ends recv; alone, recv goes
+    on and gets the next message."""
+    async with endpoints(cfg(), cfg()) as (a, b):
+        await _direct_on(b, a, 0)
+        pending = asyncio.ensure_future(b.recv())
+        await asyncio.sleep(0.02)
+        assert b._direct_reads  # parked on a's channel
+        if order == "cancel-then-interrupt":
+            pending.cancel()
+        b._leave_direct()
+        if order == "interrupt-then-cancel":
+            pending.cancel()
+        if order == "interrupt":
+            await asyncio.sleep(0.02)
+            assert not pending.done()
+            await a.send(b.address, tagged(1))
+            src, obj = await asyncio.wait_for(pending, 5)
+            assert (src, int(obj[0])) == (a.address, 1)
+        else:
+            await asyncio.wait({pending}, timeout=5)
+            assert pending.cancelled()  # not swallowed as if it were only the interrupt
+            await a.send(b.address, tagged(2))  # nothing lost, nothing stuck
+            src, obj = await b.recv(timeout=5)
+            assert (src, int(obj[0])) == (a.address, 2)
