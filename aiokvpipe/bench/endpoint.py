@@ -2,7 +2,8 @@
 
 * 4 MiB throughput through an Endpoint link vs a Pipe on the same transport
   (target >= 0.95x);
-* 4 KiB round trip, p50 (target <= 1.1x the Pipe's);
+* 4 KiB round trip, p50 (target <= 1.1x the Pipe's), the Endpoint and the
+  Pipe alternating in the same two processes;
 * 2 prefill x 2 decode processes: aggregate throughput and per-request
   p50/p99, once without a fault and once with decode d1 SIGKILLed and
   restarted on its address mid-run; the requests the surviving decode
@@ -19,7 +20,13 @@ import multiprocessing as mp
 import time
 from typing import Any
 
-from .endpoint_workers import decode_proc, endpoint_pair_worker, idle_worker, prefill_proc
+from .endpoint_workers import (
+    decode_proc,
+    endpoint_pair_worker,
+    idle_worker,
+    prefill_proc,
+    rtt_alternating_worker,
+)
 from .pipe_workers import _pipe_worker
 from .procs import free_port, percentile, run_pair
 from .report import Result
@@ -68,14 +75,25 @@ def _throughput(quick: bool, loop: str, transport: str) -> Result:
 
 
 def _rtt(quick: bool, loop: str, transport: str) -> Result:
-    size, count = 4 * KiB, (200 if quick else 3000)
-    p50 = {}
-    for name, worker in (("endpoint", endpoint_pair_worker), ("pipe", _pipe_worker)):
-        got = run_pair(worker, "rtt", free_port(), size, count, loop, transport, 64 * MiB)
-        p50[name] = percentile(got["samples"], 0.5) * 1e6
+    """4 KiB round trips, Endpoint and Pipe in the same two processes.
+
+    One run of a pair lands in one of two regimes on these VMs (both
+    processes packed on one vCPU or not, a neighbour busy or not), which
+    moves its p50 by 2x; separate runs of each compare regimes, not the
+    two. Here the Endpoint pair and the Pipe pair share the processes and
+    alternate in blocks of 100, so both see the same conditions.
+    """
+    rounds = 4 if quick else 30
+    got = run_pair(
+        rtt_alternating_worker, free_port(), free_port(), 4 * KiB, rounds, 100, loop, transport
+    )
+    ep = percentile(got["samples"]["endpoint"], 0.5) * 1e6
+    pipe = percentile(got["samples"]["pipe"], 0.5) * 1e6
     return Result(
-        "endpoint", f"4 KiB round trip p50 ({transport}, {loop})", p50["endpoint"], "us",
-        "Pipe, same transport", p50["pipe"], "<= 1.1x", ok=p50["endpoint"] <= 1.1 * p50["pipe"],
+        "endpoint", f"4 KiB round trip p50, alternating ({transport}, {loop})", ep, "us",
+        "Pipe, same transport, same processes", pipe, "<= 1.1x", ok=ep <= 1.1 * pipe,
+        extra={"p99": percentile(got["samples"]["endpoint"], 0.99) * 1e6,
+               "pipe_p99": percentile(got["samples"]["pipe"], 0.99) * 1e6},
     )  # fmt: skip
 
 

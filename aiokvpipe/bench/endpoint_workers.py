@@ -215,3 +215,67 @@ def prefill_proc(
             return {"seconds": seconds, "done": done}
 
     report(queue, lambda: asyncio.run(main()))
+
+
+def rtt_alternating_worker(
+    rank: int,
+    queue: Any,
+    port: int,
+    pipe_port: int,
+    size: int,
+    rounds: int,
+    block: int,
+    loop_name: str,
+    transport: str,
+) -> None:
+    """4 KiB round trips through an Endpoint pair and a Pipe pair living in
+    the same two processes, alternating in blocks of ``block``.
+
+    Both see the same scheduler placement and the same neighbours at nearly
+    the same time, which separate runs of each (whose p50 moves 2x between
+    placements on these VMs) do not.
+    """
+    from ..config import PipeConfig
+    from ..endpoint import Endpoint
+    from ..pipe import Pipe
+
+    async def main() -> dict[str, Any]:
+        pcfg = PipeConfig(
+            rank=rank,
+            port=pipe_port,
+            transport=transport,  # type: ignore[arg-type]
+            buffer_bytes=64 << 20,
+            connect_timeout=60,
+        )
+        ecfg = _config(f"e{rank}", port if rank == 1 else 0, transport, 64 << 20)
+        async with await Endpoint.start(ecfg) as ep, await Pipe.connect(pcfg) as pipe:
+            peer = f"127.0.0.1:{port}"
+            payload = torch.ones(size // 4, dtype=torch.float32)
+            samples: dict[str, list[float]] = {"endpoint": [], "pipe": []}
+            if rank == 0:
+                await ep.send(peer, None)  # the endpoint link is up before timing
+                await ep.recv()
+            else:
+                src, _ = await ep.recv()
+                await ep.send(src, None)
+            for r in range(rounds):
+                for kind in ("endpoint", "pipe") if r % 2 == 0 else ("pipe", "endpoint"):
+                    for i in range(block + 5):  # 5 to settle after the switch
+                        if rank == 0:
+                            t0 = time.perf_counter()
+                            if kind == "endpoint":
+                                await ep.send(peer, payload)
+                                await ep.recv()
+                            else:
+                                await pipe.send(payload)
+                                await pipe.recv()
+                            if i >= 5:
+                                samples[kind].append(time.perf_counter() - t0)
+                        elif kind == "endpoint":
+                            src, obj = await ep.recv()
+                            await ep.send(src, obj)
+                        else:
+                            await pipe.send(await pipe.recv())
+            return {"samples": samples} if rank == 0 else {}
+
+    report(queue, lambda: run_loop(loop_name, main))
