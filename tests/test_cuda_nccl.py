@@ -219,6 +219,12 @@ async def test_timeout_aborts_the_communicator(nccl_device: tuple[FakeDevice, Fa
             await later.done
         with pytest.raises((TransferTimeout, PeerClosedError)):
             await asyncio.wait_for(p.receiver.recv(), 5)
+        # The broken receiver aborts its communicator on the NCCL thread, which
+        # may finish just after recv has raised: wait for it, boundedly.
+        for _ in range(200):
+            if p.comm(1).aborted:
+                break
+            await asyncio.sleep(0.01)
         assert p.comm(1).aborted
     finally:
         await p.sender.aclose()
