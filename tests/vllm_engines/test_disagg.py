@@ -11,6 +11,7 @@ and nothing else.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -160,7 +161,10 @@ def test_prefill_killed_before_the_read(servers: dict[str, VllmServer]) -> None:
             reference = await colocated(servers["p1"], client, ps)
             for_recompute = await prefill(servers["p2"], client, ps[0])
             for_fail = await prefill(servers["p2"], client, ps[1])
+            mapped = servers["p2"]._mapped_shm()
             servers["p2"].kill()
+            # The crashed engine's /dev/shm segments do not outlive the test.
+            assert mapped and not [p for p in mapped if os.path.exists(p)]  # noqa: ASYNC240 (a stat)
 
             started = time.monotonic()
             out = await servers["d"].complete(client, ps[0], NEW_TOKENS, for_recompute)

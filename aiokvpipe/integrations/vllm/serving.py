@@ -12,6 +12,7 @@ variable named by ``token_env``, never on a command line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -200,15 +201,50 @@ class VllmServer:
         return self.proc.poll() is None
 
     def kill(self) -> None:
-        """SIGKILL the whole process group (a crash, as far as peers can tell)."""
+        """SIGKILL the whole process group (a crash, as far as peers can tell).
+
+        A killed engine cannot unlink its shared-memory segments (torch's and
+        vLLM's ``/dev/shm`` entries, hundreds of MiB each), so the names the
+        group had mapped are removed here once it is dead: a crash test must
+        not leave the machine's memory behind.
+        """
+        segments = self._mapped_shm()
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.proc.wait(30)
+        for path in segments:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    def _mapped_shm(self) -> set[str]:
+        """``/dev/shm`` files mapped or open in this server's process group."""
+        found: set[str] = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                if os.getpgid(int(entry)) != self.proc.pid:
+                    continue
+                with open(f"/proc/{entry}/maps", encoding="ascii", errors="replace") as fh:
+                    found.update(
+                        line.split(maxsplit=5)[5].removesuffix(" (deleted)").strip()
+                        for line in fh
+                        if "/dev/shm/" in line
+                    )
+                for fd in os.listdir(f"/proc/{entry}/fd"):
+                    target = os.readlink(f"/proc/{entry}/fd/{fd}")
+                    if target.startswith("/dev/shm/"):
+                        found.add(target.removesuffix(" (deleted)"))
+            except (OSError, IndexError):
+                continue  # exited meanwhile, or not ours to read
+        return {p for p in found if p.startswith("/dev/shm/")}
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the group, then SIGKILL what is left after ``timeout``."""
+        """SIGTERM the group, then SIGKILL what is left after ``timeout``;
+        then remove the ``/dev/shm`` names it had mapped (see :meth:`kill`)."""
+        segments = self._mapped_shm()
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -223,6 +259,9 @@ class VllmServer:
             pass
         if self.proc.poll() is None:
             self.proc.wait(30)
+        for path in segments:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         self._log.close()
 
     # --------------------------------------------------------------- queries
