@@ -480,23 +480,44 @@ class BlockService:
             conn.sock, Kind.REQUEST, body, f"{op.op} with {conn.owner}", ids
         )
 
+    async def _open_transfer(
+        self,
+        conn: _Conn,
+        op: _Outbound,
+        mapped: MappedRegion | None,
+        link: NcclLink | None,
+        what: str,
+        verdict: protocol.Status,
+        ack: str,
+    ) -> tuple[bool, AiokvpipeError | None]:
+        """Request, agree on the path, and carry a device path (NCCL, IPC) to its verdict.
+
+        ``(True, result)`` when that settled the transfer (a refusal included);
+        ``(False, None)`` when the payload is to stream over the connection.
+        Reads and writes differ only in the words of the verdict and its ack.
+        """
+        await self._request(conn, op, mapped, link)
+        refusal, path = await self._agreed(conn, op, mapped, link, what)
+        if refusal is not None:
+            return True, refusal
+        if path == "nccl":
+            assert link is not None
+            pending = await self._nccl_transfer(conn, op, link, what)
+            return True, await self._ipc_verdict(conn, op, verdict, ack, what, pending)
+        if path == "ipc":
+            assert mapped is not None
+            await self._ipc_copy(conn, op, mapped, what)
+            return True, await self._ipc_verdict(conn, op, verdict, ack, what)
+        return False, None
+
     async def _do_read(
         self, conn: _Conn, op: _Outbound, mapped: MappedRegion | None, link: NcclLink | None
     ) -> AiokvpipeError | None:
         """The owner's refusal (the connection stays usable) or None; raises if broken."""
         sock, what = conn.sock, f"read from {conn.owner}"
-        await self._request(conn, op, mapped, link)
-        refusal, path = await self._agreed(conn, op, mapped, link, what)
-        if refusal is not None:
-            return refusal
-        if path == "nccl":
-            assert link is not None
-            pending = await self._nccl_transfer(conn, op, link, what)
-            return await self._ipc_verdict(conn, op, "done", "ok", what, pending)
-        if path == "ipc":
-            assert mapped is not None
-            await self._ipc_copy(conn, op, mapped, what)
-            return await self._ipc_verdict(conn, op, "done", "ok", what)
+        settled, result = await self._open_transfer(conn, op, mapped, link, what, "done", "ok")
+        if settled:
+            return result
         segs = self._stream_segs(op)
         await self._recv_payload(sock, conn.path, segs, what)
         trailer = await protocol.expect_message(sock, Kind.STATUS, what)
@@ -513,18 +534,11 @@ class BlockService:
         self, conn: _Conn, op: _Outbound, mapped: MappedRegion | None, link: NcclLink | None
     ) -> AiokvpipeError | None:
         sock, what = conn.sock, f"write to {conn.owner}"
-        await self._request(conn, op, mapped, link)
-        refusal, path = await self._agreed(conn, op, mapped, link, what)
-        if refusal is not None:
-            return refusal
-        if path == "nccl":
-            assert link is not None
-            pending = await self._nccl_transfer(conn, op, link, what)
-            return await self._ipc_verdict(conn, op, "commit", "landed", what, pending)
-        if path == "ipc":
-            assert mapped is not None
-            await self._ipc_copy(conn, op, mapped, what)
-            return await self._ipc_verdict(conn, op, "commit", "landed", what)
+        settled, result = await self._open_transfer(
+            conn, op, mapped, link, what, "commit", "landed"
+        )
+        if settled:
+            return result
         if op.gpu and op.host is None and not op.segs.redirected:
             await self._stage_out(op)  # we meant to copy by IPC; the owner said stream
         segs = self._stream_segs(op)
