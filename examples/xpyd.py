@@ -5,11 +5,14 @@
 Four processes, each one :class:`aiokvpipe.Endpoint`. Every prefill sends
 "KV" tensors (bytes only its id and the request number determine) to the
 decodes in turn; a decode checks every byte and answers with the request's
-id. Halfway through, decode d1 is SIGKILLed and restarted on the same
-address: the prefills see PeerClosedError for what was bound to it (through
-``send`` or the ``on_peer_event`` hook), route those requests to the other
-decode, and go back to d1 once its new instance answers. Nobody else
-restarts. Prints a short report; exit status 0 only if every request was
+id. Once d1 has served a quarter of the requests it is SIGKILLed (with
+requests in flight) and restarted on the same address: the prefills see
+PeerClosedError for what was bound to it (through ``send`` or the
+``on_peer_event`` hook), route those requests to the other decode, and go back
+to d1 once its new instance answers. The kill is triggered by d1's progress,
+not by a clock, and the prefills hold their last quarter of requests until the
+new d1 is up, so the scenario is the same on a fast or a slow machine. Nobody
+else restarts. Prints a short report; exit status 0 only if every request was
 answered and verified.
 """
 
@@ -20,6 +23,7 @@ import asyncio
 import json
 import os
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -57,6 +61,10 @@ async def stdin_closed() -> None:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
+async def stdin_line() -> str:
+    return await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+
 # --------------------------------------------------------------------- decode
 
 
@@ -75,6 +83,8 @@ async def decode(args: argparse.Namespace) -> dict[str, Any]:
                     bad += 1
                     continue
                 served += 1
+                if served == args.report_at:  # the orchestrator's cue to kill this one
+                    print(json.dumps({"progress": served}), flush=True)
                 try:
                     await ep.send(src, torch.tensor([prefill, seq], dtype=torch.int64))
                 except PeerClosedError:
@@ -116,8 +126,13 @@ async def prefill(args: argparse.Namespace) -> dict[str, Any]:
                 if entry is not None and entry[0] == src and not entry[1].done():
                     entry[1].set_result(None)
 
+        hold_from = args.requests * 3 // 4
+        resumed = asyncio.ensure_future(stdin_line())  # "resume": the restarted d1 is up
+
         async def request(seq: int, gate: asyncio.Semaphore) -> None:
             nonlocal rerouted, turn
+            if seq >= hold_from:
+                await asyncio.shield(resumed)
             async with gate:
                 started = time.perf_counter()
                 for attempt in range(len(decodes) * 4):
@@ -191,8 +206,10 @@ def free_port() -> int:
 def orchestrate(args: argparse.Namespace) -> int:
     os.environ.setdefault(TOKEN_ENV, secrets.token_hex(16))
     ports = [free_port(), free_port()]
+    report_at = str(args.requests // 4)
     decodes = [
-        Proc("--role", "decode", "--name", f"d{i}", "--port", str(p)) for i, p in enumerate(ports)
+        Proc("--role", "decode", "--name", f"d{i}", "--port", str(p), "--report-at", report_at)
+        for i, p in enumerate(ports)
     ]
     addresses = ",".join(d.address for d in decodes)
     common = ["--decodes", addresses, "--requests", str(args.requests), "--size", str(args.size)]
@@ -200,14 +217,22 @@ def orchestrate(args: argparse.Namespace) -> int:
         Proc("--role", "prefill", "--name", f"p{i}", "--id", str(i), *common) for i in range(2)
     ]
     print(f"decodes {addresses}; prefills {prefills[0].address}, {prefills[1].address}")
-    time.sleep(args.kill_after)
-    decodes[1].proc.send_signal(signal.SIGKILL)
-    decodes[1].proc.wait()
+    t0 = time.perf_counter()
     killed = decodes[1]
-    print(f"killed d1 (pid {killed.proc.pid}) at {args.kill_after:.1f} s; restarting it in place")
+    if not select.select([killed.proc.stdout], [], [], 60)[0]:
+        raise SystemExit("FAILED: d1 reported no progress in 60 s")
+    killed.proc.send_signal(signal.SIGKILL)
+    killed.proc.wait()
+    print(
+        f"killed d1 (pid {killed.proc.pid}) after it served {args.requests // 4} "
+        f"({time.perf_counter() - t0:.2f} s); restarting it in place"
+    )
     time.sleep(0.3)
     decodes[1] = Proc("--role", "decode", "--name", "d1", "--port", str(ports[1]))
     assert decodes[1].address == killed.address
+    for p in prefills:  # release the last quarter, which the new d1 shares
+        p.proc.stdin.write("resume\n")  # type: ignore[union-attr]
+        p.proc.stdin.flush()  # type: ignore[union-attr]
     reports = [p.result() for p in prefills]
     served = [d.result() for d in decodes]
     for name, r in zip(("p0", "p1"), reports, strict=True):
@@ -235,7 +260,7 @@ def main() -> int:
     parser.add_argument("--decodes", default="")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--size", type=int, default=128 << 10)
-    parser.add_argument("--kill-after", type=float, default=1.0)
+    parser.add_argument("--report-at", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "main":
         return orchestrate(args)
