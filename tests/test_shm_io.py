@@ -1079,3 +1079,88 @@ async def test_wait_readable_waits_times_out_and_reports_the_writer_gone() -> No
         writer.close()
         with pytest.raises(WriterGoneError):
             await reader.wait_readable(timeout=1)
+
+
+async def test_wait_readable_take_hands_the_chunk_over_in_the_doorbell_callback() -> None:
+    """A parked wait ended by a ring gives the chunk to ``take`` inside the
+    doorbell's fd callback: whatever ``take`` wakes runs before the waiter."""
+    async with ring_of(n_reader=1, chunk=256, chunks=2, backoff=NO_SAFETY_NET) as (
+        writer,
+        (reader,),
+    ):
+        loop = asyncio.get_running_loop()
+        order: list[str] = []
+        got: list[int] = []
+        delivered: asyncio.Future[None] = loop.create_future()
+
+        def take(buf: memoryview) -> None:
+            got.append(buf[0])
+            delivered.set_result(None)  # as the transport wakes a parked recv()
+
+        async def consumer() -> None:
+            await delivered
+            order.append("consumer")
+
+        async def waiter() -> bool:
+            took = await reader.wait_readable(timeout=5, take=take)
+            order.append("waiter")
+            return took
+
+        consuming = asyncio.ensure_future(consumer())
+        waiting = asyncio.ensure_future(waiter())
+        await asyncio.sleep(0.02)
+        assert parked(reader) == 1
+        assert writer.write_chunk_nowait(lambda buf: buf.__setitem__(0, 42))
+        assert await asyncio.wait_for(waiting, 2) is True  # rung: no safety timer ended it
+        await consuming
+        assert got == [42]
+        assert order == ["consumer", "waiter"]
+        assert parked(reader) == 0
+        assert not reader.read_chunk_nowait(lambda buf: pytest.fail("it was marked read"))
+        # Not parked (a chunk is already there): nothing is taken, as without ``take``.
+        assert writer.write_chunk_nowait(lambda buf: buf.__setitem__(0, 43))
+        assert await reader.wait_readable(timeout=1, take=lambda buf: pytest.fail("taken")) is False
+        assert reader.read_chunk_nowait(lambda buf: got.append(buf[0]))
+        assert got == [42, 43]
+
+
+async def test_wait_readable_take_that_raises_fails_the_wait_and_keeps_the_chunk() -> None:
+    async with ring_of(n_reader=1, chunk=256, chunks=2, backoff=NO_SAFETY_NET) as (
+        writer,
+        (reader,),
+    ):
+
+        def broken(buf: memoryview) -> None:
+            raise KeyError(buf[0])
+
+        waiting = asyncio.ensure_future(reader.wait_readable(timeout=5, take=broken))
+        await asyncio.sleep(0.02)
+        assert parked(reader) == 1
+        assert writer.write_chunk_nowait(lambda buf: buf.__setitem__(0, 5))
+        with pytest.raises(KeyError):
+            await asyncio.wait_for(waiting, 2)
+        assert parked(reader) == 0
+        got: list[int] = []
+        assert reader.read_chunk_nowait(lambda buf: got.append(buf[0]))  # handed out again
+        assert got == [5]
+
+
+async def test_wait_readable_take_cancelled_while_parked_takes_nothing() -> None:
+    async with ring_of(n_reader=1, chunk=256, chunks=2, backoff=NO_SAFETY_NET) as (
+        writer,
+        (reader,),
+    ):
+        waiting = asyncio.ensure_future(
+            reader.wait_readable(timeout=5, take=lambda buf: pytest.fail("cancelled: no take"))
+        )
+        await asyncio.sleep(0.02)
+        assert parked(reader) == 1
+        # The ring lands in the same turn as the cancel: the callback must not take.
+        waiting.cancel()
+        assert writer.write_chunk_nowait(lambda buf: buf.__setitem__(0, 6))
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        await asyncio.sleep(0.01)  # the ring's fd callback has run by now
+        got: list[int] = []
+        assert reader.read_chunk_nowait(lambda buf: got.append(buf[0]))
+        assert got == [6]

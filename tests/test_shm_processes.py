@@ -376,3 +376,42 @@ async def test_reader_cancelled_in_a_rhythm_keeps_its_place() -> None:
             wconn.send("exit")
             with pytest.raises(WriterGoneError):
                 await me.dequeue(timeout=10)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("gap", [0.0, 60e-6, 0.002], ids=["back-to-back", "60us", "2ms"])
+async def test_take_in_the_doorbell_callback_loses_no_wakeup_across_processes(gap: float) -> None:
+    """``wait_readable(take=...)`` against a writer process: every chunk arrives,
+    in order, through the callback or the task, and only a ring can end a park
+    (a 30 s safety interval: a lost wake-up shows as a timeout). Gaps around
+    the 20 us spin make the ring race the park."""
+    import pickle
+
+    count = 300 if gap < 1e-3 else 60
+    expected = [shm_workers.rhythm_message(i) for i in range(count)]
+    no_safety_net = Backoff(spin_seconds=20e-6, initial_sleep=30.0, max_sleep=30.0)
+    with (
+        ShmRingBuffer(1, 256, 4) as ring,
+        shm_workers.child(shm_workers.writer_rhythm, ring.export_handle(), count, gap) as (
+            _,
+            wconn,
+        ),
+    ):
+        async with ShmRingBufferIO(ring, 0, backoff=no_safety_net, anticipate=False) as me:
+            assert await _recv(wconn) == "attached"
+            wconn.send("go")
+            got: list[Any] = []
+            in_callback = 0
+
+            def take(buf: memoryview) -> None:
+                got.append(pickle.loads(buf))
+
+            while len(got) < count:
+                if not me.read_chunk_nowait(take):
+                    in_callback += await me.wait_readable(timeout=20, take=take)
+            assert got == expected
+            assert _slot_byte(ring, 0, SLOT_PARKED) & 1 == 0
+            assert await _recv(wconn) == "sent"
+            wconn.send("exit")
+        if gap >= 1e-3:
+            assert in_callback > 0, "2 ms apart, a parked reader is woken by the ring"

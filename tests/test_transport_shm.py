@@ -298,3 +298,39 @@ async def test_idle_receivers_cost_almost_no_cpu() -> None:
         await a.send(tagged(2))
         await b.send(tagged(3))
         assert_all_same(await asyncio.gather(*waiting), [tagged(3), tagged(2)])
+
+
+# --------------------------------------------------------------------- parked receivers
+
+
+@pytest.mark.timeout(30)
+async def test_parked_receivers_get_every_kind_of_frame_from_the_doorbell_callback() -> None:
+    """Receivers that always park (anticipate=False) and messages apart: each
+    ring ends a park, and the doorbell's callback takes the chunk itself (a
+    header-only None, a small tensor, the first piece of a multi-chunk one,
+    the CLOSE frame); all arrive intact and in order, and close is seen."""
+    piece, _ = ring_geometry(1 << 20)
+    messages = [tagged(0), None, torch.arange(3 * piece // 8 + 5, dtype=torch.int64), tagged(3)]
+    async with opened(SHM, buffer_bytes=1 << 20, anticipate=False) as (a, b):
+        io: Any = b._receiver._io  # type: ignore[attr-defined]
+        real = io._hand_over
+        in_callback = 0
+
+        def counted(idx: int, take: Any) -> None:
+            nonlocal in_callback
+            in_callback += io._busy  # the reader task holds the endpoint while it waits
+            real(idx, take)
+
+        io._hand_over = counted
+        for round_ in range(3):
+            for m in messages:
+                waiting = asyncio.ensure_future(b.recv())
+                await asyncio.sleep(0.01)  # b's reader task is parked on the doorbell
+                await a.send(m)
+                assert_same(await asyncio.wait_for(waiting, 5), m, f"round {round_}")
+        assert in_callback >= 3 * len(messages)
+        waiting = asyncio.ensure_future(b.recv())
+        await asyncio.sleep(0.01)
+        await a.aclose()
+        with pytest.raises(PeerClosedError, match="peer closed"):
+            await asyncio.wait_for(waiting, 5)

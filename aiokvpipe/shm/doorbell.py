@@ -33,6 +33,7 @@ import stat
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 from .._timerfd import LoopTimer
 from ..errors import HandleError
@@ -136,6 +137,7 @@ class Doorbell:
         self._watched: list[int] = []
         self._fired: set[int] = set()
         self._fut: asyncio.Future[str] | None = None
+        self._on_rung: Callable[[], object] | None = None  # the current wait's hook
         self._timer = LoopTimer(self._on_timer)
 
     @property
@@ -183,7 +185,19 @@ class Doorbell:
         except OSError:
             if not self._closed:
                 raise
-        self._wake(RUNG)
+        fut = self._fut
+        if fut is None or fut.done():
+            return  # a stale ring (nobody waits), or the wait already ended
+        hook = self._on_rung
+        if hook is not None:
+            # The waiter's own work, done in this callback: whatever the hook
+            # wakes runs in the loop's next turn, not one after the waiter's.
+            try:
+                hook()
+            except Exception as exc:
+                fut.set_exception(exc)
+                return
+        fut.set_result(RUNG)
 
     def _on_extra(self, fd: int) -> None:
         # A pidfd stays readable once its process exited: remember, stop watching.
@@ -224,7 +238,11 @@ class Doorbell:
                 loop.remove_reader(fd)
 
     async def wait(
-        self, timeout: float, extra_fd: int | None = None, wake_at: float | None = None
+        self,
+        timeout: float,
+        extra_fd: int | None = None,
+        wake_at: float | None = None,
+        on_rung: Callable[[], object] | None = None,
     ) -> str:
         """Wait until rung, ``extra_fd`` is readable, ``timeout`` passes, or close.
 
@@ -233,6 +251,10 @@ class Doorbell:
         Returns why: :data:`RUNG`, :data:`EXTRA`, :data:`TIMER`,
         :data:`TIMEOUT` or :data:`CLOSED`. Stale rings (queued while nobody
         waited) may wake it early: callers always recheck what they wait for.
+
+        ``on_rung`` runs inside the fd callback of a ring that ends this
+        wait, before the waiter is resumed (never after the wait ended, was
+        cancelled or timed out); an exception it raises is raised here.
         """
         if self._closed:
             return CLOSED
@@ -242,13 +264,13 @@ class Doorbell:
         precise, timeout = self._arm(wake_at, timeout, loop)
         self._watch(loop, extra_fd)
         fut: asyncio.Future[str] = loop.create_future()
-        self._fut = fut
+        self._fut, self._on_rung = fut, on_rung
         timer = loop.call_later(timeout, _resolve, fut, TIMEOUT)
         try:
             return await fut
         finally:
             timer.cancel()
-            self._fut = None
+            self._fut = self._on_rung = None
             if precise:
                 self._timer.disarm()  # also drops an expiry that raced the ring
 

@@ -72,7 +72,7 @@ from .ring import (
     ShmRingBuffer,
 )
 
-__all__ = ["RingEndpoint", "deadline_after"]
+__all__ = ["TAKEN", "RingEndpoint", "deadline_after"]
 
 DESC_SIZE = DESC_BYTES  # stride of the descriptor table
 unpack_desc = DESC.unpack_from
@@ -86,6 +86,7 @@ _perf_counter = time.perf_counter
 _sched_yield = getattr(os, "sched_yield", lambda: None)
 _WRITER_PARK_WORD = WRITER_PARKED_OFF // 4
 _ORDERING_FENCE = ORDERING_FENCE_NEEDED  # publish/observe fences (none on x86, see fence.py)
+TAKEN = -1  # _wait: the doorbell callback already handed the chunk to ``take``
 
 
 def deadline_after(timeout: float | None) -> float | None:
@@ -471,8 +472,28 @@ class RingEndpoint:
         timeout: float | None,
         deadline: float | None,
         blocking: bool,
+        take: Callable[[int], None] | None = None,
     ) -> int:
-        """Spin, then park on the doorbell until ``poll()`` yields a chunk index."""
+        """Spin, then park on the doorbell until ``poll()`` yields a chunk index.
+
+        ``take`` (async waits): when a ring ends a park, the doorbell's fd
+        callback itself hands the chunk ``poll()`` then yields to
+        ``take(idx)``, which must consume it; the wait returns :data:`TAKEN`.
+        Whatever ``take`` wakes then runs in the loop's next turn instead of
+        after this task's own turn (one loop iteration of cold code earlier).
+        """
+        on_rung: Callable[[], None] | None = None
+        taken = False
+        if take is not None and not blocking:
+
+            def on_rung() -> None:
+                nonlocal taken
+                if not (self._closed or self.buffer.closed):
+                    idx = poll()
+                    if idx is not None:
+                        take(idx)
+                        taken = True
+
         backoff = self._backoff
         backoff.reset()
         words, word, bell = self._words, self._park_word, self._bell
@@ -528,7 +549,7 @@ class RingEndpoint:
                         if blocking:
                             reason = bell.wait_blocking(delay, self._pidfd, wake_at)
                         else:
-                            reason = await bell.wait(delay, self._pidfd, wake_at)
+                            reason = await bell.wait(delay, self._pidfd, wake_at, on_rung)
                         if reason == TIMER and window is not None and self._cadence is not None:
                             window = (window[0], self._cadence.woke(window, _monotonic()))
                     finally:
@@ -536,6 +557,9 @@ class RingEndpoint:
                             self._unpark()
                     if self._closed or self.buffer.closed:
                         raise PipeClosedError(f"ring endpoint on {self.buffer.name!r} was closed")
+                    if taken:
+                        self._adapt_spin(_perf_counter() - parked_at)
+                        return TAKEN
                 idx = poll()
                 if idx is not None:
                     if parked_at:

@@ -31,7 +31,7 @@ from ..errors import (
     RingViewError,
 )
 from . import codec
-from .endpoint import DESC_SIZE, RingEndpoint, deadline_after, unpack_desc
+from .endpoint import DESC_SIZE, TAKEN, RingEndpoint, deadline_after, unpack_desc
 from .fence import ORDERING_FENCE_NEEDED, fence
 from .ring import (
     READER_SLOTS_OFF,
@@ -311,18 +311,34 @@ class ShmRingBufferIO(RingEndpoint):
         except ValueError as exc:
             raise self._released(exc) from exc
 
-    async def wait_readable(self, timeout: float | None = None) -> None:
+    async def wait_readable(
+        self, timeout: float | None = None, take: Callable[[memoryview], object] | None = None
+    ) -> bool:
         """Reader: return once the next chunk is published (taking nothing).
 
         Waits the way :meth:`dequeue` does (anticipation, spin, doorbell);
         pair it with :meth:`read_chunk_nowait`. Raises TransferTimeout after
         ``timeout`` and WriterGoneError once the writer is gone with nothing
         left to read, as :meth:`acquire_read` does.
+
+        ``take``: if the wait parked and the writer's doorbell ring ends it,
+        the chunk is handed to ``take`` (as :meth:`read_chunk_nowait` would)
+        inside the doorbell's fd callback, and True is returned. Whatever
+        ``take`` wakes (a consumer's future) then runs in the loop's next
+        turn, not after this task's own: one loop iteration of cold code
+        less between the ring and the consumer. An exception from ``take``
+        is raised here, with the chunk not marked read. False: the chunk is
+        published, not taken.
         """
         self._enter(False)
         try:
-            if self._poll_readable() is None:
-                await self._wait(self._poll_readable, timeout, deadline_after(timeout), False)
+            if self._poll_readable() is not None:
+                return False
+            hand = None if take is None else lambda idx: self._hand_over(idx, take)
+            idx = await self._wait(
+                self._poll_readable, timeout, deadline_after(timeout), False, hand
+            )
+            return idx == TAKEN
         finally:
             self._leave()
 
@@ -338,12 +354,19 @@ class ShmRingBufferIO(RingEndpoint):
             self._enter(False)  # raises: closed, the writer endpoint, or busy
         try:
             idx = self._poll_readable()
-            if idx is None:
-                return False
+        except ValueError as exc:
+            raise self._released(exc) from exc
+        if idx is None:
+            return False
+        self._hand_over(idx, take)
+        return True
+
+    def _hand_over(self, idx: int, take: Callable[[memoryview], object]) -> None:
+        """Published chunk ``idx``'s payload to ``take``, then marked read."""
+        try:
             total, offset, _ = self._descriptor(idx)
             take(self._chunks[idx][: min(self._cap, total - offset)])
             self._consume(idx)
-            return True
         except ValueError as exc:
             raise self._released(exc) from exc
 

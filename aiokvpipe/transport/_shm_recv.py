@@ -131,13 +131,18 @@ class ShmRecvChannel(RecvChannel):
                 try:
                     if not io.read_chunk_nowait(self._take):
                         # Once the peer is gone, a zero timeout: take what is
-                        # published, never wait.
+                        # published, never wait. A parked wait ended by the
+                        # writer's ring takes the chunk in the doorbell's fd
+                        # callback: a recv() it completes runs in the loop's
+                        # next turn, before this task's.
                         self._in_acquire = True
-                        await io.wait_readable(0 if self._eof else None)
+                        took = await io.wait_readable(0 if self._eof else None, self._take)
                         self._in_acquire = False
                         now = _perf_counter()
                         if now - start > _SUSPENDED:  # waited: the loop ran meanwhile
                             slice_end = now + SLICE_SECONDS
+                        if took:
+                            continue
                         if not io.read_chunk_nowait(self._take):
                             continue
                     if self._parked and self._dest is None:
