@@ -246,7 +246,7 @@ async def test_concurrent_layer_writes_of_one_request_queue_on_one_connection(
     await peer.ok("wait", request_id=rid)
     assert order == [0, 1, 2, 3]
     assert node.dials == 1
-    assert not node.service._write_queues  # nothing left behind
+    assert not node.service._write_pipes  # nothing left behind
     landed = await peer.ok("blocks", name=name, blocks=remote)
     for got, mine in zip(landed, local, strict=True):
         assert torch.equal(got, mine[:, [0, 1, 2]])

@@ -18,6 +18,22 @@ One transfer on a connection (the requester dialled the owner)::
     read:  REQUEST -> REPLY(ok, nbytes) <- payload <- STATUS(ok|error) <- STATUS(done|abort) ->
     write: REQUEST -> REPLY(ok, nbytes) <- payload -> STATUS(commit|abort) -> STATUS(landed|...) <-
 
+A write may go *pipelined* (``pipelined: true`` in its REQUEST): the
+requester sends REQUEST, payload and its verdict without waiting, and the
+owner answers once, at the end::
+
+    write: REQUEST(pipelined) -> payload -> STATUS(commit|abort) ->  STATUS(landed|...) <-
+
+so the next write on the connection may follow at once; the answers come
+back in the order the writes were sent. An owner that refuses such a write
+has already been sent its payload: it reads it into scratch memory (never
+into a block) and answers STATUS(error). It does so only for a payload it
+can bound -- exactly what the REQUEST's own layouts say its blocks hold,
+and no more than the owner's largest region -- and cuts the requester off
+(:class:`ProtocolError`) otherwise. Requesters pipeline only the writes that
+follow one the owner accepted on the same connection, for the same request
+and region (see :mod:`aiokvpipe.blocks.service`).
+
 GPU regions on one host may skip the payload (:mod:`aiokvpipe.blocks.gpu`):
 a REQUEST naming the owner's IPC export (``ipc``) may be answered
 REPLY(ok, path=ipc); the requester then copies through its mapping and::
@@ -49,6 +65,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import socket
 import struct
 import sys
@@ -119,6 +136,13 @@ class Request:
     blocks: tuple[int, ...]
     ipc: str | None = None  # the owner's export the requester mapped, if it would copy
     nccl: tuple[int, ...] | None = None  # run lengths, if it would move the runs by NCCL
+    pipelined: bool = False  # a write whose payload follows without waiting for a REPLY
+
+    def layouts_nbytes(self) -> int:
+        """What the blocks hold by the REQUEST's own layouts (an honest ``nbytes``)."""
+        return len(self.blocks) * sum(
+            math.prod(layout.outer) * layout.block_bytes for layout in self.layouts
+        )
 
 
 # ------------------------------------------------------------------ framing
@@ -223,6 +247,7 @@ def request(
     blocks: Sequence[int],
     ipc: str | None = None,
     nccl: Sequence[int] | None = None,
+    pipelined: bool = False,
 ) -> tuple[dict[str, Any], Sequence[int]]:
     body: dict[str, Any] = {
         "op": op,
@@ -236,6 +261,8 @@ def request(
         body["ipc"] = ipc
     if nccl is not None:
         body["nccl"] = list(nccl)
+    if pipelined:
+        body["pipelined"] = True
     return body, blocks
 
 
@@ -258,6 +285,12 @@ def parse_request(message: Message, what: str) -> Request:
     nccl = body.get("nccl")
     if nccl is not None:
         nccl = _run_counts(nccl, len(message.ids), what)
+    pipelined = body.get("pipelined", False)
+    if not isinstance(pipelined, bool):
+        raise MalformedFrameError(f"{what}: field 'pipelined' must be a bool")
+    if pipelined and (op != "write" or ipc is not None or nccl is not None):
+        # Only a payload on the stream can follow its REQUEST unasked.
+        raise MalformedFrameError(f"{what}: only a write on the stream may be pipelined")
     try:
         parsed = tuple(layout_from_wire(obj) for obj in layouts)
     except ValueError as exc:
@@ -272,6 +305,7 @@ def parse_request(message: Message, what: str) -> Request:
         blocks=message.ids,
         ipc=ipc,
         nccl=nccl,
+        pipelined=pipelined,
     )
 
 

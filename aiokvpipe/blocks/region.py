@@ -310,3 +310,10 @@ class RegionTable:
 
     def __contains__(self, name: object) -> bool:
         return name in self._regions
+
+    def largest_nbytes(self) -> int:
+        """Bytes of every block on every layer of the largest region (0: none registered)."""
+        return max(
+            (r.nbytes(r.num_blocks, range(r.num_layers)) for r in self._regions.values()),
+            default=0,
+        )

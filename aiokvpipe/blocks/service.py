@@ -15,9 +15,20 @@ owns the links (the Endpoint) plugs it in through three points:
 The requester dials the owner, so reads and writes need only the owner's
 address; a connection carries one transfer at a time and returns to a small
 idle pool after it (:mod:`aiokvpipe.blocks.protocol` has the message order).
-Writes of one request and region to one owner run one at a time, in call
-order (so on one connection): a layer-wise push's writes then land layer by
-layer, each as early as the bandwidth allows, instead of splitting it.
+
+Writes of one request and region to one owner share one connection and
+send in call order: a layer-wise push's writes then land layer by layer,
+each as early as the bandwidth allows, instead of splitting it. Once the
+owner has accepted one of them on that connection, the following ones are
+*pipelined*: each sends its REQUEST, payload and commit without waiting for
+an answer, the next one's bytes follow at once, and the answers are read
+back in order, each ``write`` returning when its own arrives ("landed", or
+its typed refusal). A refused write does not disturb the ones after it (the
+owner reads the refused payload into scratch memory and answers the next
+one). A connection that breaks fails every write sent or queued on it with
+:class:`PeerClosedError`; a write issued after those returned dials anew.
+GPU regions' writes keep one full exchange each (their paths need the
+owner's REPLY).
 Payloads take the socket (``sendmsg`` / ``recvmsg_into`` on the blocks) or,
 on one host, a shared-memory ring per direction of the connection
 (:mod:`aiokvpipe.blocks.shmpath`); control messages always take the socket.
@@ -40,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -111,6 +123,7 @@ Dial = Callable[[str], Awaitable[Dialled]]
 Path = Literal["tcp", "shm", "cuda_ipc", "nccl"]
 _DEFAULT: Any = object()
 _U32 = 1 << 32
+_ACCEPTED_KEYS = 256
 
 
 @dataclass
@@ -123,6 +136,15 @@ class _Conn:
     in_process: bool = False
     nccl_ok: bool = False  # GPU regions may move by NCCL on this connection
     nccl: NcclLink | None = None  # its communicator, once built
+    #: (request, region) whose writes the owner accepted on this connection:
+    #: later ones go pipelined (recent ones only; forgetting costs one REPLY wait).
+    accepted: OrderedDict[tuple[str, str], None] = field(default_factory=OrderedDict)
+
+    def accept_writes(self, key: tuple[str, str]) -> None:
+        self.accepted[key] = None
+        self.accepted.move_to_end(key)
+        while len(self.accepted) > _ACCEPTED_KEYS:
+            self.accepted.popitem(last=False)
 
     def close(self) -> None:
         self.sock.close()
@@ -143,12 +165,35 @@ class _Inbound:
     nccl: bool = False  # it may move GPU regions by NCCL (another host, no transport forced)
 
 
-@dataclass
-class _Queue:
-    """Writes of one request and region to one owner, one at a time, in call order."""
+@dataclass(eq=False)
+class _Answer:
+    """A pipelined write sent, waiting for the owner's STATUS."""
 
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    op: _Outbound
+    verdict: protocol.Status  # what we sent: commit or abort
+    future: asyncio.Future[AiokvpipeError | None]  # None: landed / aborted; else the refusal
+
+
+@dataclass(eq=False)
+class _WritePipe:
+    """Writes of one request and region to one owner (see the module doc).
+
+    They take ``turn`` to send, in call order, on ``conn``, which the pipe
+    holds while it has users. Once the owner accepted a write of theirs on
+    ``conn`` (:attr:`_Conn.accepted`), the rest go pipelined; their answers
+    are read in order by ``reader`` into ``pending``. ``broken``: why
+    ``conn`` failed; every write still queued on the pipe fails with it.
+    """
+
+    owner: str
+    key: tuple[str, str]  # (request id, region)
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0  # holding or waiting: the entry goes when none are left
+    conn: _Conn | None = None
+    pending: deque[_Answer] = field(default_factory=deque)
+    reader: asyncio.Task[None] | None = None
+    sending: _Outbound | None = None  # the write whose turn it is, once it is on ``conn``
+    broken: BaseException | None = None
 
 
 @dataclass
@@ -167,6 +212,7 @@ class _Outbound:
     ready: Any = None  # GPU regions: the caller's stream when the call was made
     host: torch.Tensor | None = None  # GPU regions on the stream path: staged bytes
     conn: _Conn | None = None
+    accepted: bool = False  # the owner agreed to a payload on the stream
     error: BaseException | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -226,7 +272,7 @@ class BlockService:
         self._shm = transport == "auto"
         self._ring_bytes = shm_ring_bytes
         self._idle: dict[str, list[_Conn]] = {}
-        self._write_queues: dict[tuple[str, str, str], _Queue] = {}
+        self._write_pipes: dict[tuple[str, str, str], _WritePipe] = {}
         self._ops: dict[asyncio.Task[None], _Outbound] = {}
         self._inbound: dict[asyncio.Task[None], tuple[str, socket.socket, RingPath]] = {}
         self._gpu: GpuBackend = gpu if gpu is not None else TorchGpu()
@@ -246,6 +292,8 @@ class BlockService:
         self.staged_bytes = 0
         #: The last device failure that ended an inbound transfer.
         self.last_device_error: str = ""
+        #: Writes this side sent pipelined (without waiting for the owner's REPLY).
+        self.pipelined_writes = 0
 
     # ------------------------------------------------------------ owner side
     def register(self, name: str, tensors: Any, block_dim: int) -> BlockRegion:
@@ -395,7 +443,7 @@ class BlockService:
             task.exception()  # retrieved: an abandoned transfer's error is not news
 
     async def _exchange(self, op: _Outbound) -> None:
-        """One transfer; writes of one request and region to one owner queue up (see below)."""
+        """One transfer; writes of one request and region to one owner share a pipe."""
         if op.op != "write":
             await self._transfer(op)
             return
@@ -405,25 +453,182 @@ class BlockService:
         # in call order on one connection each lands as early as it can, and
         # the lease's pieces land in the order they were produced.
         key = (op.owner, op.request[0]["request_id"], op.region)
-        queue = self._write_queues.get(key)
-        if queue is None:
-            queue = self._write_queues[key] = _Queue()
-        queue.users += 1
+        pipe = self._write_pipes.get(key)
+        if pipe is None:
+            pipe = self._write_pipes[key] = _WritePipe(op.owner, key[1:])
+        pipe.users += 1
         try:
-            async with queue.lock:
-                if op.segs.redirected:  # cancelled, or its peer lost, while it queued
-                    if op.error is not None:
-                        raise op.error
-                    return
-                await self._transfer(op)
+            answer = await self._send_in_turn(pipe, op)
+            if answer is not None:
+                refusal = await self._answer_of(pipe, op, answer)
+                if op.error is not None:
+                    raise op.error
+                if refusal is not None:
+                    raise refusal
         except asyncio.CancelledError:
             if op.error is not None:
                 raise op.error from None
             raise
         finally:
-            queue.users -= 1
-            if not queue.users:
-                del self._write_queues[key]
+            pipe.users -= 1
+            if not pipe.users:
+                self._retire(key, pipe)
+
+    async def _send_in_turn(
+        self, pipe: _WritePipe, op: _Outbound
+    ) -> asyncio.Future[AiokvpipeError | None] | None:
+        """Send ``op`` in its turn on the pipe's connection: its pending answer if
+        pipelined, else None once the whole exchange is over (refusals raised)."""
+        async with pipe.turn:
+            if op.segs.redirected:  # cancelled, or its peer lost, while it queued
+                if op.error is not None:
+                    raise op.error
+                return None
+            if pipe.broken is not None:
+                raise _broke(op, pipe.broken)
+            if pipe.conn is None:
+                pipe.conn = await self._acquire(op.owner)
+            conn = op.conn = pipe.conn
+            pipe.sending = op
+            try:
+                if pipe.key in conn.accepted and not op.gpu:
+                    return await self._send_pipelined(pipe, conn, op)
+                assert not pipe.pending  # only a write on a fresh connection waits
+                refusal = await self._transfer_on(conn, op)
+            except BaseException as exc:
+                # Stopped mid-framing (or the connection failed): nobody can
+                # tell where the next message starts. Every write on it fails.
+                pipe.sending = None
+                self._break(pipe, exc)
+                raise
+            finally:
+                pipe.sending = None
+            if op.accepted and not op.gpu:
+                conn.accept_writes(pipe.key)
+        if op.error is not None:
+            raise op.error
+        if refusal is not None:
+            raise refusal
+        return None
+
+    async def _send_pipelined(
+        self, pipe: _WritePipe, conn: _Conn, op: _Outbound
+    ) -> asyncio.Future[AiokvpipeError | None]:
+        """REQUEST, payload and verdict without waiting; the future of the owner's answer."""
+        what = f"write to {conn.owner}"
+        body, ids = op.request
+        self.pipelined_writes += 1
+        await protocol.send_message(conn.sock, Kind.REQUEST, {**body, "pipelined": True}, what, ids)
+        await self._send_payload(conn.sock, conn.path, op.segs, what)
+        verdict: protocol.Status = "abort" if op.segs.redirected else "commit"
+        await protocol.send_message(conn.sock, Kind.STATUS, protocol.status(verdict), what)
+        # No await from here to the append: the reader cannot see this
+        # answer before its entry is queued.
+        future: asyncio.Future[AiokvpipeError | None] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieve)
+        pipe.pending.append(_Answer(op, verdict, future))
+        if pipe.reader is None:
+            pipe.reader = asyncio.get_running_loop().create_task(self._read_answers(pipe, conn))
+        return future
+
+    async def _answer_of(
+        self, pipe: _WritePipe, op: _Outbound, answer: asyncio.Future[AiokvpipeError | None]
+    ) -> AiokvpipeError | None:
+        try:
+            return await answer
+        except asyncio.CancelledError:
+            # Only a hard stop (peer lost, closing, or a cancelled write's
+            # framing outlived abort_timeout) cancels the task itself: the
+            # owner's answers are not worth waiting for on this connection.
+            if not answer.done() or answer.cancelled():
+                self._break(pipe, op.error or PeerClosedError(f"{op.describe()}: stopped"))
+            raise
+
+    async def _read_answers(self, pipe: _WritePipe, conn: _Conn) -> None:
+        """The owner's answers to the pipelined writes, in the order they were sent."""
+        what = f"write to {conn.owner}"
+        allowed = frozenset(("landed", "aborted", "error"))
+        try:
+            while pipe.pending:
+                message = await protocol.expect_message(conn.sock, Kind.STATUS, what)
+                entry = pipe.pending.popleft()
+                try:
+                    value = protocol.parse_status(message, allowed, what)
+                    if (value == "aborted") != (entry.verdict == "abort") and value != "error":
+                        raise MalformedFrameError(
+                            f"{what}: owner answered {value!r} to {entry.verdict!r}"
+                        )
+                except ProtocolError as exc:
+                    if not entry.future.done():
+                        entry.future.set_exception(exc)
+                    raise
+                result = (
+                    protocol.remote_error(message.body, f"owner {conn.owner}")
+                    if value == "error"
+                    else None
+                )
+                if not entry.future.done():
+                    entry.future.set_result(result)
+        except asyncio.CancelledError:
+            pass  # _break stopped us; it fails what is pending
+        except (AiokvpipeError, OSError) as exc:
+            self._break(pipe, exc)
+        finally:
+            if pipe.reader is asyncio.current_task():
+                pipe.reader = None
+
+    def _break(self, pipe: _WritePipe, error: BaseException) -> None:
+        """The pipe's connection is unusable: fail every answer still owed, stop
+        the tasks using the connection, close it once they are off it."""
+        if pipe.broken is None:
+            pipe.broken = error
+        owed = list(pipe.pending)
+        pipe.pending.clear()
+        for entry in owed:
+            if not entry.future.done():
+                entry.future.set_exception(_broke(entry.op, error))
+        conn, pipe.conn = pipe.conn, None
+        if conn is None:
+            return
+        me = asyncio.current_task()
+        busy: list[asyncio.Task[Any]] = []
+        reader, pipe.reader = pipe.reader, None
+        if reader is not None and reader is not me and not reader.done():
+            reader.cancel()
+            busy.append(reader)
+        sender = pipe.sending
+        if sender is not None and sender.task is not None and sender.task is not me:
+            if not sender.task.done():
+                sender.stop(_broke(sender, error), close=True)
+                busy.append(sender.task)
+        # Wake whatever is parked on the socket now, but close it (and the
+        # rings) only once those tasks left it: a parked task deregisters its
+        # fd as it unwinds, and a closed fd's number may already be reused.
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        if not busy:
+            conn.close()
+            return
+        left = len(busy)
+
+        def off(_task: asyncio.Task[Any]) -> None:
+            nonlocal left
+            left -= 1
+            if not left:
+                conn.close()
+
+        for task in busy:
+            task.add_done_callback(off)
+
+    def _retire(self, key: tuple[str, str, str], pipe: _WritePipe) -> None:
+        """The pipe's last user left: its connection back to the pool, the entry gone."""
+        if self._write_pipes.get(key) is pipe:
+            del self._write_pipes[key]
+        if pipe.pending or pipe.reader is not None:  # answers nobody reads: not reusable
+            self._break(pipe, PeerClosedError(f"write pipe to {pipe.owner} retired"))
+        conn, pipe.conn = pipe.conn, None
+        if conn is not None:
+            self._release(conn)
 
     async def _transfer(self, op: _Outbound) -> None:
         """The requester's side of one transfer, on a pooled or new connection."""
@@ -435,24 +640,8 @@ class BlockService:
             raise
         op.conn = conn
         healthy = False
-        refusal: AiokvpipeError | None = None
         try:
-            mapped = link = None
-            if op.gpu and conn.ipc and not op.segs.redirected:
-                mapped = await self._mapping(conn, op)
-            elif op.gpu and conn.nccl_ok and not op.segs.redirected:
-                link = await self._nccl_link(conn, op)
-            if mapped is None and link is None:
-                direction = conn.path.needs(op.op)
-                if direction is not None and not op.segs.redirected:
-                    await conn.path.open(conn.sock, direction, f"{op.op} with {conn.owner}")
-                if op.gpu and op.op == "write" and not op.segs.redirected:
-                    await self._stage_out(op)  # before the owner waits on us
-            if not op.segs.redirected:  # else stopped before a byte was sent
-                if op.op == "read":
-                    refusal = await self._do_read(conn, op, mapped, link)
-                else:
-                    refusal = await self._do_write(conn, op, mapped, link)
+            refusal = await self._transfer_on(conn, op)
             healthy = True
         except asyncio.CancelledError:
             if op.error is not None:
@@ -467,6 +656,25 @@ class BlockService:
             raise op.error
         if refusal is not None:
             raise refusal
+
+    async def _transfer_on(self, conn: _Conn, op: _Outbound) -> AiokvpipeError | None:
+        """One whole exchange on ``conn``: the owner's refusal, or None; raises if broken."""
+        mapped = link = None
+        if op.gpu and conn.ipc and not op.segs.redirected:
+            mapped = await self._mapping(conn, op)
+        elif op.gpu and conn.nccl_ok and not op.segs.redirected:
+            link = await self._nccl_link(conn, op)
+        if mapped is None and link is None:
+            direction = conn.path.needs(op.op)
+            if direction is not None and not op.segs.redirected:
+                await conn.path.open(conn.sock, direction, f"{op.op} with {conn.owner}")
+            if op.gpu and op.op == "write" and not op.segs.redirected:
+                await self._stage_out(op)  # before the owner waits on us
+        if op.segs.redirected:  # stopped before a byte was sent
+            return None
+        if op.op == "read":
+            return await self._do_read(conn, op, mapped, link)
+        return await self._do_write(conn, op, mapped, link)
 
     async def _request(
         self, conn: _Conn, op: _Outbound, mapped: MappedRegion | None, link: NcclLink | None
@@ -539,6 +747,7 @@ class BlockService:
         )
         if settled:
             return result
+        op.accepted = True
         if op.gpu and op.host is None and not op.segs.redirected:
             await self._stage_out(op)  # we meant to copy by IPC; the owner said stream
         segs = self._stream_segs(op)
@@ -894,6 +1103,9 @@ class BlockService:
                         await path.answer(sock, message, what)
                     continue
                 request = protocol.parse_request(message, what)
+                if request.pipelined:
+                    await self._serve_pipelined(sock, path, inbound, request, what)
+                    continue
                 try:
                     region, lease = self._admit(request, what)
                 except BlockError as exc:
@@ -948,6 +1160,47 @@ class BlockService:
             )
         return region, lease
 
+    async def _serve_pipelined(
+        self,
+        sock: socket.socket,
+        path: RingPath,
+        inbound: _Inbound,
+        request: protocol.Request,
+        what: str,
+    ) -> None:
+        """A write whose payload already follows its REQUEST: land it, or read it into scratch.
+
+        Either way the payload is consumed, so the writes pipelined after it
+        stay in step. Only a payload we can bound is consumed at all: what
+        the REQUEST's own layouts say its blocks hold, and at most our
+        largest region; any other claim is cut off before a byte is read.
+        """
+        honest = request.layouts_nbytes()
+        if request.nbytes != honest:
+            raise MalformedFrameError(
+                f"{what}: a pipelined write claims {request.nbytes} bytes for "
+                f"{len(request.blocks)} blocks whose layouts hold {honest}"
+            )
+        largest = self.regions.largest_nbytes()
+        if request.nbytes > largest:
+            raise MalformedFrameError(
+                f"{what}: a pipelined write of {request.nbytes} bytes, more than any region "
+                f"here holds ({largest})"
+            )
+        try:
+            region, lease = self._admit(request, what)
+        except BlockError as exc:
+            segs = Segments.scratch(request.nbytes, receive=True)
+            await self._recv_payload(sock, path, segs, what)
+            answer = await protocol.expect_message(sock, Kind.STATUS, what)
+            protocol.parse_status(answer, frozenset(("commit", "abort")), what)
+            await protocol.send_message(sock, Kind.STATUS, protocol.status("error", exc), what)
+            return
+        lease.peers.add(inbound.peer)
+        await self._serve_write(
+            sock, path, inbound.label, request, region, lease, what, agree=False
+        )
+
     async def _serve_read(
         self,
         sock: socket.socket,
@@ -998,7 +1251,9 @@ class BlockService:
         region: BlockRegion,
         lease: Lease,
         what: str,
+        agree: bool = True,
     ) -> None:
+        """Land one write; ``agree``: REPLY to its REQUEST first (else it is pipelined)."""
         host = None
         if region.placement is None:
             segs = Segments(region.segments(request.blocks, request.layers), receive=True)
@@ -1010,7 +1265,8 @@ class BlockService:
             self.staged_bytes += request.nbytes
         lease.attach(segs)
         try:
-            await protocol.send_message(sock, Kind.REPLY, protocol.reply_ok(segs.total), what)
+            if agree:
+                await protocol.send_message(sock, Kind.REPLY, protocol.reply_ok(segs.total), what)
             await self._recv_payload(sock, path, segs, what)
             answer = await protocol.expect_message(sock, Kind.STATUS, what)
             value = protocol.parse_status(answer, frozenset(("commit", "abort")), what)
@@ -1281,6 +1537,9 @@ class BlockService:
         for op in list(self._ops.values()):
             if op.owner == peer or (op.conn is not None and op.conn.peer == peer):
                 op.stop(PeerClosedError(f"{op.describe()}: {reason}"), close=True)
+        for pipe in list(self._write_pipes.values()):
+            if pipe.owner == peer or (pipe.conn is not None and pipe.conn.peer == peer):
+                self._break(pipe, lost)
         for owner, idle in list(self._idle.items()):
             keep = [c for c in idle if c.peer != peer and c.owner != peer]
             for conn in idle:
@@ -1306,6 +1565,9 @@ class BlockService:
         closed = PipeClosedError("block service closed")
         for op in list(self._ops.values()):
             op.stop(closed, close=True)
+        readers = [p.reader for p in self._write_pipes.values() if p.reader is not None]
+        for pipe in list(self._write_pipes.values()):
+            self._break(pipe, closed)
         for task in list(self._inbound):
             task.cancel()
         self.leases.close(LeaseCancelledError("the endpoint closed"))
@@ -1317,11 +1579,27 @@ class BlockService:
             maps.drop_all()
         self._maps.clear()
         self._exports.clear()
-        pending = [*self._ops, *self._inbound]
+        pending = [*self._ops, *self._inbound, *readers]
         if pending:
             with contextlib.suppress(BaseException):
                 await asyncio.gather(*pending, return_exceptions=True)
         await self._reaper.aclose()  # copies nobody awaited: their mappings close now
+
+
+def _broke(op: _Outbound, error: BaseException) -> PeerClosedError:
+    """Why a write queued or pending on a connection that broke fails (a fresh error each)."""
+    fresh = PeerClosedError(
+        f"{op.describe()}: the block connection to the owner broke with writes of this "
+        f"request queued on it: {error}"
+    )
+    fresh.__cause__ = error
+    return fresh
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """An answer nobody awaits (its writer was stopped) is not news for the loop."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _ended(lease: Lease) -> bool:
