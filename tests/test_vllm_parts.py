@@ -50,6 +50,8 @@ ENV = {"KVTOKEN": TOKEN}
 def test_settings_defaults_and_token_from_env() -> None:
     s = ConnectorSettings.from_extra({"token_env": "KVTOKEN", "port": 0}, ENV)
     assert s.token == TOKEN and s.lease_ttl == 30.0 and s.test_hooks is False
+    assert s.load_mode == "sync" and not s.load_async and s.pin_blocks
+    assert ConnectorSettings.from_extra({"load_mode": "async"}, {}).load_async
     assert TOKEN not in repr(s)
     cfg = s.endpoint_config(name="w", rank=0)
     assert cfg.token == TOKEN and cfg.port == 0
@@ -70,6 +72,8 @@ def test_settings_fixed_port_is_offset_by_rank() -> None:
         ({"read_timeout": "5"}, "read_timeout"),
         ({"lease_grace": float("inf")}, "lease_grace"),
         ({"test_hooks": "yes"}, "test_hooks"),
+        ({"load_mode": "layerwise"}, "load_mode"),
+        ({"pin_blocks": 1}, "pin_blocks"),
         ({"heartbeat_interval": 1.0, "peer_timeout": 1.0}, "peer_timeout"),
         ({"host": "0.0.0.0"}, "advertise_host"),
     ],
@@ -212,6 +216,7 @@ def _until(
         merged.finished_sending |= got.finished_sending
         merged.finished_recving |= got.finished_recving
         merged.failed_recving.update(got.failed_recving)
+        merged.leases_ended |= got.leases_ended
         if done(merged):
             return merged
         time.sleep(0.005)
@@ -236,6 +241,17 @@ def test_agent_pull_lands_blocks_and_frees_the_owner(pair) -> None:  # type: ign
     _until(owner, lambda r: "p-r1" in r.finished_sending)
     stats = reader.take_stats()
     assert stats is not None and stats["reads"] == 1 and stats["read_tokens"] == 10
+
+
+def test_agent_pinned_lease_end_goes_to_the_scheduler_not_to_vllm(pair) -> None:  # type: ignore[no-untyped-def]
+    """Blocks the scheduler side pinned: their lease's end is reported as
+    such (vLLM no longer tracks the request), never as finished sending."""
+    owner, _, reader, _ = pair
+    owner.expose("p-r9", (3, 9), pinned=True)
+    reader.read(_order(owner, "r9", (3, 9), (0, 1)))
+    _until(reader, lambda r: "r9" in r.finished_recving)
+    got = _until(owner, lambda r: "p-r9" in r.leases_ended)
+    assert not got.finished_sending
 
 
 def test_agent_read_before_the_lease_is_filed_retries_within_grace(pair) -> None:  # type: ignore[no-untyped-def]
@@ -294,3 +310,99 @@ def test_agent_cancelled_read_is_reported_failed(pair) -> None:  # type: ignore[
     reader.cancel({"r6"})
     got = _until(reader, lambda r: "r6" in r.finished_recving)
     assert "cancelled" in got.failed_recving["r6"]
+
+
+# ------------------------------------------- the transfer agent, sync mode
+
+
+def _layers_equal(reader_t: list[torch.Tensor], owner_t: list[torch.Tensor], layer: int) -> bool:
+    return torch.equal(reader_t[layer][[0, 1, 2]], owner_t[layer][[3, 9, 4]])
+
+
+def test_agent_sync_load_lands_layer_by_layer_and_frees_the_owner(pair) -> None:  # type: ignore[no-untyped-def]
+    owner, owner_t, reader, reader_t = pair
+    owner.expose("p-s1", (3, 9, 4))
+    reader.load([_order(owner, "s1", (3, 9, 4), (0, 1, 2))])
+    reader.wait_layer(0)
+    assert _layers_equal(reader_t, owner_t, 0)
+    reader.wait_layer(1)
+    assert _layers_equal(reader_t, owner_t, 1)
+    reader.end_load()
+    assert reader.take_load_errors() == set()
+    assert not reader_t[0][3:].any() and not reader_t[1][3:].any()  # nothing else written
+    # The lease completes once every layer was read: the owner frees the blocks.
+    _until(owner, lambda r: "p-s1" in r.finished_sending)
+    stats = reader.take_stats()
+    assert stats is not None and stats["reads"] == 1 and stats["failed_reads"] == 0
+    assert not reader.poll().finished_recving  # sync loads are not reported as async ones
+
+
+def test_agent_sync_load_end_waits_for_layers_nobody_waited_for(pair) -> None:  # type: ignore[no-untyped-def]
+    owner, owner_t, reader, reader_t = pair
+    owner.expose("p-s2", (3, 9, 4))
+    reader.load([_order(owner, "s2", (3, 9, 4), (0, 1, 2))])
+    reader.end_load()  # e.g. a layer name the connector did not map
+    assert _layers_equal(reader_t, owner_t, 0) and _layers_equal(reader_t, owner_t, 1)
+    assert reader.take_load_errors() == set()
+
+
+def test_agent_sync_load_from_a_dead_owner_marks_its_blocks_invalid(pair) -> None:  # type: ignore[no-untyped-def]
+    owner, _, reader, _ = pair
+    owner.expose("p-s3", (1, 2))
+    address = owner.address
+    owner.close()
+    started = time.monotonic()
+    reader.load([ReadOrder("s3", address, "p-s3", (1, 2), (5, 6))])
+    reader.wait_layer(0)
+    reader.wait_layer(1)
+    reader.end_load()
+    assert reader.take_load_errors() == {5, 6}
+    assert reader.take_load_errors() == set()  # handed over once
+    assert time.monotonic() - started < 5 + 3  # read_timeout is 5 s here
+    stats = reader.take_stats()
+    assert stats is not None and stats["failed_reads"] == 1 and stats["reads"] == 0
+
+
+def test_agent_sync_load_gives_up_at_read_timeout() -> None:
+    """A lease never granted, retried longer than read_timeout allows: the
+    forward pass waits read_timeout at most, then the blocks are invalid."""
+    owner_t, reader_t = _layers(3), [torch.zeros(BLOCKS, *BLOCK_SHAPE) for _ in range(2)]
+    owner = _agent("owner", owner_t)
+    reader = _agent("reader", reader_t, read_timeout=0.3, lease_grace=10.0)
+    try:
+        started = time.monotonic()
+        reader.load([_order(owner, "s4", (1,), (7,))])
+        reader.wait_layer(0)
+        reader.end_load()
+        elapsed = time.monotonic() - started
+        assert reader.take_load_errors() == {7}
+        assert 0.25 < elapsed < 2.0
+    finally:
+        reader.close()
+        owner.close()
+
+
+def test_agent_sync_load_good_and_bad_requests_in_one_step(pair) -> None:  # type: ignore[no-untyped-def]
+    owner, owner_t, reader, reader_t = pair
+    owner.expose("p-s5", (3, 9, 4))
+    good = _order(owner, "s5", (3, 9, 4), (0, 1, 2))
+    bad = ReadOrder("s6", owner.address, "p-never", (5,), (11,))  # not granted: fails at grace
+    reader.load([good, bad])
+    reader.wait_layer(0)
+    reader.wait_layer(1)
+    reader.end_load()
+    assert reader.take_load_errors() == {11}
+    assert _layers_equal(reader_t, owner_t, 0) and _layers_equal(reader_t, owner_t, 1)
+
+
+def test_agent_sync_flip_hook_inverts_each_landed_layer(pair) -> None:  # type: ignore[no-untyped-def]
+    owner, owner_t, reader, reader_t = pair
+    owner.expose("p-s7", (6,))
+    reader.load([_order(owner, "s7", (6,), (8,), corrupt=True)])
+    reader.wait_layer(0)
+    reader.wait_layer(1)
+    reader.end_load()
+    for layer in (0, 1):
+        flipped = reader_t[layer][8].clone()
+        flip_bits([flipped.unsqueeze(0)], 0, [0])
+        assert torch.equal(flipped, owner_t[layer][6])

@@ -10,6 +10,7 @@ import pytest
 from vllm import SamplingParams
 from vllm.config import KVTransferConfig
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.request import Request, RequestStatus
@@ -38,8 +39,8 @@ def blocks(ids: list[int], hashed: set[int] = frozenset()) -> KVCacheBlocks:  # 
     return KVCacheBlocks((group,))
 
 
-def side() -> SchedulerSide:
-    s = SchedulerSide(engine_id="eng", block_size=BS)
+def side(load_async: bool = False) -> SchedulerSide:
+    s = SchedulerSide(engine_id="eng", block_size=BS, load_async=load_async)
     s.set_worker_addresses({0: "127.0.0.1:4000"})
     return s
 
@@ -57,6 +58,33 @@ def test_prefill_keeps_blocks_and_returns_where_they_are() -> None:
     plan = s.take_plan()
     assert [(e.request_id, e.block_ids) for e in plan.exposes] == [("p1", (4, 9, 2))]
     assert not s.take_plan().exposes  # a plan is handed over once
+
+
+def test_prefill_pins_its_blocks_in_vllms_pool_until_every_lease_ended() -> None:
+    """With vLLM's block pool bound, the request ends for vLLM at once (the
+    engine need not keep stepping) and the blocks stay out of the free list
+    until each tensor-parallel worker's lease ended."""
+    pool = BlockPool(num_gpu_blocks=16, enable_caching=True, hash_block_size=BS)
+    held = pool.get_new_blocks(3)  # the request's blocks, as vLLM allocated them
+    s = side()
+    s.set_worker_addresses({0: "127.0.0.1:4000", 1: "127.0.0.1:4001"})
+    s.bind_block_pool(pool)
+    req = request("p9", 300, {"do_remote_decode": True})
+    req.num_computed_tokens = 300
+    req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    keep, params = s.request_finished(req, [b.block_id for b in held])
+    assert keep is False and params is not None and params["remote_num_tokens"] == 300
+    (expose,) = s.take_plan().exposes
+    assert expose.pinned and expose.block_ids == tuple(b.block_id for b in held)
+    free = pool.get_num_free_blocks()
+    pool.free_blocks(held)  # vLLM frees the finished request's blocks
+    assert pool.get_num_free_blocks() == free  # still pinned: no one can reuse them
+    s.lease_ended("p9")  # rank 0's lease
+    assert pool.get_num_free_blocks() == free and s.pinned == {"p9": 3}
+    s.lease_ended("p9")  # rank 1's
+    assert pool.get_num_free_blocks() == free + 3 and s.pinned == {}
+    s.lease_ended("p9")  # a late duplicate changes nothing
+    assert pool.get_num_free_blocks() == free + 3
 
 
 @pytest.mark.parametrize("status", [RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR])
@@ -96,8 +124,8 @@ def _decode_params(n: int = 300, ids: list[int] | None = None, **over: Any) -> d
     return p
 
 
-def test_decode_loads_the_whole_prompt_async_then_plans_one_pull() -> None:
-    s = side()
+def test_decode_async_loads_the_whole_prompt_then_plans_one_pull() -> None:
+    s = side(load_async=True)
     req = request("d1", 300, _decode_params())
     assert s.get_num_new_matched_tokens(req, 0) == (300, True)
     s.update_state_after_alloc(req, blocks([5, 6, 7]), 300)
@@ -108,30 +136,61 @@ def test_decode_loads_the_whole_prompt_async_then_plans_one_pull() -> None:
     assert s.get_num_new_matched_tokens(req, 0) == (0, False)
 
 
-def test_decode_with_a_local_prefix_hit_pulls_only_the_rest() -> None:
+def test_decode_sync_leaves_the_last_token_to_compute() -> None:
+    """In-step loading: vLLM schedules the request at once, so it must have a
+    token to compute; the blocks that hold the other tokens are pulled."""
     s = side()
+    req = request("d1", 300, _decode_params())
+    assert s.get_num_new_matched_tokens(req, 0) == (299, False)
+    s.update_state_after_alloc(req, blocks([5, 6, 7]), 299)
+    (read,) = s.take_plan().reads
+    assert read.local_blocks == (5, 6, 7) and read.remote_blocks == (11, 12, 13)
+    assert read.num_tokens == 299 and not read.error
+
+
+def test_decode_sync_prompt_one_past_a_block_boundary_pulls_only_full_blocks() -> None:
+    # 257 tokens: 256 load (two full blocks), the last one is computed into block 3.
+    s = side()
+    req = request("d5", 2 * BS + 1, _decode_params(n=2 * BS + 1))
+    assert s.get_num_new_matched_tokens(req, 0) == (2 * BS, False)
+    s.update_state_after_alloc(req, blocks([5, 6, 7]), 2 * BS)
+    (read,) = s.take_plan().reads
+    assert read.local_blocks == (5, 6) and read.remote_blocks == (11, 12)
+
+
+@pytest.mark.parametrize("load_async", [False, True])
+def test_decode_with_a_local_prefix_hit_pulls_only_the_rest(load_async: bool) -> None:
+    s = side(load_async)
     req = request("d2", 300, _decode_params())
-    assert s.get_num_new_matched_tokens(req, BS) == (300 - BS, True)
-    s.update_state_after_alloc(req, blocks([5, 6, 7], hashed={5}), 300 - BS)
+    ext = 300 - BS - (0 if load_async else 1)
+    assert s.get_num_new_matched_tokens(req, BS) == (ext, load_async)
+    s.update_state_after_alloc(req, blocks([5, 6, 7], hashed={5}), ext)
     (read,) = s.take_plan().reads
     assert read.local_blocks == (6, 7) and read.remote_blocks == (12, 13)
 
 
-def test_decode_with_unusable_params_computes_locally() -> None:
-    s = side()
+@pytest.mark.parametrize("load_async", [False, True])
+def test_decode_with_unusable_params_computes_locally(load_async: bool) -> None:
+    s = side(load_async)
     req = request("d3", 300, _decode_params(remote_block_size=16))
     assert s.get_num_new_matched_tokens(req, 0) == (0, False)
     s.update_state_after_alloc(req, blocks([]), 0)
     assert not s.take_plan().reads
 
 
-def test_decode_more_local_blocks_than_remote_is_a_failed_read() -> None:
-    s = side()
-    req = request("d4", 200, _decode_params(n=200, ids=[11, 12]))
-    assert s.get_num_new_matched_tokens(req, 0) == (200, True)
-    s.update_state_after_alloc(req, blocks([5, 6, 7]), 200)
+def test_decode_fewer_blocks_than_the_external_tokens_need_is_a_failed_read() -> None:
+    s = side(load_async=True)
+    req = request("d4", 300, _decode_params())
+    assert s.get_num_new_matched_tokens(req, 0) == (300, True)
+    s.update_state_after_alloc(req, blocks([5, 6]), 300)
     (read,) = s.take_plan().reads
-    assert "holds only 2" in read.error
+    assert "need blocks 0..2" in read.error and read.local_blocks == (5, 6)
+
+
+def test_decode_prompt_shorter_than_two_tokens_loads_nothing_in_sync_mode() -> None:
+    s = side()
+    req = request("d6", 1, _decode_params(n=1, ids=[11]))
+    assert s.get_num_new_matched_tokens(req, 0) == (0, False)
 
 
 def test_factory_loads_the_connector_by_module_path() -> None:

@@ -7,13 +7,20 @@ block region. vLLM's worker calls it between forward passes:
 * on the prefill: :meth:`expose` grants the decode a read lease on a finished
   request's blocks; when the lease completes (read done), expires or its
   reader dies, the request is reported *sent* so vLLM frees the blocks;
-* on the decode: :meth:`read` pulls the remote blocks into the blocks vLLM
-  allocated; the request is reported *received*, or *failed* with the
-  cause, after at most ``read_timeout``;
-* :meth:`poll` hands over what ended since the last call.
+* on the decode, ``load_mode: async``: :meth:`read` pulls the remote blocks
+  into the blocks vLLM allocated; the request is reported *received*, or
+  *failed* with the cause, after at most ``read_timeout``; :meth:`poll`
+  hands over what ended since the last call;
+* on the decode, ``load_mode: sync``: :meth:`load` starts one read per
+  layer of this step's requests, :meth:`wait_layer` waits for one layer's
+  reads (the forward pass calls it layer by layer), :meth:`end_load` ends
+  the step's loading; blocks whose read failed are handed over by
+  :meth:`take_load_errors` (vLLM then recomputes or fails the request).
 
-Every call vLLM makes returns at once (it only schedules work on the loop);
-only :meth:`start` and :meth:`close` wait, at engine start and shutdown.
+Every call vLLM makes between forward passes returns at once (it only
+schedules work on the loop); the sync mode's waits block the forward pass,
+each bounded by ``read_timeout`` from the step's start; :meth:`start` and
+:meth:`close` wait at engine start and shutdown.
 This module imports nothing from vLLM, so its behaviour (dead owners,
 expired leases, the bit-flip hook) is tested without an engine.
 """
@@ -21,6 +28,7 @@ expired leases, the bit-flip hook) is tested without an engine.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -34,6 +42,7 @@ import torch
 from ...errors import AiokvpipeError, LeaseNotGrantedError, PipeClosedError, TransferTimeout
 from .loop_thread import LoopThread
 from .settings import ConnectorSettings
+from .trace import event
 
 if TYPE_CHECKING:
     from ...endpoint import Endpoint
@@ -68,11 +77,14 @@ class TransferResults:
     ``failed_recving`` maps each failed read's request id to its cause; those
     ids are in ``finished_recving`` too (vLLM releases a request from its
     transfer wait either way and then applies its failure policy).
+    ``leases_ended``: ended leases on pinned blocks (exposed with
+    ``pinned=True``), which the scheduler side releases itself.
     """
 
     finished_sending: set[str] = field(default_factory=set)
     finished_recving: set[str] = field(default_factory=set)
     failed_recving: dict[str, str] = field(default_factory=dict)
+    leases_ended: set[str] = field(default_factory=set)
 
 
 def flip_bits(tensors: Sequence[torch.Tensor], block_dim: int, blocks: Sequence[int]) -> None:
@@ -82,6 +94,16 @@ def flip_bits(tensors: Sequence[torch.Tensor], block_dim: int, blocks: Sequence[
         view = tensor.index_select(block_dim, index)  # a contiguous copy
         view.view(torch.uint8).bitwise_not_()
         tensor.index_copy_(block_dim, index, view)
+
+
+@dataclass
+class _Load:
+    """One request's layer reads in the current step (sync mode)."""
+
+    order: ReadOrder
+    started: float
+    futures: dict[int, concurrent.futures.Future[None]] = field(default_factory=dict)
+    failure: str = ""
 
 
 class _Stats:
@@ -144,6 +166,12 @@ class TransferAgent:
         self._leases: dict[str, Any] = {}
         self._stats = _Stats()
         self._address = ""
+        # sync mode: this step's loads, the layers already waited for, the
+        # step's deadline, and the blocks whose load failed (for vLLM).
+        self._loads: list[_Load] = []
+        self._waited: set[int] = set()
+        self._load_deadline = 0.0
+        self._load_errors: set[int] = set()
 
     # ------------------------------------------------------------ life cycle
 
@@ -208,15 +236,16 @@ class TransferAgent:
 
     # ------------------------------------------------------------- prefill
 
-    def expose(self, request_id: str, blocks: Sequence[int]) -> None:
+    def expose(self, request_id: str, blocks: Sequence[int], *, pinned: bool = False) -> None:
         """Grant a read lease on ``blocks`` for ``request_id`` (returns at once).
 
-        The request is reported in ``finished_sending`` when the lease ends,
-        however it ends, so its blocks are always given back to vLLM.
+        The request is reported when the lease ends, however it ends, so its
+        blocks are always given back to vLLM: in ``finished_sending``, or in
+        ``leases_ended`` when the scheduler side ``pinned`` them.
         """
-        self._require_thread().submit(self._serve(request_id, tuple(blocks)))
+        self._require_thread().submit(self._serve(request_id, tuple(blocks), pinned))
 
-    async def _serve(self, request_id: str, blocks: tuple[int, ...]) -> None:
+    async def _serve(self, request_id: str, blocks: tuple[int, ...], pinned: bool) -> None:
         try:
             ep = self._require_ep()
             lease = ep.expose(request_id, REGION, list(blocks), ttl=self._settings.lease_ttl)
@@ -241,7 +270,10 @@ class TransferAgent:
         finally:
             self._leases.pop(request_id, None)
             with self._lock:
-                self._results.finished_sending.add(request_id)
+                if pinned:
+                    self._results.leases_ended.add(request_id)
+                else:
+                    self._results.finished_sending.add(request_id)
 
     # -------------------------------------------------------------- decode
 
@@ -272,6 +304,7 @@ class TransferAgent:
 
     async def _pull(self, order: ReadOrder) -> None:
         started = time.perf_counter()
+        event("pull_start", order.request_id, blocks=len(order.local_blocks))
         failure: str | None = None
         try:
             await asyncio.wait_for(self._pull_retrying(order, started), self._settings.read_timeout)
@@ -282,6 +315,7 @@ class TransferAgent:
             )
         except Exception as exc:
             failure = f"{type(exc).__name__}: {exc}"
+        event("pull_end", order.request_id, ok=failure is None)
         if failure is None:
             seconds = time.perf_counter() - started
             if order.corrupt and self._settings.test_hooks:
@@ -298,7 +332,9 @@ class TransferAgent:
             f"{order.remote_request_id} from {order.address}: {failure}",
         )
 
-    async def _pull_retrying(self, order: ReadOrder, started: float) -> None:
+    async def _pull_retrying(
+        self, order: ReadOrder, started: float, layers: Sequence[int] | None = None
+    ) -> None:
         ep = self._require_ep()
         delay = 0.002
         while True:
@@ -309,6 +345,7 @@ class TransferAgent:
                     REGION,
                     remote_blocks=list(order.remote_blocks),
                     local_blocks=list(order.local_blocks),
+                    layers=None if layers is None else list(layers),
                 )
                 return
             except LeaseNotGrantedError:
@@ -318,6 +355,114 @@ class TransferAgent:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.05)
+
+    # --------------------------------------------------- decode, sync mode
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._tensors)
+
+    def load(self, orders: Sequence[ReadOrder]) -> None:
+        """Start this step's reads, one per (request, layer), layer 0 first (returns at once).
+
+        The step's forward pass then calls :meth:`wait_layer` before each
+        layer's attention; every wait ends by ``read_timeout`` after now.
+        """
+        if not orders:
+            return
+        thread = self._require_thread()
+        now = time.perf_counter()
+        self._load_deadline = time.monotonic() + self._settings.read_timeout
+        loads = [_Load(order, now) for order in orders]
+        self._loads.extend(loads)
+        for layer in range(self.num_layers):
+            for item in loads:
+                item.futures[layer] = thread.submit(self._pull_layer(item, layer))
+
+    async def _pull_layer(self, item: _Load, layer: int) -> None:
+        order = item.order
+        if layer == 0:
+            event("pull_start", order.request_id, blocks=len(order.local_blocks))
+        await self._pull_retrying(order, item.started, layers=[layer])
+        if order.corrupt and self._settings.test_hooks:
+            flip_bits([self._tensors[layer]], self._block_dim, order.local_blocks)
+        if layer == self.num_layers - 1:
+            event("pull_end", order.request_id, ok=True)
+
+    def wait_layer(self, layer: int) -> None:
+        """Block until every read of ``layer`` in this step ended (landed or failed)."""
+        if layer in self._waited or not self._loads:
+            return
+        self._waited.add(layer)
+        for item in self._loads:
+            future = item.futures.get(layer)
+            if future is None:
+                continue
+            if not future.done():
+                remaining = self._load_deadline - time.monotonic()
+                try:
+                    future.result(max(remaining, 0.0))
+                except Exception:
+                    pass  # reported below
+            if not future.done():
+                future.cancel()  # past the deadline: the read stops where it is
+                self._load_failed(
+                    item,
+                    f"no complete read from {item.order.address} within "
+                    f"read_timeout={self._settings.read_timeout:g}s",
+                )
+            elif future.cancelled():
+                self._load_failed(item, "cancelled (the worker is closing)")
+            elif (exc := future.exception()) is not None:
+                failure = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, TransferTimeout):
+                    failure = f"no complete read from {item.order.address}: {exc}"
+                self._load_failed(item, failure)
+
+    def _load_failed(self, item: _Load, failure: str) -> None:
+        if item.failure:
+            return  # one report per request, whichever layer failed first
+        item.failure = failure
+        order = item.order
+        self._load_errors.update(order.local_blocks)
+        self._stats.add(failed_reads=1)
+        logger.warning(
+            "%s: KV load of request %s failed: pulling %d block(s) of request %s from %s: %s",
+            self._name,
+            order.request_id,
+            len(order.remote_blocks),
+            order.remote_request_id,
+            order.address,
+            failure,
+        )
+
+    def end_load(self) -> None:
+        """End this step's loading: wait for what no layer waited for, count the reads."""
+        if not self._loads:
+            return
+        for layer in range(self.num_layers):
+            self.wait_layer(layer)
+        for item in self._loads:
+            if not item.failure:
+                order = item.order
+                self._stats.add_read(
+                    len(order.local_blocks) * self._block_bytes,
+                    order.num_tokens,
+                    time.perf_counter() - item.started,
+                )
+        self._loads = []
+        self._waited = set()
+
+    def fail_blocks(self, request_id: str, blocks: Sequence[int], reason: str) -> None:
+        """A sync-mode load that cannot even start: its blocks are invalid."""
+        logger.warning("%s: KV load of request %s failed: %s", self._name, request_id, reason)
+        self._stats.add(failed_reads=1)
+        self._load_errors.update(blocks)
+
+    def take_load_errors(self) -> set[int]:
+        """Local blocks whose sync-mode load failed since the last call."""
+        errors, self._load_errors = self._load_errors, set()
+        return errors
 
     def cancel(self, request_ids: Iterable[str]) -> None:
         """Abandon the reads of ``request_ids`` (aborted requests); non-blocking."""

@@ -6,10 +6,24 @@ WORKER role (bytes, :mod:`.agent`). The worker's endpoint address reaches
 the scheduler through vLLM's handshake-metadata hook, so ``port: 0`` works.
 
 Worker side, per engine step: :meth:`start_load_kv` hands this step's pulls
-and leases to the agent's event loop and returns; :meth:`get_transfer_results`
-reports what ended (reads done or failed, leases ended). Nothing blocks the
-forward pass: the transfers overlap other requests' compute, and a request
-waits in vLLM's WAITING_FOR_REMOTE_KVS state until its read ends.
+and leases to the agent's event loop; :meth:`get_transfer_results` reports
+what ended (leases ended; async reads done or failed).
+
+How a decode loads (``load_mode``):
+
+* ``sync`` (default): the request is scheduled in the step that admits it.
+  :meth:`start_load_kv` (which vLLM calls before a forward pass that needs
+  loads) starts one read per layer and waits for layer 0's;
+  :meth:`wait_for_layer_load` of layer ``i`` waits for layer ``i + 1``'s. One
+  layer ahead, because vLLM's CPU attention writes the step's new KV into the
+  cache *before* it calls ``wait_for_layer_load`` for that layer: the last
+  loaded block also holds the first token computed here, and its read must
+  land before that write, never after it. A failed read makes its blocks
+  invalid (:meth:`get_block_ids_with_load_errors`) in the same step; vLLM
+  discards the step's output for the request and recomputes or fails it.
+* ``async``: the request waits in vLLM's WAITING_FOR_REMOTE_KVS state while
+  the whole pull runs beside other requests' steps; it is scheduled once
+  :meth:`get_transfer_results` reported the read done (or failed).
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorTransferResults,
+    KVConnectorWorkerMetadata,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
@@ -35,6 +50,7 @@ from .agent import ReadOrder, TransferAgent
 from .params import InvalidParams
 from .scheduler import SchedulerSide, StepPlan
 from .settings import ConnectorSettings
+from .trace import event, scheduled_events
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -43,6 +59,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 __all__ = [
@@ -50,6 +67,7 @@ __all__ = [
     "AiokvpipeConnectorMetadata",
     "AiokvpipeConnectorStats",
     "AiokvpipeHandshake",
+    "AiokvpipeWorkerMetadata",
 ]
 
 logger = logging.getLogger(__name__)
@@ -60,6 +78,20 @@ class AiokvpipeConnectorMetadata(KVConnectorMetadata):
     """Scheduler -> worker, once per step: the pulls and leases to start."""
 
     plan: StepPlan = field(default_factory=StepPlan)
+
+
+@dataclass
+class AiokvpipeWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, per step: the leases on pinned blocks that ended,
+    as request id -> number of workers whose lease ended (summed over ranks)."""
+
+    leases_ended: dict[str, int] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> AiokvpipeWorkerMetadata:
+        if isinstance(other, AiokvpipeWorkerMetadata):
+            for rid, count in other.leases_ended.items():
+                self.leases_ended[rid] = self.leases_ended.get(rid, 0) + count
+        return self
 
 
 @dataclass
@@ -154,8 +186,14 @@ class AiokvpipeConnector(KVConnectorBase_V1):
         self._scheduler: SchedulerSide | None = None
         self._agent: TransferAgent | None = None
         self._rank = 0
+        self._layer_index: dict[str, int] = {}
+        self._leases_ended: set[str] = set()  # worker: for the next step's metadata
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = SchedulerSide(engine_id=self._engine_id, block_size=self._block_size)
+            self._scheduler = SchedulerSide(
+                engine_id=self._engine_id,
+                block_size=self._block_size,
+                load_async=self._settings.load_async,
+            )
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -170,7 +208,13 @@ class AiokvpipeConnector(KVConnectorBase_V1):
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         assert self._scheduler is not None
-        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+        params = request.kv_transfer_params
+        first = bool(params and params.get("do_remote_prefill"))
+        side = self._scheduler
+        tokens, load_async = side.get_num_new_matched_tokens(request, num_computed_tokens)
+        if first:
+            event("matched", request.request_id, tokens=tokens, load_async=load_async)
+        return tokens, load_async
 
     def get_loaded_kv_cache_group_ids(self, request: Request) -> tuple[int, ...]:
         # The pull restores the request's own blocks in every group it moves.
@@ -181,11 +225,28 @@ class AiokvpipeConnector(KVConnectorBase_V1):
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         assert self._scheduler is not None
+        event("alloc", request.request_id, tokens=num_external_tokens)
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._scheduler is not None
+        scheduled_events(r.req_id for r in scheduler_output.scheduled_new_reqs)
         return AiokvpipeConnectorMetadata(plan=self._scheduler.take_plan())
+
+    def bind_gpu_block_pool(self, gpu_block_pool: Any) -> None:
+        # Finished prefills' blocks are pinned in the pool (see .scheduler).
+        if self._scheduler is not None and self._settings.pin_blocks:
+            self._scheduler.bind_block_pool(gpu_block_pool)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        event("step_out")
+        for rid in connector_output.finished_recving or ():
+            event("recv_done", rid)
+        meta = connector_output.kv_connector_worker_meta
+        if self._scheduler is not None and isinstance(meta, AiokvpipeWorkerMetadata):
+            for rid, count in meta.leases_ended.items():
+                self._scheduler.lease_ended(rid, count)
+        super().update_connector_output(connector_output)
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -214,6 +275,7 @@ class AiokvpipeConnector(KVConnectorBase_V1):
         if len(dims) != 1:
             raise ConfigError("kv_caches", f"layers index blocks on different dims {dims}")
         block_dim = dims.pop()
+        self._layer_index = {name: i for i, (name, _) in enumerate(layers)}
         address = self._agent.start([t for _, t in layers], block_dim)
         first = layers[0][1]
         logger.info(
@@ -236,31 +298,54 @@ class AiokvpipeConnector(KVConnectorBase_V1):
         meta = self._connector_metadata
         if not isinstance(meta, AiokvpipeConnectorMetadata):
             return
+        agent = self._agent
         for expose in meta.plan.exposes:
-            self._agent.expose(expose.request_id, expose.block_ids)
+            agent.expose(expose.request_id, expose.block_ids, pinned=expose.pinned)
+        in_step: list[ReadOrder] = []
         for spec in meta.plan.reads:
             if spec.error or spec.remote is None:
-                self._agent.fail(spec.request_id, spec.error or "no remote prefill")
-                continue
-            try:
-                address = spec.remote.address_for(self._rank)
-            except InvalidParams as exc:
-                self._agent.fail(spec.request_id, str(exc))
-                continue
-            self._agent.read(
-                ReadOrder(
-                    request_id=spec.request_id,
-                    address=address,
-                    remote_request_id=spec.remote.request_id,
-                    remote_blocks=spec.remote_blocks,
-                    local_blocks=spec.local_blocks,
-                    num_tokens=spec.num_tokens,
-                    corrupt=spec.remote.corrupt,
-                )
-            )
+                failure = spec.error or "no remote prefill"
+            else:
+                try:
+                    address = spec.remote.address_for(self._rank)
+                except InvalidParams as exc:
+                    failure = str(exc)
+                else:
+                    order = ReadOrder(
+                        request_id=spec.request_id,
+                        address=address,
+                        remote_request_id=spec.remote.request_id,
+                        remote_blocks=spec.remote_blocks,
+                        local_blocks=spec.local_blocks,
+                        num_tokens=spec.num_tokens,
+                        corrupt=spec.remote.corrupt,
+                    )
+                    if self._settings.load_async:
+                        event("issue", order.request_id)
+                        agent.read(order)
+                    else:
+                        in_step.append(order)
+                    continue
+            if self._settings.load_async:
+                agent.fail(spec.request_id, failure)
+            else:
+                agent.fail_blocks(spec.request_id, spec.local_blocks, failure)
+        if in_step:
+            event("load_start", n=len(in_step))
+            agent.load(in_step)
+            agent.wait_layer(0)  # see the module docstring: one layer ahead
+            event("load_end", n=len(in_step))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Pulls complete before a request is scheduled: nothing to wait for per layer."""
+        """Sync mode: the next layer's reads land before this layer writes its new KV."""
+        if self._agent is None or self._settings.load_async:
+            return
+        index = self._layer_index.get(layer_name)
+        if index is None:  # not a layer we registered: wait for everything
+            for layer in range(self._agent.num_layers):
+                self._agent.wait_layer(layer)
+            return
+        self._agent.wait_layer(index + 1)
 
     def save_kv_layer(
         self,
@@ -276,15 +361,30 @@ class AiokvpipeConnector(KVConnectorBase_V1):
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         assert self._agent is not None
+        self._agent.end_load()  # after the forward pass: no read of this step still runs
         if finished_req_ids:
             # Reads of aborted requests end now (reported failed below or next step).
             self._agent.cancel(finished_req_ids)
         results = self._agent.poll()
+        self._leases_ended |= results.leases_ended
+        for rid in results.finished_recving:
+            event("reported", rid)
         return KVConnectorTransferResults(
             finished_sending=results.finished_sending,
             finished_recving=results.finished_recving,
             failed_recving=set(results.failed_recving),
         )
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        if not self._leases_ended:
+            return None
+        ended, self._leases_ended = self._leases_ended, set()
+        return AiokvpipeWorkerMetadata(leases_ended=dict.fromkeys(ended, 1))
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """Sync mode: this step's blocks whose read failed (vLLM then applies
+        ``kv_load_failure_policy`` to the requests that hold them)."""
+        return set() if self._agent is None else self._agent.take_load_errors()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         results = self.get_transfer_results(finished_req_ids)

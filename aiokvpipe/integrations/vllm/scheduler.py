@@ -5,17 +5,33 @@ the network: it decides, per request, from the request's
 ``kv_transfer_params``; the worker side (another process) moves the bytes.
 
 Prefill instance (request params ``do_remote_decode``): when the request
-finishes normally, :meth:`SchedulerSide.request_finished` keeps its blocks
-(returns True), asks the worker to expose them, and returns the params the
-decode needs (:func:`~.params.prefill_params`). vLLM frees the blocks when
-the worker reports the lease ended.
+finishes normally, :meth:`SchedulerSide.request_finished` keeps its blocks,
+asks the worker to expose them, and returns the params the decode needs
+(:func:`~.params.prefill_params`). Two ways to keep them:
+
+* pinned (when vLLM bound its block pool, :meth:`bind_block_pool`): one
+  extra reference on each block, and the request ends for vLLM at once
+  (returns False). vLLM never hands a referenced block to another request,
+  and the engine goes idle instead of stepping every millisecond until the
+  decode has read (vLLM keeps stepping while a finished request still holds
+  blocks: on a host with few cores that loop takes CPU from the decode).
+  The worker reports each ended lease (read, expired, reader died) in its
+  step metadata; :meth:`lease_ended` drops the references, at the first
+  engine step after the lease ended (a step runs whenever any request is
+  waiting for blocks, so pinned blocks never starve one).
+* held by the request (no block pool): returns True; vLLM frees the blocks
+  when the worker reports the request's sending finished.
 
 Decode instance (params ``do_remote_prefill``): the prompt's tokens are
-reported as externally available and loaded asynchronously; once vLLM has
-allocated blocks for them, the worker is told which remote blocks go into
-which local ones. Params this instance cannot use (another block size, a
-malformed list) are logged and the prompt is computed locally: never a read
-of blocks nobody vouches for.
+reported as externally available; once vLLM has allocated blocks for them,
+the worker is told which remote blocks go into which local ones. With
+``load_async`` the request waits (WAITING_FOR_REMOTE_KVS) until the whole
+pull ended; without, it is scheduled in the same step and the worker loads
+its blocks during that step's forward pass, so vLLM must compute at least
+one token itself: the last prompt token (as it does after an async load).
+Params this instance cannot use (another block size, a malformed list) are
+logged and the prompt is computed locally: never a read of blocks nobody
+vouches for.
 
 Duck-typed on vLLM's ``Request`` and ``KVCacheBlocks`` (only the attributes
 named below), so it imports nothing from vLLM.
@@ -40,7 +56,8 @@ _FINISHED_NORMALLY = frozenset({"FINISHED_LENGTH_CAPPED", "FINISHED_STOPPED"})
 
 @dataclass(frozen=True)
 class ReadSpec:
-    """Pull ``remote.block_ids[-len(local_blocks):]`` into ``local_blocks``.
+    """Pull the remote blocks ``first_block, first_block + 1, ...`` of the
+    request (by position in the prompt) into ``local_blocks``.
 
     ``error`` set: the pull cannot be done; the worker reports it failed at
     once and vLLM applies its failure policy.
@@ -51,20 +68,26 @@ class ReadSpec:
     local_blocks: tuple[int, ...]
     num_tokens: int
     error: str = ""
+    first_block: int = 0
 
     @property
     def remote_blocks(self) -> tuple[int, ...]:
         if self.remote is None or not self.local_blocks:
             return ()
-        return self.remote.block_ids[-len(self.local_blocks) :]
+        return self.remote.block_ids[self.first_block : self.first_block + len(self.local_blocks)]
 
 
 @dataclass(frozen=True)
 class ExposeSpec:
-    """Grant the decode a read lease on ``block_ids`` of ``request_id``."""
+    """Grant the decode a read lease on ``block_ids`` of ``request_id``.
+
+    ``pinned``: the blocks are held by :class:`SchedulerSide` (the lease's end
+    goes back in the worker's step metadata), not by the request (its end is
+    reported as the request's sending finished)."""
 
     request_id: str
     block_ids: tuple[int, ...]
+    pinned: bool = False
 
 
 @dataclass
@@ -78,11 +101,43 @@ class StepPlan:
 class SchedulerSide:
     """Per-request decisions of one vLLM instance's scheduler."""
 
-    def __init__(self, *, engine_id: str, block_size: int) -> None:
+    def __init__(self, *, engine_id: str, block_size: int, load_async: bool = False) -> None:
         self.engine_id = engine_id
         self.block_size = block_size
+        self.load_async = load_async
         self._addresses: dict[int, str] = {}  # tensor-parallel rank -> worker endpoint
         self._plan = StepPlan()
+        # request id -> tokens cached here when its external tokens were
+        # counted (block-aligned): where the blocks to fill start.
+        self._local_hit: dict[str, int] = {}
+        self._pool: Any = None  # vLLM's BlockPool, once bound
+        # prefill request id -> (its pinned blocks, worker leases still open)
+        self._pinned: dict[str, tuple[list[Any], int]] = {}
+
+    def bind_block_pool(self, pool: Any) -> None:
+        """vLLM's block pool: finished prefills' blocks are pinned in it
+        (``touch``/``free_blocks``, the pool's own reference counting)."""
+        self._pool = pool
+
+    @property
+    def pinned(self) -> dict[str, int]:
+        """Prefill request id -> number of its blocks still pinned."""
+        return {rid: len(blocks) for rid, (blocks, _) in self._pinned.items()}
+
+    def lease_ended(self, request_id: str, count: int = 1) -> None:
+        """``count`` workers' leases on ``request_id``'s blocks ended; once every
+        worker's did, the blocks go back to vLLM."""
+        entry = self._pinned.get(request_id)
+        if entry is None:
+            return
+        blocks, open_leases = entry
+        open_leases -= count
+        if open_leases > 0:
+            self._pinned[request_id] = (blocks, open_leases)
+            return
+        del self._pinned[request_id]
+        # Tail first: vLLM evicts the first blocks of a free list first.
+        self._pool.free_blocks(reversed(blocks))
 
     # ------------------------------------------------------------ handshake
 
@@ -119,14 +174,18 @@ class SchedulerSide:
     def get_num_new_matched_tokens(
         self, request: Any, num_computed_tokens: int
     ) -> tuple[int, bool]:
-        """Prompt tokens the prefill computed beyond what is cached here (loaded async)."""
+        """Prompt tokens the prefill computed beyond what is cached here, and
+        whether they load asynchronously (before the request is scheduled)."""
         remote = self._remote(request)
         if remote is None:
             return 0, False
-        count = min(remote.num_tokens, request.num_prompt_tokens) - num_computed_tokens
+        # A request scheduled in this step must leave vLLM a token to compute.
+        usable = request.num_prompt_tokens - (0 if self.load_async else 1)
+        count = min(remote.num_tokens, usable) - num_computed_tokens
         if count <= 0:
             return 0, False
-        return count, True
+        self._local_hit[request.request_id] = num_computed_tokens
+        return count, self.load_async
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         """Blocks are allocated: plan the pull of the remote blocks into them (once)."""
@@ -134,17 +193,27 @@ class SchedulerSide:
         if remote is None:
             return
         request.kv_transfer_params["do_remote_prefill"] = False  # one pull per request
+        local_hit = self._local_hit.pop(request.request_id, 0)
         if num_external_tokens <= 0:
             # Everything is cached here already; the prefill's lease runs out
             # at its ttl and its blocks are freed then.
             return
-        local = tuple(blocks.get_unhashed_block_ids())
+        # The external tokens are [local_hit, local_hit + n) of the prompt
+        # (local_hit is block-aligned): blocks first..end-1 of the request,
+        # here and on the prefill alike.
+        first = local_hit // self.block_size
+        end = -(-(local_hit + num_external_tokens) // self.block_size)
+        (ids, *_) = blocks.get_block_ids()
+        local = tuple(ids[first:end])
         error = ""
-        if not local:
-            error = "vLLM allocated no blocks for the external tokens"
-        elif len(local) > len(remote.block_ids):
+        if len(local) < end - first:
             error = (
-                f"{len(local)} local blocks to fill but the prefill holds only "
+                f"vLLM allocated {len(ids)} blocks; the external tokens "
+                f"[{local_hit}, {local_hit + num_external_tokens}) need blocks {first}..{end - 1}"
+            )
+        elif end > len(remote.block_ids):
+            error = (
+                f"{end - first} blocks to fill from block {first} but the prefill holds only "
                 f"{len(remote.block_ids)} for {remote.num_tokens} tokens"
             )
         self._plan.reads.append(
@@ -154,6 +223,7 @@ class SchedulerSide:
                 local_blocks=local,
                 num_tokens=num_external_tokens,
                 error=error,
+                first_block=first,
             )
         )
 
@@ -163,6 +233,7 @@ class SchedulerSide:
         self, request: Any, block_ids: Sequence[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         """Keep a finished prefill's blocks for the decode and say where they are."""
+        self._local_hit.pop(request.request_id, None)  # aborted before its blocks came
         params = request.kv_transfer_params
         if not params or not params.get("do_remote_decode"):
             return False, None
@@ -177,8 +248,13 @@ class SchedulerSide:
             )
             return False, None
         ids = tuple(block_ids)
-        self._plan.exposes.append(ExposeSpec(request.request_id, ids))
-        return True, prefill_params(
+        pinned = self._pool is not None
+        if pinned:
+            blocks = [self._pool.blocks[i] for i in ids]
+            self._pool.touch(blocks)
+            self._pinned[request.request_id] = (blocks, len(addresses))
+        self._plan.exposes.append(ExposeSpec(request.request_id, ids, pinned))
+        return not pinned, prefill_params(
             engine_id=self.engine_id,
             request_id=request.request_id,
             addresses=addresses,

@@ -49,9 +49,13 @@ def kv_transfer_config(
     *,
     failure_policy: str = "fail",
     storage: str | None = None,
+    traced: bool = False,
     **extra: Any,
 ) -> str:
-    """``--kv-transfer-config`` for ``connector`` ("aiokvpipe" or "example")."""
+    """``--kv-transfer-config`` for ``connector`` ("aiokvpipe" or "example").
+
+    ``traced`` (example only): vLLM's ExampleConnector with the timing events
+    of :mod:`.trace` (ours records them whenever tracing is on)."""
     if connector == "aiokvpipe":
         config: dict[str, Any] = {
             "kv_connector": "AiokvpipeConnector",
@@ -71,6 +75,9 @@ def kv_transfer_config(
             "kv_role": "kv_both",
             "kv_connector_extra_config": {"shared_storage_path": storage or "/tmp/kv"},
         }
+        if traced:
+            config["kv_connector"] = "TracedExampleConnector"
+            config["kv_connector_module_path"] = "aiokvpipe.integrations.vllm.trace"
     else:
         raise ValueError(f"unknown connector {connector!r}")
     return json.dumps(config)

@@ -23,6 +23,20 @@ Keys (all optional):
 * ``lease_grace`` (s, default 2): the prefill's scheduler publishes the
   params one engine step before its worker grants the lease; a decode that is
   faster than that step is told "not granted" and retries for this long.
+* ``load_mode`` (default ``"sync"``): how the decode loads a request's KV.
+  ``"sync"``: the request is scheduled at once, in the same engine step that
+  decides it, and its blocks are read layer by layer while that step's
+  forward pass runs (each attention layer waits for its own layer only), as
+  vLLM's in-step connectors do; a failed read marks the blocks invalid and
+  vLLM applies ``kv_load_failure_policy`` in the same step. ``"async"``: the
+  request waits in WAITING_FOR_REMOTE_KVS while the whole pull runs beside
+  other requests' steps, and is scheduled once it ended (vLLM's NIXL
+  connector's way): it never stalls a step, but costs the request extra
+  engine steps. See docs/vllm.md for the measured difference.
+* ``pin_blocks`` (default True): a prefill pins a finished request's blocks
+  in vLLM's block pool until the decode read them, and the request ends for
+  vLLM at once; False: the request holds them (it stays in vLLM's books,
+  which keeps the engine stepping every millisecond until the lease ends).
 * ``test_hooks`` (default False): lets a request ask, through its
   ``kv_transfer_params``, for the bits of its transferred blocks to be
   flipped (the negative control of the test suite). Off in production.
@@ -39,7 +53,7 @@ from typing import Any
 from ...config import EndpointConfig
 from ...errors import ConfigError
 
-__all__ = ["ENDPOINT_KEYS", "ConnectorSettings"]
+__all__ = ["ENDPOINT_KEYS", "LOAD_MODES", "ConnectorSettings"]
 
 #: extra_config keys passed through to EndpointConfig unchanged.
 ENDPOINT_KEYS: tuple[str, ...] = (
@@ -53,7 +67,17 @@ ENDPOINT_KEYS: tuple[str, ...] = (
     "buffer_bytes",
     "insecure",
 )
-_OWN_KEYS: tuple[str, ...] = ("token_env", "lease_ttl", "read_timeout", "lease_grace", "test_hooks")
+_OWN_KEYS: tuple[str, ...] = (
+    "token_env",
+    "lease_ttl",
+    "read_timeout",
+    "lease_grace",
+    "load_mode",
+    "pin_blocks",
+    "test_hooks",
+)
+#: The values of ``load_mode``.
+LOAD_MODES: tuple[str, ...] = ("sync", "async")
 
 
 def _seconds(extra: Mapping[str, Any], key: str, default: float) -> float:
@@ -75,8 +99,15 @@ class ConnectorSettings:
     lease_ttl: float = 30.0
     read_timeout: float = 30.0
     lease_grace: float = 2.0
+    load_mode: str = "sync"
+    pin_blocks: bool = True
     test_hooks: bool = False
     token: str | None = field(default=None, repr=False)
+
+    @property
+    def load_async(self) -> bool:
+        """Whether a decode pulls before scheduling (``load_mode: async``)."""
+        return self.load_mode == "async"
 
     @classmethod
     def from_extra(
@@ -113,6 +144,14 @@ class ConnectorSettings:
         test_hooks = extra.get("test_hooks", False)
         if not isinstance(test_hooks, bool):
             raise ConfigError("test_hooks", f"must be true or false, got {test_hooks!r}")
+        pin_blocks = extra.get("pin_blocks", True)
+        if not isinstance(pin_blocks, bool):
+            raise ConfigError("pin_blocks", f"must be true or false, got {pin_blocks!r}")
+        load_mode = extra.get("load_mode", "sync")
+        if load_mode not in LOAD_MODES:
+            raise ConfigError(
+                "load_mode", f"must be one of {', '.join(LOAD_MODES)}, got {load_mode!r}"
+            )
         endpoint = {key: extra[key] for key in ENDPOINT_KEYS if key in extra}
         settings = cls(
             endpoint=endpoint,
@@ -120,6 +159,8 @@ class ConnectorSettings:
             lease_ttl=_seconds(extra, "lease_ttl", 30.0),
             read_timeout=_seconds(extra, "read_timeout", 30.0),
             lease_grace=_seconds(extra, "lease_grace", 2.0),
+            load_mode=load_mode,
+            pin_blocks=pin_blocks,
             test_hooks=test_hooks,
             token=token,
         )
