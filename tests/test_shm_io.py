@@ -695,13 +695,15 @@ def test_filesystem_doorbells_refuse_a_foreign_directory(
         doorbell_address("aiokv_fs_dir", "w", abstract=False)
 
 
-async def test_spin_window_adapts_to_streams_and_resets_for_sparse_traffic() -> None:
+async def test_spin_window_adapts_to_streams_and_is_dropped_for_sparse_traffic() -> None:
     async with ring_of() as (_writer, (reader,)):
         base = reader._backoff.spin_seconds
         for _ in range(10):
             reader._adapt_spin(base)  # parks that ended right after the spin window
         assert reader._backoff.spin_seconds == 8 * base, "streams stop parking"
         reader._adapt_spin(0.002)  # a real wait, as between sparse messages
+        assert reader._backoff.spin_seconds == 0, "sparse: the next wait parks at once"
+        reader._adapt_spin(base)  # a short park again: spinning pays
         assert reader._backoff.spin_seconds == base
 
 

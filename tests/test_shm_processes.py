@@ -210,11 +210,11 @@ class _CheckLate(ShmRingBufferIO):
 
     cue: Callable[[], None] | None = None
 
-    def _check_peer(self, reason: str | None) -> None:
+    def _check_peer(self, reason: str | None, parking: bool = False) -> None:
         cue, self.cue = self.cue, None
         if cue is not None:
             cue()
-        super()._check_peer(reason)
+        super()._check_peer(reason, parking)
 
 
 @pytest.mark.parametrize(

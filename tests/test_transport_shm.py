@@ -261,13 +261,13 @@ async def test_writer_gone_is_declared_only_after_draining_the_ring() -> None:
         def poll() -> int | None:
             return None if armed else real_poll()
 
-        def check(reason: str | None) -> None:
+        def check(reason: str | None, parking: bool = False) -> None:
             nonlocal armed, gone
             if armed:
                 armed, gone = False, True
             if gone:  # as a real close or exit, "gone" stays gone
                 raise WriterGoneError("simulated: the writer left between poll and check")
-            real_check(reason)
+            real_check(reason, parking)
 
         io._poll_readable, io._check_peer = poll, check
         await a.send(tagged(0))

@@ -20,10 +20,11 @@ barriers on x86; the others order what TSO already orders and are skipped
 there (``ORDERING_FENCE_NEEDED`` in :mod:`aiokvpipe.shm.fence`).
 
 Waiting: spin with ``sched_yield()`` + ``asyncio.sleep(0)`` for the spin
-window (50 us, adaptive: see ``_adapt_spin``); then announce "parked", fence,
-recheck, and only then wait on the doorbell fd (plus the writer's pidfd, for
-readers) for at most a safety interval growing from 20 ms to 50 ms, so even a
-lost ring costs bounded latency, and an idle waiter wakes ~20 times a second.
+window (50 us, adaptive, none after a long park: see ``_adapt_spin``); then
+announce "parked", fence, recheck, and only then wait on the doorbell fd
+(plus the writer's pidfd, for readers) for at most a safety interval growing
+from 20 ms to 50 ms, so even a lost ring costs bounded latency, and an idle
+waiter wakes ~20 times a second.
 The same coroutines serve the blocking API: with ``blocking=True`` they never
 suspend (they spin and ``poll`` instead).
 """
@@ -233,7 +234,9 @@ class RingEndpoint:
             raise exc
         return PipeClosedError(f"ring {self.buffer.name!r} was closed")
 
-    def _check_peer_or_poll(self, poll: Callable[[], int | None], reason: str | None) -> int | None:
+    def _check_peer_or_poll(
+        self, poll: Callable[[], int | None], reason: str | None, parking: bool = False
+    ) -> int | None:
         """:meth:`_check_peer`, except that a chunk ``poll`` finds now wins.
 
         A writer may publish a last message and close (or die) between our
@@ -243,7 +246,7 @@ class RingEndpoint:
         chunk), and report the peer gone only if nothing is there.
         """
         try:
-            self._check_peer(reason)
+            self._check_peer(reason, parking)
         except PeerClosedError:
             fence()
             idx = poll()
@@ -252,7 +255,7 @@ class RingEndpoint:
             return idx
         return None
 
-    def _check_peer(self, reason: str | None) -> None:
+    def _check_peer(self, reason: str | None, parking: bool = False) -> None:
         """Raise when the peer this endpoint waits for can no longer act.
 
         A reader raises WriterGoneError when its writer closed or exited. The
@@ -262,6 +265,9 @@ class RingEndpoint:
         ``reason`` is why the last park ended (None: first park of this call).
         With a pidfd the loop callback or poll already reported an exit; the
         slower pid check runs only when the safety timer, not a ring, woke us.
+        ``parking``: a wait that watches the pidfd follows at once, so an exit
+        not seen yet ends that wait: no syscall to look now (a sparse reader
+        parks once per message, and on a VM every syscall costs microseconds).
         """
         if self.is_writer:
             self._check_readers(reason)
@@ -282,7 +288,7 @@ class RingEndpoint:
                 raise self._writer_gone(writer) from None
         pidfd = self._pidfd
         if pidfd is not None:
-            if self._bell.exited(pidfd) or (reason is None and pidfd_exited(pidfd)):
+            if self._bell.exited(pidfd) or (reason is None and not parking and pidfd_exited(pidfd)):
                 raise self._writer_gone(writer)
         elif reason != RUNG and not writer.is_alive():
             raise self._writer_gone(writer)
@@ -542,7 +548,7 @@ class RingEndpoint:
                     try:
                         idx = poll()
                         if idx is None:
-                            idx = self._check_peer_or_poll(poll, reason)
+                            idx = self._check_peer_or_poll(poll, reason, True)
                         if idx is not None:
                             self._adapt_spin(_perf_counter() - parked_at)
                             return idx
@@ -572,19 +578,24 @@ class RingEndpoint:
                 self._hdr[self._spin_flag] = 0
 
     def _adapt_spin(self, parked_for: float) -> None:
-        """Spin longer after parks that were barely needed, back to base after real waits.
+        """Spin longer after parks that were barely needed; not at all after long ones.
 
         In a stream the other side frees or fills a chunk within microseconds,
         yet a park costs a full wake-up (tens of us, more in a VM), twice per
-        bubble. A park that ended within 4x the spin window doubles the window
-        (up to 8x base); any longer park, as between sparse messages, resets it.
+        bubble. A park that ended within 4x the base window doubles the window
+        (from the base, up to 8x). A longer park, as between sparse messages,
+        sets it to 0: the next wait parks at once, since a message that is
+        milliseconds apart never lands within 50 us, and a cold spin step
+        costs its syscalls and a loop turn (measured here: on a 4 KiB round
+        trip 2 ms apart it was the shm receiver's extra CPU against tcp's).
+        Anticipation, where on, still spins where the next message is due.
         """
         backoff = self._backoff
-        spin = backoff.spin_seconds
-        if parked_for <= 4 * spin:
-            backoff.spin_seconds = min(spin * 2, self._spin_max)
+        base = self._spin_base
+        if parked_for <= 4 * base:
+            backoff.spin_seconds = min(max(backoff.spin_seconds * 2, base), self._spin_max)
         else:
-            backoff.spin_seconds = self._spin_base
+            backoff.spin_seconds = 0.0
 
     def _unpark(self) -> None:
         if self._park_gen & 1:
