@@ -147,8 +147,10 @@ async def test_cancelling_one_pipelined_write_aborts_it_alone(
     peer: PeerClient, node: BlockNode
 ) -> None:
     name = unique("kv")
-    await peer.ok("register", name=name, seed=5, layers=4, blocks=64, block_shape=BIG)
-    local = make_layers(6, 4, 64, block_shape=BIG)
+    # 16 MiB a layer: more than a ring (8 MiB) or the socket buffers hold.
+    shape = (64, 16, 64)
+    await peer.ok("register", name=name, seed=5, layers=4, blocks=64, block_shape=shape)
+    local = make_layers(6, 4, 64, block_shape=shape)
     node.service.register(name, local, block_dim=1)
     rid = unique("cancel")
     blocks = list(range(64))
@@ -160,7 +162,7 @@ async def test_cancelling_one_pipelined_write_aborts_it_alone(
         for layer in range(4)
     ]
     victim = None
-    for _ in range(50_000):  # layer 2's write, pipelined, once it is halfway out
+    for _ in range(50_000):  # layer 2's write, pipelined, once it is under way
         for op in node.service._ops.values():
             if op.layers == (2,) and 0 < op.segs.moved < op.segs.total:
                 victim = op
@@ -169,11 +171,21 @@ async def test_cancelling_one_pipelined_write_aborts_it_alone(
         await asyncio.sleep(0)
     assert victim is not None, "layer 2's write never got under way"
     assert node.service.pipelined_writes >= 2
-    tasks[2].cancel()
+    # Freeze the owner so the write cannot finish before the cancel is seen.
+    os.kill(peer.pid, signal.SIGSTOP)
+    try:
+        tasks[2].cancel()
+        for _ in range(1000):
+            if victim.segs.redirected:
+                break
+            await asyncio.sleep(0)
+        assert victim.segs.redirected  # from the cancel on, no byte came from the blocks
+        assert victim.segs.moved < victim.segs.total
+    finally:
+        os.kill(peer.pid, signal.SIGCONT)
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert isinstance(results[2], asyncio.CancelledError)
     assert [results[i] for i in (0, 1, 3)] == [None, None, None], results
-    assert victim.segs.redirected  # from the cancel on, no byte came from the blocks
     # The aborted layer counted for nothing; the connection stayed in step.
     assert await peer.ok("state", request_id=rid) == {"ended": False, "remaining": 64}
     await node.service.write(peer.address, rid, name, blocks, blocks, layers=[2])

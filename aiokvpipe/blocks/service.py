@@ -212,7 +212,6 @@ class _Outbound:
     ready: Any = None  # GPU regions: the caller's stream when the call was made
     host: torch.Tensor | None = None  # GPU regions on the stream path: staged bytes
     conn: _Conn | None = None
-    accepted: bool = False  # the owner agreed to a payload on the stream
     error: BaseException | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -477,8 +476,8 @@ class BlockService:
     async def _send_in_turn(
         self, pipe: _WritePipe, op: _Outbound
     ) -> asyncio.Future[AiokvpipeError | None] | None:
-        """Send ``op`` in its turn on the pipe's connection: its pending answer if
-        pipelined, else None once the whole exchange is over (refusals raised)."""
+        """Send ``op`` in its turn on the pipe's connection: the future of the owner's
+        answer, or None when there is none to wait for (refusals raised)."""
         async with pipe.turn:
             if op.segs.redirected:  # cancelled, or its peer lost, while it queued
                 if op.error is not None:
@@ -490,11 +489,12 @@ class BlockService:
                 pipe.conn = await self._acquire(op.owner)
             conn = op.conn = pipe.conn
             pipe.sending = op
+            outcome: asyncio.Future[AiokvpipeError | None] | AiokvpipeError | None
             try:
-                if pipe.key in conn.accepted and not op.gpu:
-                    return await self._send_pipelined(pipe, conn, op)
-                assert not pipe.pending  # only a write on a fresh connection waits
-                refusal = await self._transfer_on(conn, op)
+                if op.gpu:  # GPU regions: one whole exchange each (their paths need the REPLY)
+                    outcome = await self._transfer_on(conn, op)
+                else:
+                    outcome = await self._send_streamed(pipe, conn, op)
             except BaseException as exc:
                 # Stopped mid-framing (or the connection failed): nobody can
                 # tell where the next message starts. Every write on it fails.
@@ -503,22 +503,43 @@ class BlockService:
                 raise
             finally:
                 pipe.sending = None
-            if op.accepted and not op.gpu:
-                conn.accept_writes(pipe.key)
+        if isinstance(outcome, asyncio.Future):
+            return outcome
         if op.error is not None:
             raise op.error
-        if refusal is not None:
-            raise refusal
+        if outcome is not None:
+            raise outcome
         return None
 
-    async def _send_pipelined(
+    async def _send_streamed(
         self, pipe: _WritePipe, conn: _Conn, op: _Outbound
-    ) -> asyncio.Future[AiokvpipeError | None]:
-        """REQUEST, payload and verdict without waiting; the future of the owner's answer."""
+    ) -> asyncio.Future[AiokvpipeError | None] | AiokvpipeError | None:
+        """REQUEST, payload and verdict; the future of the owner's answer.
+
+        Pipelined when the owner already accepted a write of this request and
+        region on ``conn``; else the REQUEST waits for its REPLY first (the
+        owner's refusal is returned, before any payload byte moved), and only
+        the final answer is left to the reader.
+        """
         what = f"write to {conn.owner}"
         body, ids = op.request
-        self.pipelined_writes += 1
-        await protocol.send_message(conn.sock, Kind.REQUEST, {**body, "pipelined": True}, what, ids)
+        if pipe.key in conn.accepted:
+            self.pipelined_writes += 1
+            await protocol.send_message(
+                conn.sock, Kind.REQUEST, {**body, "pipelined": True}, what, ids
+            )
+        else:
+            assert not pipe.pending  # nothing is pipelined on a connection before this
+            direction = conn.path.needs(op.op)
+            if direction is not None and not op.segs.redirected:
+                await conn.path.open(conn.sock, direction, what)
+            if op.segs.redirected:  # stopped before a byte was sent
+                return None
+            await self._request(conn, op, None, None)
+            refusal, _path = await self._agreed(conn, op, None, None, what)
+            if refusal is not None:
+                return refusal
+            conn.accept_writes(pipe.key)
         await self._send_payload(conn.sock, conn.path, op.segs, what)
         verdict: protocol.Status = "abort" if op.segs.redirected else "commit"
         await protocol.send_message(conn.sock, Kind.STATUS, protocol.status(verdict), what)
@@ -747,7 +768,6 @@ class BlockService:
         )
         if settled:
             return result
-        op.accepted = True
         if op.gpu and op.host is None and not op.segs.redirected:
             await self._stage_out(op)  # we meant to copy by IPC; the owner said stream
         segs = self._stream_segs(op)
