@@ -1,8 +1,11 @@
 """Disaggregated prefill/decode on real vLLM CPU engines through AiokvpipeConnector.
 
-Four servers for the module: prefill ``p1`` (also the colocated reference:
-plain requests to it never touch the connector), prefill ``p2``, decode
-``d`` (kv_load_failure_policy=recompute) and decode ``dfail`` (fail). All
+Five servers for the module: prefill ``p1`` (also the colocated reference:
+plain requests to it never touch the connector; finished requests' blocks
+pinned in vLLM's pool, the default), prefill ``p2`` (``pin_blocks: false``:
+the request holds them), decode ``d`` (kv_load_failure_policy=recompute)
+and decode ``dfail`` (fail), both loading in the step (``load_mode: sync``,
+the default), and decode ``dasync`` (recompute, ``load_mode: async``). All
 requests are greedy with ``ignore_eos``; prompts are token ids of a
 random-weight tiny Llama, so "identical tokens" checks the transferred KV
 and nothing else.
@@ -42,9 +45,12 @@ def servers(fleet: Any) -> dict[str, VllmServer]:
     # Test hooks on: the negative control flips bits through kv_transfer_params.
     return fleet.start(  # type: ignore[no-any-return]
         p1=kv_transfer_config(test_hooks=True),
-        p2=kv_transfer_config(test_hooks=True),
+        p2=kv_transfer_config(test_hooks=True, pin_blocks=False),
         d=kv_transfer_config(failure_policy="recompute", test_hooks=True, read_timeout=20.0),
         dfail=kv_transfer_config(failure_policy="fail", test_hooks=True, read_timeout=20.0),
+        dasync=kv_transfer_config(
+            failure_policy="recompute", test_hooks=True, read_timeout=20.0, load_mode="async"
+        ),
     )
 
 
@@ -117,16 +123,19 @@ def test_one_prefill_one_decode_matches_colocated(servers: dict[str, VllmServer]
     run(main())
 
 
-def test_flipped_bits_change_the_output(servers: dict[str, VllmServer]) -> None:
+@pytest.mark.parametrize("decode", ["d", "dasync"])
+def test_flipped_bits_change_the_output(servers: dict[str, VllmServer], decode: str) -> None:
     """Negative control: the same pull with every bit of the landed blocks flipped
-    gives other tokens, so the decode really attends over the transferred KV."""
-    ps = prompts(4, seed=2, low=64, high=300)
+    gives other tokens, so the decode really attends over the transferred KV
+    (in both load modes)."""
+    ps = prompts(4, seed=2 + len(decode), low=64, high=300)
 
     async def main() -> None:
         async with httpx.AsyncClient(timeout=120) as client:
+            d = servers[decode]
             reference = await colocated(servers["p1"], client, ps)
-            clean = await disagg([servers["p1"]], servers["d"], client, ps)
-            flipped = await disagg([servers["p1"]], servers["d"], client, ps, **{CORRUPT_KEY: True})
+            clean = await disagg([servers["p1"]], d, client, ps)
+            flipped = await disagg([servers["p1"]], d, client, ps, **{CORRUPT_KEY: True})
         assert clean == reference
         for ref, bad in zip(reference, flipped, strict=True):
             assert bad != ref
@@ -134,9 +143,30 @@ def test_flipped_bits_change_the_output(servers: dict[str, VllmServer]) -> None:
     run(main())
 
 
+def test_async_load_mode_matches_colocated(servers: dict[str, VllmServer]) -> None:
+    """load_mode async: the same tokens, and the whole prompt came from the
+    prefill (the decode recomputes at most the last token of each)."""
+    ps = prompts(8, seed=5)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=120) as client:
+            reference = await colocated(servers["p1"], client, ps)
+            d = servers["dasync"]
+            ext0 = await d.metric(client, EXTERNAL, source="external_kv_transfer")
+            got = await disagg([servers["p1"], servers["p2"]], d, client, ps)
+            await asyncio.sleep(1.5)  # the metrics of the last step reach /metrics
+            ext = await d.metric(client, EXTERNAL, source="external_kv_transfer") - ext0
+        assert got == reference
+        total = sum(len(p) for p in ps)
+        assert ext in (total, total - len(ps)), (ext, total)
+
+    run(main())
+
+
 def test_two_prefills_one_decode(servers: dict[str, VllmServer]) -> None:
-    """Requests alternate between two prefill instances; the decode's tokens are
-    identical to the colocated run's."""
+    """Requests alternate between two prefill instances (one pinning its blocks,
+    one holding them by the request); the decode's tokens are identical to the
+    colocated run's."""
     ps = prompts(10, seed=3)
 
     async def main() -> None:
@@ -152,8 +182,9 @@ def test_prefill_killed_before_the_read(servers: dict[str, VllmServer]) -> None:
     """The prefill answers, then dies before any decode read its blocks.
 
     recompute: the decode computes the prompt itself and returns the right
-    tokens. fail: the request fails with an error, promptly. Either way no
-    hang, and both decodes go on serving disaggregated requests."""
+    tokens (both load modes). fail: the request fails with an error,
+    promptly. Either way no hang, and the decodes go on serving
+    disaggregated requests."""
     ps = prompts(3, seed=4, low=100, high=300)
 
     async def main() -> None:
@@ -161,6 +192,7 @@ def test_prefill_killed_before_the_read(servers: dict[str, VllmServer]) -> None:
             reference = await colocated(servers["p1"], client, ps)
             for_recompute = await prefill(servers["p2"], client, ps[0])
             for_fail = await prefill(servers["p2"], client, ps[1])
+            for_async = await prefill(servers["p2"], client, ps[0])
             mapped = servers["p2"]._mapped_shm()
             servers["p2"].kill()
             # The crashed engine's /dev/shm segments do not outlive the test.
@@ -168,6 +200,9 @@ def test_prefill_killed_before_the_read(servers: dict[str, VllmServer]) -> None:
 
             started = time.monotonic()
             out = await servers["d"].complete(client, ps[0], NEW_TOKENS, for_recompute)
+            assert out.token_ids == reference[0]
+            assert time.monotonic() - started < 30
+            out = await servers["dasync"].complete(client, ps[0], NEW_TOKENS, for_async)
             assert out.token_ids == reference[0]
             assert time.monotonic() - started < 30
 
@@ -180,8 +215,8 @@ def test_prefill_killed_before_the_read(servers: dict[str, VllmServer]) -> None:
             assert time.monotonic() - started < 30, info.value
             assert "KV load of request" in servers["dfail"].log_text()
 
-            # Both decode instances keep serving.
-            for decode in (servers["d"], servers["dfail"]):
+            # Every decode instance keeps serving.
+            for decode in (servers["d"], servers["dfail"], servers["dasync"]):
                 again = await disagg([servers["p1"]], decode, client, ps[2:])
                 assert again == reference[2:]
 

@@ -362,6 +362,11 @@ class TransferAgent:
     def num_layers(self) -> int:
         return len(self._tensors)
 
+    @property
+    def loading(self) -> bool:
+        """Whether this step started sync-mode reads (:meth:`load`)."""
+        return bool(self._loads)
+
     def load(self, orders: Sequence[ReadOrder]) -> None:
         """Start this step's reads, one per (request, layer), layer 0 first (returns at once).
 

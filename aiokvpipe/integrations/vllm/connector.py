@@ -78,6 +78,9 @@ class AiokvpipeConnectorMetadata(KVConnectorMetadata):
     """Scheduler -> worker, once per step: the pulls and leases to start."""
 
     plan: StepPlan = field(default_factory=StepPlan)
+    # Worker side: set once the plan's transfers were started (the worker's
+    # own copy; vLLM sends each step's metadata to the worker once).
+    started: bool = False
 
 
 @dataclass
@@ -293,11 +296,28 @@ class AiokvpipeConnector(KVConnectorBase_V1):
             return None
         return AiokvpipeHandshake(address=self._agent.address)
 
-    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        assert self._agent is not None
-        meta = self._connector_metadata
-        if not isinstance(meta, AiokvpipeConnectorMetadata):
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        """vLLM hands the worker the step's metadata here, before it updates its
+        batch and prepares the step's inputs: the step's leases and reads start
+        now, so they overlap that work (when vLLM zeroes newly allocated blocks
+        during that update, reads wait for :meth:`start_load_kv`: after it)."""
+        if self._kv_cache_config.needs_kv_cache_zeroing:
             return
+        self._start_transfers(kv_connector_metadata)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        self._start_transfers(self._connector_metadata)
+        assert self._agent is not None
+        if self._agent.loading:
+            self._agent.wait_layer(0)  # see the module docstring: one layer ahead
+            event("load_end")
+
+    def _start_transfers(self, meta: KVConnectorMetadata | None) -> None:
+        """Start ``meta``'s leases and reads, once per step (either hook may come first)."""
+        assert self._agent is not None
+        if not isinstance(meta, AiokvpipeConnectorMetadata) or meta.started:
+            return
+        meta.started = True
         agent = self._agent
         for expose in meta.plan.exposes:
             agent.expose(expose.request_id, expose.block_ids, pinned=expose.pinned)
@@ -333,8 +353,6 @@ class AiokvpipeConnector(KVConnectorBase_V1):
         if in_step:
             event("load_start", n=len(in_step))
             agent.load(in_step)
-            agent.wait_layer(0)  # see the module docstring: one layer ahead
-            event("load_end", n=len(in_step))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Sync mode: the next layer's reads land before this layer writes its new KV."""
