@@ -1166,3 +1166,34 @@ async def test_wait_readable_take_cancelled_while_parked_takes_nothing() -> None
         got: list[int] = []
         assert reader.read_chunk_nowait(lambda buf: got.append(buf[0]))
         assert got == [6]
+
+
+@pytest.mark.parametrize("anticipate", [False, True])
+async def test_wait_readable_keep_serves_rings_in_the_callback_until_told_to_stop(
+    anticipate: bool,
+) -> None:
+    """With ``keep``, a parked reader (anticipate=False) stays parked after each
+    take and serves the next rings in the callback alone; the wait returns once
+    ``keep()`` is false. An anticipating reader returns after the first take."""
+    async with ring_of(
+        n_reader=1, chunk=256, chunks=2, backoff=NO_SAFETY_NET, anticipate=anticipate
+    ) as (writer, (reader,)):
+        got: list[int] = []
+        waiting = asyncio.ensure_future(
+            reader.wait_readable(
+                timeout=5, take=lambda buf: got.append(buf[0]), keep=lambda: len(got) < 3
+            )
+        )
+        for i in range(1 if anticipate else 3):
+            for _ in range(2000):  # until the reader is parked (again)
+                if parked(reader):
+                    break
+                await asyncio.sleep(0.001)
+            assert parked(reader) == 1, f"parked before message {i}"
+            assert not waiting.done()
+            assert writer.write_chunk_nowait(lambda buf, i=i: buf.__setitem__(0, 70 + i))
+            await asyncio.sleep(0.01)  # the ring's callback took it
+        assert await asyncio.wait_for(waiting, 2) is True
+        assert got == ([70] if anticipate else [70, 71, 72])
+        assert parked(reader) == 0
+        assert not reader.read_chunk_nowait(lambda buf: pytest.fail("all were taken"))

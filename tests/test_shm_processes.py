@@ -383,8 +383,9 @@ async def test_reader_cancelled_in_a_rhythm_keeps_its_place() -> None:
 async def test_take_in_the_doorbell_callback_loses_no_wakeup_across_processes(gap: float) -> None:
     """``wait_readable(take=...)`` against a writer process: every chunk arrives,
     in order, through the callback or the task, and only a ring can end a park
-    (a 30 s safety interval: a lost wake-up shows as a timeout). Gaps around
-    the 20 us spin make the ring race the park."""
+    (a 30 s safety interval: a lost wake-up shows as a timeout), including
+    the re-announced parks of ``keep`` between messages. Gaps around the
+    20 us spin make the ring race the park."""
     import pickle
 
     count = 300 if gap < 1e-3 else 60
@@ -406,9 +407,12 @@ async def test_take_in_the_doorbell_callback_loses_no_wakeup_across_processes(ga
             def take(buf: memoryview) -> None:
                 got.append(pickle.loads(buf))
 
+            def keep() -> bool:  # stay parked in the callback between messages
+                return len(got) < count
+
             while len(got) < count:
                 if not me.read_chunk_nowait(take):
-                    in_callback += await me.wait_readable(timeout=20, take=take)
+                    in_callback += await me.wait_readable(timeout=20, take=take, keep=keep)
             assert got == expected
             assert _slot_byte(ring, 0, SLOT_PARKED) & 1 == 0
             assert await _recv(wconn) == "sent"

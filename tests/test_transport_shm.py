@@ -23,9 +23,11 @@ from conftest import SHM_PREFIXES, free_port
 from transport_conformance import assert_all_same, assert_same, opened, pipe_factory, tagged
 
 from aiokvpipe import ConfigError, PeerClosedError, PipeConfig, TransferTimeout, rendezvous
+from aiokvpipe.backoff import Backoff
 from aiokvpipe.errors import HandleError, ProtocolError, WriterGoneError
 from aiokvpipe.pipe import Pipe
 from aiokvpipe.shm import ShmRingBuffer
+from aiokvpipe.shm.ring import READER_SLOTS_OFF, SLOT_PARKED
 from aiokvpipe.transport import shm as shm_transport
 from aiokvpipe.transport._shm_setup import decode_handle, encode_handle, ring_geometry
 
@@ -305,30 +307,50 @@ async def test_idle_receivers_cost_almost_no_cpu() -> None:
 
 @pytest.mark.timeout(30)
 async def test_parked_receivers_get_every_kind_of_frame_from_the_doorbell_callback() -> None:
-    """Receivers that always park (anticipate=False) and messages apart: each
-    ring ends a park, and the doorbell's callback takes the chunk itself (a
-    header-only None, a small tensor, the first piece of a multi-chunk one,
-    the CLOSE frame); all arrive intact and in order, and close is seen."""
+    """A receiver that always parks (anticipate=False), messages apart: every
+    ring is served in the doorbell's callback, which takes the chunk itself (a
+    header-only None, a small tensor, the first piece of a multi-chunk one, the
+    CLOSE frame) and, between messages, stays parked (no task wake-up); all
+    arrive intact and in order, and close is seen."""
     piece, _ = ring_geometry(1 << 20)
     messages = [tagged(0), None, torch.arange(3 * piece // 8 + 5, dtype=torch.int64), tagged(3)]
     async with opened(SHM, buffer_bytes=1 << 20, anticipate=False) as (a, b):
-        io: Any = b._receiver._io  # type: ignore[attr-defined]
+        receiver: Any = b._receiver  # type: ignore[attr-defined]
+        io = receiver._io
+        io._backoff = Backoff(spin_seconds=20e-6, initial_sleep=30.0, max_sleep=30.0)
         real = io._hand_over
         in_callback = 0
+        waits = 0
+        real_wait = io.wait_readable
 
         def counted(idx: int, take: Any) -> None:
             nonlocal in_callback
-            in_callback += io._busy  # the reader task holds the endpoint while it waits
+            # A message's first chunk, taken while the reader task waits (holding
+            # the endpoint): in the callback. (Later pieces may be either.)
+            in_callback += io._busy and receiver._dest is None
             real(idx, take)
 
-        io._hand_over = counted
+        async def wait_readable(*args: Any) -> bool:
+            nonlocal waits
+            waits += 1
+            return await real_wait(*args)
+
+        io._hand_over, io.wait_readable = counted, wait_readable
+        word = (READER_SLOTS_OFF + SLOT_PARKED) // 4
         for round_ in range(3):
             for m in messages:
                 waiting = asyncio.ensure_future(b.recv())
-                await asyncio.sleep(0.01)  # b's reader task is parked on the doorbell
+                for _ in range(5000):  # until b's reader parks
+                    if io.buffer.header_words[word] & 1:
+                        break
+                    await asyncio.sleep(0.001)
                 await a.send(m)
                 assert_same(await asyncio.wait_for(waiting, 5), m, f"round {round_}")
-        assert in_callback >= 3 * len(messages)
+        # Each message's first chunk came through the callback, and the reader
+        # task woke only for the multi-chunk message (the first wait, then at
+        # most one per piece of it): fewer waits than messages.
+        assert in_callback == 3 * len(messages)
+        assert waits <= 1 + 3 * 3 < 3 * len(messages)
         waiting = asyncio.ensure_future(b.recv())
         await asyncio.sleep(0.01)
         await a.aclose()

@@ -137,7 +137,7 @@ class Doorbell:
         self._watched: list[int] = []
         self._fired: set[int] = set()
         self._fut: asyncio.Future[str] | None = None
-        self._on_rung: Callable[[], object] | None = None  # the current wait's hook
+        self._on_rung: Callable[[], bool] | None = None  # the current wait's hook
         self._timer = LoopTimer(self._on_timer)
 
     @property
@@ -193,7 +193,8 @@ class Doorbell:
             # The waiter's own work, done in this callback: whatever the hook
             # wakes runs in the loop's next turn, not one after the waiter's.
             try:
-                hook()
+                if hook():
+                    return  # done here; the wait goes on
             except Exception as exc:
                 fut.set_exception(exc)
                 return
@@ -242,7 +243,7 @@ class Doorbell:
         timeout: float,
         extra_fd: int | None = None,
         wake_at: float | None = None,
-        on_rung: Callable[[], object] | None = None,
+        on_rung: Callable[[], bool] | None = None,
     ) -> str:
         """Wait until rung, ``extra_fd`` is readable, ``timeout`` passes, or close.
 
@@ -252,9 +253,11 @@ class Doorbell:
         :data:`TIMEOUT` or :data:`CLOSED`. Stale rings (queued while nobody
         waited) may wake it early: callers always recheck what they wait for.
 
-        ``on_rung`` runs inside the fd callback of a ring that ends this
-        wait, before the waiter is resumed (never after the wait ended, was
-        cancelled or timed out); an exception it raises is raised here.
+        ``on_rung`` runs inside the fd callback of each ring while this wait
+        lasts (never after it ended, was cancelled or timed out), before the
+        waiter is resumed. It returns True to go on waiting (it did the
+        waiter's work itself), False to end the wait with :data:`RUNG`; an
+        exception it raises is raised here.
         """
         if self._closed:
             return CLOSED

@@ -479,6 +479,7 @@ class RingEndpoint:
         deadline: float | None,
         blocking: bool,
         take: Callable[[int], None] | None = None,
+        keep: Callable[[], bool] | None = None,
     ) -> int:
         """Spin, then park on the doorbell until ``poll()`` yields a chunk index.
 
@@ -487,18 +488,38 @@ class RingEndpoint:
         ``take(idx)``, which must consume it; the wait returns :data:`TAKEN`.
         Whatever ``take`` wakes then runs in the loop's next turn instead of
         after this task's own turn (one loop iteration of cold code earlier).
+
+        ``keep`` (with ``take``, readers that do not anticipate): after a
+        take, while ``keep()`` is true the wait stays parked (announced anew,
+        so the writer rings for the next chunk) and every ring is served in
+        the callback alone, like a protocol's ``data_received``: no task
+        step, future or timer per message. The wait returns :data:`TAKEN`
+        once ``keep()`` is false, or on its safety interval.
         """
-        on_rung: Callable[[], None] | None = None
+        on_rung: Callable[[], bool] | None = None
         taken = False
         if take is not None and not blocking:
+            words, word = self._words, self._park_word
+            if self._cadence is not None:
+                keep = None  # anticipation re-plans its window after every message
 
-            def on_rung() -> None:
+            def on_rung() -> bool:
                 nonlocal taken
-                if not (self._closed or self.buffer.closed):
+                if self._closed or self.buffer.closed:
+                    return False
+                idx = poll()
+                while idx is not None:
+                    take(idx)
+                    taken = True
+                    if keep is None or not keep():
+                        return False
+                    # Still parked: a fresh odd value, so the writer rings once
+                    # more; then recheck (announce, fence, look: as a park).
+                    gen = self._park_gen = (self._park_gen + 2) & 0xFFFFFFFF
+                    words[word] = gen
+                    fence()
                     idx = poll()
-                    if idx is not None:
-                        take(idx)
-                        taken = True
+                return taken and keep is not None
 
         backoff = self._backoff
         backoff.reset()

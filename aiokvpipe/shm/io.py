@@ -312,7 +312,10 @@ class ShmRingBufferIO(RingEndpoint):
             raise self._released(exc) from exc
 
     async def wait_readable(
-        self, timeout: float | None = None, take: Callable[[memoryview], object] | None = None
+        self,
+        timeout: float | None = None,
+        take: Callable[[memoryview], object] | None = None,
+        keep: Callable[[], bool] | None = None,
     ) -> bool:
         """Reader: return once the next chunk is published (taking nothing).
 
@@ -329,6 +332,13 @@ class ShmRingBufferIO(RingEndpoint):
         less between the ring and the consumer. An exception from ``take``
         is raised here, with the chunk not marked read. False: the chunk is
         published, not taken.
+
+        ``keep`` (with ``take``; a reader with ``anticipate=False``): after
+        each take in the callback, while ``keep()`` is true the wait stays
+        parked and serves the next rings in the callback too, so a sparse
+        stream costs one fd callback per message and no task wake-up; it
+        returns (True) when ``keep()`` says stop, or on its safety interval
+        (20-50 ms). ``keep`` must be cheap and must not wait.
         """
         self._enter(False)
         try:
@@ -336,7 +346,7 @@ class ShmRingBufferIO(RingEndpoint):
                 return False
             hand = None if take is None else lambda idx: self._hand_over(idx, take)
             idx = await self._wait(
-                self._poll_readable, timeout, deadline_after(timeout), False, hand
+                self._poll_readable, timeout, deadline_after(timeout), False, hand, keep
             )
             return idx == TAKEN
         finally:

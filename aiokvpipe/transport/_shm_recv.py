@@ -136,7 +136,9 @@ class ShmRecvChannel(RecvChannel):
                         # callback: a recv() it completes runs in the loop's
                         # next turn, before this task's.
                         self._in_acquire = True
-                        took = await io.wait_readable(0 if self._eof else None, self._take)
+                        took = await io.wait_readable(
+                            0 if self._eof else None, self._take, self._keep_parked
+                        )
                         self._in_acquire = False
                         now = _perf_counter()
                         if now - start > _SUSPENDED:  # waited: the loop ran meanwhile
@@ -167,6 +169,12 @@ class ShmRecvChannel(RecvChannel):
             self._stop(translate_error(exc, self._link.describe))
         finally:
             self._in_acquire = False
+
+    def _keep_parked(self) -> bool:
+        """After a chunk taken in the doorbell callback: may the next one be
+        taken there too? Not mid-message (the task streams the rest without
+        a ring per chunk), nor once the queue is full or the stream ended."""
+        return self._dest is None and self._queued_bytes < self._limit and not self._stopped
 
     def _take(self, buf: memoryview) -> None:
         """Consume one chunk: a header (and payload start) or a payload piece."""
