@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import struct
 
@@ -12,7 +13,7 @@ from aiokvpipe.blocks import protocol
 from aiokvpipe.blocks.lease import LeaseTable
 from aiokvpipe.blocks.region import RegionTable
 from aiokvpipe.blocks.runs import as_ids, coalesce
-from aiokvpipe.blocks.sgio import Segments
+from aiokvpipe.blocks.sgio import IOV_MAX, Segments
 from aiokvpipe.errors import (
     BadMagicError,
     BlockIdError,
@@ -134,6 +135,52 @@ def test_redirected_segments_stop_touching_the_views() -> None:
     for view in segs.batch():
         view[:] = b"\xff" * len(view)
     assert target == bytearray(10)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_segments_move_every_byte_in_order_through_any_batching(seed: int) -> None:
+    """Batches of any size, partial syscalls, empty views, IOV_MAX caps and a redirect
+    at any point: the bytes land in stream order up to the redirect, none after it."""
+    rng = random.Random(seed)
+    for _ in range(1500):
+        sizes = [rng.choice([0, 1, 3, 7, 64, 100]) for _ in range(rng.randint(0, 12))]
+        data = bytes(rng.randrange(1, 256) for _ in range(sum(sizes)))
+        out = bytearray(len(data))
+        views, pos = [], 0
+        for size in sizes:
+            views.append(memoryview(out)[pos : pos + size])
+            pos += size
+        segs = Segments(views, receive=True)
+        assert segs.total == len(data)
+        redirect_at = rng.choice([None, rng.randint(0, len(data))])
+        cut = None
+        while segs.remaining:
+            if redirect_at is not None and segs.moved >= redirect_at and cut is None:
+                segs.redirect()
+                cut = segs.moved
+            batch = segs.batch(rng.choice([1, 2, 5, 50, 1000]))
+            size = sum(len(v) for v in batch)
+            assert batch and 0 < size <= segs.remaining
+            take, got = rng.randint(1, size), 0  # a syscall moves a prefix of the batch
+            for view in batch:
+                n = min(len(view), take - got)
+                if n <= 0:
+                    break
+                view[:n] = data[segs.moved + got : segs.moved + got + n]
+                got += n
+            segs.advance(got)
+        if cut is None:
+            assert bytes(out) == data
+        else:
+            assert bytes(out[:cut]) == data[:cut] and not any(out[cut:])
+
+
+def test_a_batch_takes_at_most_iov_max_views() -> None:
+    views = [memoryview(bytearray(1)) for _ in range(IOV_MAX + 5)]
+    segs = Segments(views, receive=True)
+    assert len(segs.batch()) == IOV_MAX
+    segs.advance(IOV_MAX)
+    assert len(segs.batch()) == 5
 
 
 # ------------------------------------------------------------------ leases
