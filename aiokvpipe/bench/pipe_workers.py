@@ -340,3 +340,76 @@ def memcpy_bandwidth(size: int, repeat: int = 10) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - t0)
     return size / best
+
+
+def _rtt_mixed_worker(
+    rank: int,
+    queue: Any,
+    ports: list[int],
+    kinds: list[tuple[str, bool]],
+    size: int,
+    count: int,
+    loop_name: str,
+    gap: float,
+    block: int = 10,
+) -> None:
+    """4 KiB round trips through several Pipes in the same two processes,
+    interleaved (one Pipe per ``(transport, anticipate)`` in ``kinds``, each
+    on its own port; the Pipe used rotates every ``block`` round trips).
+
+    Separate process pairs land in different scheduler regimes on these VMs
+    (one run's p50 moved 2x against the next), so a ratio between two
+    transports is only trustworthy when both share processes and minutes.
+    Rank 0 awaits ``asyncio.sleep(gap)`` before each round trip (jittered
+    gaps, as an application's). Returns, per kind: ``samples`` (seconds,
+    rank 0) and ``cpu<rank>`` (each side's CPU seconds per round trip,
+    waiting included, counted over that kind's blocks).
+    """
+    from ..config import PipeConfig
+    from ..pipe import Pipe
+
+    async def main() -> dict[str, Any]:
+        pipes: list[Pipe] = []
+        try:
+            for port, (transport, anticipate) in zip(ports, kinds, strict=True):
+                cfg = PipeConfig(
+                    rank=rank,
+                    port=port,
+                    transport=transport,  # type: ignore[arg-type]
+                    buffer_bytes=1 << 30,
+                    connect_timeout=60,
+                    anticipate=anticipate,
+                )
+                pipes.append(await Pipe.connect(cfg))
+            payload = torch.ones(size // 4, dtype=torch.float32)
+            samples: list[list[float]] = [[] for _ in pipes]
+            cpu = [0.0 for _ in pipes]
+            warm = 2 * block * len(pipes)
+            c0 = cpu_seconds()
+            for i in range(warm + count * len(pipes)):
+                k = (i // block) % len(pipes)
+                pipe = pipes[k]
+                if rank == 0:
+                    if gap:
+                        await asyncio.sleep(gap)
+                    t0 = time.perf_counter()
+                    await pipe.send(payload)
+                    await pipe.recv()
+                    if i >= warm:
+                        samples[k].append(time.perf_counter() - t0)
+                else:
+                    await pipe.send(await pipe.recv())
+                if (i + 1) % block == 0:
+                    c1 = cpu_seconds()
+                    if i >= warm:
+                        cpu[k] += c1 - c0
+                    c0 = c1
+            out: dict[str, Any] = {f"cpu{rank}": [c / count for c in cpu]}
+            if rank == 0:
+                out["samples"] = samples
+            return out
+        finally:
+            for pipe in pipes:
+                await pipe.aclose()
+
+    report(queue, lambda: run_loop(loop_name, main))
