@@ -154,7 +154,7 @@ def vllm(session: nox.Session) -> None:
     session.run(
         "python",
         "examples/vllm_disagg/run.py",
-        *("--model", model, "--prompts", "20", "--compare"),
+        *("--model", model, "--prompts", "20", "--compare", "--trace"),
         env=env,
     )
 

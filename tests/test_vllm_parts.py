@@ -4,6 +4,7 @@ own loop thread, as two vLLM workers would run them). No vLLM needed."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 
@@ -74,6 +75,8 @@ def test_settings_fixed_port_is_offset_by_rank() -> None:
         ({"test_hooks": "yes"}, "test_hooks"),
         ({"load_mode": "layerwise"}, "load_mode"),
         ({"pin_blocks": 1}, "pin_blocks"),
+        ({"layers_per_read": -1}, "layers_per_read"),
+        ({"layers_per_read": 1.5}, "layers_per_read"),
         ({"heartbeat_interval": 1.0, "peer_timeout": 1.0}, "peer_timeout"),
         ({"host": "0.0.0.0"}, "advertise_host"),
     ],
@@ -321,6 +324,7 @@ def _layers_equal(reader_t: list[torch.Tensor], owner_t: list[torch.Tensor], lay
 
 def test_agent_sync_load_lands_layer_by_layer_and_frees_the_owner(pair) -> None:  # type: ignore[no-untyped-def]
     owner, owner_t, reader, reader_t = pair
+    reader._settings = dataclasses.replace(reader._settings, layers_per_read=1)
     owner.expose("p-s1", (3, 9, 4))
     reader.load([_order(owner, "s1", (3, 9, 4), (0, 1, 2))])
     reader.wait_layer(0)
@@ -337,8 +341,10 @@ def test_agent_sync_load_lands_layer_by_layer_and_frees_the_owner(pair) -> None:
     assert not reader.poll().finished_recving  # sync loads are not reported as async ones
 
 
-def test_agent_sync_load_end_waits_for_layers_nobody_waited_for(pair) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("per_read", [0, 1, 2])
+def test_agent_sync_load_end_waits_for_layers_nobody_waited_for(pair, per_read: int) -> None:  # type: ignore[no-untyped-def]
     owner, owner_t, reader, reader_t = pair
+    reader._settings = dataclasses.replace(reader._settings, layers_per_read=per_read)
     owner.expose("p-s2", (3, 9, 4))
     reader.load([_order(owner, "s2", (3, 9, 4), (0, 1, 2))])
     reader.end_load()  # e.g. a layer name the connector did not map
@@ -395,8 +401,10 @@ def test_agent_sync_load_good_and_bad_requests_in_one_step(pair) -> None:  # typ
     assert _layers_equal(reader_t, owner_t, 0) and _layers_equal(reader_t, owner_t, 1)
 
 
-def test_agent_sync_flip_hook_inverts_each_landed_layer(pair) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("per_read", [0, 1])
+def test_agent_sync_flip_hook_inverts_each_landed_layer(pair, per_read: int) -> None:  # type: ignore[no-untyped-def]
     owner, owner_t, reader, reader_t = pair
+    reader._settings = dataclasses.replace(reader._settings, layers_per_read=per_read)
     owner.expose("p-s7", (6,))
     reader.load([_order(owner, "s7", (6,), (8,), corrupt=True)])
     reader.wait_layer(0)

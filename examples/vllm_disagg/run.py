@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import secrets
@@ -46,13 +47,10 @@ from aiokvpipe.integrations.vllm.tiny_model import build_tiny_model
 from aiokvpipe.integrations.vllm.trace import TRACE_ENV
 
 NEW_TOKENS = 16
-#: (label, prefill server, decode server) of each connector measured by --compare;
-#: the last one is the baseline of the ratios.
-PAIRS = (
-    ("aiokvpipe", "prefill", "decode"),
-    ("aiokvpipe previous", "prefill_held", "decode_async"),
-    ("ExampleConnector", "ex_prefill", "ex_decode"),
-)
+#: (label, prefill server, decode server) of the connectors --compare measures
+#: (--also and --previous add theirs before the baseline); the last one is the
+#: baseline of the ratios.
+PAIRS = [("aiokvpipe", "prefill", "decode"), ("ExampleConnector", "ex_prefill", "ex_decode")]
 
 
 def make_prompts(count: int, seed: int = 7) -> list[list[int]]:
@@ -74,7 +72,6 @@ async def via_proxy(
         "return_token_ids": True,
         "stream": True,
     }
-    import json
 
     started = time.perf_counter()
     first = 0.0
@@ -283,6 +280,13 @@ def main() -> int:
         "--trace", action="store_true", help="with --compare, break each decode's TTFT down"
     )
     parser.add_argument("--repeat", type=int, default=1, help="measured passes of --compare")
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="with --compare, also a decode with this kv_connector_extra_config setting",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="vllm-disagg-"))
@@ -296,11 +300,17 @@ def main() -> int:
         storage = str(work / "example-connector-storage")
         specs["ex_prefill"] = kv_transfer_config("example", storage=storage)
         specs["ex_decode"] = kv_transfer_config("example", storage=storage, traced=args.trace)
+        for i, setting in enumerate(args.also):
+            key, _, value = setting.partition("=")
+            name = f"decode_also{i}"
+            specs[name] = kv_transfer_config(failure_policy="recompute", **{key: json.loads(value)})
+            PAIRS.insert(-1, (f"aiokvpipe {setting}", "prefill", name))
         if args.previous:
             specs["prefill_held"] = kv_transfer_config(pin_blocks=False)
             specs["decode_async"] = kv_transfer_config(
                 failure_policy="recompute", load_mode="async"
             )
+            PAIRS.insert(-1, ("aiokvpipe previous", "prefill_held", "decode_async"))
     traces = {
         name: work / f"trace-{name}.jsonl" for name in specs if args.trace and "decode" in name
     }

@@ -368,7 +368,8 @@ class TransferAgent:
         return bool(self._loads)
 
     def load(self, orders: Sequence[ReadOrder]) -> None:
-        """Start this step's reads, one per (request, layer), layer 0 first (returns at once).
+        """Start this step's reads (returns at once): per request, one read per
+        ``layers_per_read`` layers (0: one for all), the first layers first.
 
         The step's forward pass then calls :meth:`wait_layer` before each
         layer's attention; every wait ends by ``read_timeout`` after now.
@@ -380,18 +381,23 @@ class TransferAgent:
         self._load_deadline = time.monotonic() + self._settings.read_timeout
         loads = [_Load(order, now) for order in orders]
         self._loads.extend(loads)
-        for layer in range(self.num_layers):
+        step = self._settings.layers_per_read or self.num_layers
+        for first in range(0, self.num_layers, step):
+            layers = tuple(range(first, min(first + step, self.num_layers)))
             for item in loads:
-                item.futures[layer] = thread.submit(self._pull_layer(item, layer))
+                future = thread.submit(self._pull_layers(item, layers))
+                for layer in layers:
+                    item.futures[layer] = future
 
-    async def _pull_layer(self, item: _Load, layer: int) -> None:
+    async def _pull_layers(self, item: _Load, layers: tuple[int, ...]) -> None:
         order = item.order
-        if layer == 0:
+        if layers[0] == 0:
             event("pull_start", order.request_id, blocks=len(order.local_blocks))
-        await self._pull_retrying(order, item.started, layers=[layer])
+        whole = len(layers) == self.num_layers
+        await self._pull_retrying(order, item.started, layers=None if whole else layers)
         if order.corrupt and self._settings.test_hooks:
-            flip_bits([self._tensors[layer]], self._block_dim, order.local_blocks)
-        if layer == self.num_layers - 1:
+            flip_bits([self._tensors[i] for i in layers], self._block_dim, order.local_blocks)
+        if layers[-1] == self.num_layers - 1:
             event("pull_end", order.request_id, ok=True)
 
     def wait_layer(self, layer: int) -> None:

@@ -12,13 +12,15 @@ what ended (leases ended; async reads done or failed).
 How a decode loads (``load_mode``):
 
 * ``sync`` (default): the request is scheduled in the step that admits it.
-  :meth:`start_load_kv` (which vLLM calls before a forward pass that needs
-  loads) starts one read per layer and waits for layer 0's;
-  :meth:`wait_for_layer_load` of layer ``i`` waits for layer ``i + 1``'s. One
-  layer ahead, because vLLM's CPU attention writes the step's new KV into the
-  cache *before* it calls ``wait_for_layer_load`` for that layer: the last
-  loaded block also holds the first token computed here, and its read must
-  land before that write, never after it. A failed read makes its blocks
+  The step's reads start in :meth:`handle_preemptions` (the first hook of a
+  step on the worker), one per ``layers_per_read`` layers (default: one for
+  all); :meth:`start_load_kv` (which vLLM calls just before a forward pass
+  that needs loads) waits for layer 0's; :meth:`wait_for_layer_load` of
+  layer ``i`` waits for layer ``i + 1``'s. One layer ahead, because vLLM's
+  CPU attention writes the step's new KV into the cache *before* it calls
+  ``wait_for_layer_load`` for that layer: the last loaded block also holds
+  the first token computed here, and its read must land before that write,
+  never after it. A failed read makes its blocks
   invalid (:meth:`get_block_ids_with_load_errors`) in the same step; vLLM
   discards the step's output for the request and recomputes or fails it.
 * ``async``: the request waits in vLLM's WAITING_FOR_REMOTE_KVS state while

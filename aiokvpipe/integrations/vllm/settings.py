@@ -33,6 +33,11 @@ Keys (all optional):
   other requests' steps, and is scheduled once it ended (vLLM's NIXL
   connector's way): it never stalls a step, but costs the request extra
   engine steps. See docs/vllm.md for the measured difference.
+* ``layers_per_read`` (default 0): sync mode, how many layers one read
+  carries; 0: all of them (one read per request, the forward pass starts
+  when it landed); 1: one read per layer, each layer's attention waits for
+  its own (the pipelining pays off when a layer's compute outlasts a round
+  trip: big models, long prompts).
 * ``pin_blocks`` (default True): a prefill pins a finished request's blocks
   in vLLM's block pool until the decode read them, and the request ends for
   vLLM at once; False: the request holds them (it stays in vLLM's books,
@@ -73,6 +78,7 @@ _OWN_KEYS: tuple[str, ...] = (
     "read_timeout",
     "lease_grace",
     "load_mode",
+    "layers_per_read",
     "pin_blocks",
     "test_hooks",
 )
@@ -100,6 +106,7 @@ class ConnectorSettings:
     read_timeout: float = 30.0
     lease_grace: float = 2.0
     load_mode: str = "sync"
+    layers_per_read: int = 0
     pin_blocks: bool = True
     test_hooks: bool = False
     token: str | None = field(default=None, repr=False)
@@ -144,6 +151,15 @@ class ConnectorSettings:
         test_hooks = extra.get("test_hooks", False)
         if not isinstance(test_hooks, bool):
             raise ConfigError("test_hooks", f"must be true or false, got {test_hooks!r}")
+        layers_per_read = extra.get("layers_per_read", 0)
+        if (
+            isinstance(layers_per_read, bool)
+            or not isinstance(layers_per_read, int)
+            or layers_per_read < 0
+        ):
+            raise ConfigError(
+                "layers_per_read", f"must be an int >= 0 (0: all), got {layers_per_read!r}"
+            )
         pin_blocks = extra.get("pin_blocks", True)
         if not isinstance(pin_blocks, bool):
             raise ConfigError("pin_blocks", f"must be true or false, got {pin_blocks!r}")
@@ -160,6 +176,7 @@ class ConnectorSettings:
             read_timeout=_seconds(extra, "read_timeout", 30.0),
             lease_grace=_seconds(extra, "lease_grace", 2.0),
             load_mode=load_mode,
+            layers_per_read=layers_per_read,
             pin_blocks=pin_blocks,
             test_hooks=test_hooks,
             token=token,
