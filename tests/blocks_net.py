@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing as mp
 import os
 import secrets
 import socket
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from aiokvpipe.bench.procs import worker_context
 from aiokvpipe.blocks import Lease
 from aiokvpipe.blocks.wiring import attach
 from aiokvpipe.errors import AiokvpipeError
@@ -301,7 +301,7 @@ class PeerClient:
     @classmethod
     def spawn(cls, loop_name: str = "asyncio", transport: str = "tcp") -> PeerClient:
         """A peer process whose node uses ``transport`` ("auto": shm on this host)."""
-        ctx = mp.get_context("spawn")
+        ctx = worker_context()
         parent, child = ctx.Pipe()
         process = ctx.Process(target=peer_main, args=(child, loop_name, transport), daemon=True)
         process.start()

@@ -7,14 +7,13 @@ cheaply and without collecting tests. Children report over a Connection.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 import os
 import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
-from aiokvpipe.bench.procs import run_loop
+from aiokvpipe.bench.procs import run_loop, worker_context
 from aiokvpipe.shm import ShmRingBuffer, ShmRingBufferIO, ShmRingHandle
 
 
@@ -253,8 +252,8 @@ def process_group_rank(
 
 @contextlib.contextmanager
 def child(target: Callable[..., None], *args: Any) -> Iterator[tuple[Any, Connection]]:
-    """Run ``target(*args, conn)`` in a spawned process; always reap it and its fds."""
-    ctx = mp.get_context("spawn")
+    """Run ``target(*args, conn)`` in a worker process; always reap it and its fds."""
+    ctx = worker_context()
     mine, theirs = ctx.Pipe()
     proc = ctx.Process(target=target, args=(*args, theirs), daemon=True)
     try:
