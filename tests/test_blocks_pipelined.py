@@ -195,6 +195,38 @@ async def test_cancelling_one_pipelined_write_aborts_it_alone(
     assert all(torch.equal(a, b) for a, b in zip(landed, local, strict=True))
 
 
+async def test_an_owner_declared_dead_fails_every_write_in_flight(
+    peer: PeerClient, node: BlockNode
+) -> None:
+    name = unique("kv")
+    await peer.ok("register", name=name, seed=9, layers=6, blocks=64, block_shape=BIG)
+    node.service.register(name, make_layers(10, 6, 64, block_shape=BIG), block_dim=1)
+    rid = unique("lost")
+    blocks = list(range(64))
+    await peer.ok("expect", request_id=rid, name=name, blocks=blocks, ttl=30)
+    tasks = [
+        asyncio.ensure_future(
+            node.service.write(peer.address, rid, name, blocks, blocks, layers=[layer])
+        )
+        for layer in range(6)
+    ]
+    for _ in range(50_000):
+        if node.service.pipelined_writes >= 1:
+            break
+        await asyncio.sleep(0)
+    # Synchronously, so no answer can slip in between: whatever is not done now must fail.
+    unanswered = [i for i, task in enumerate(tasks) if not task.done()]
+    node.lose(peer.address, peer.instance, RuntimeError("missed 3 heartbeats"))
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+    assert len(unanswered) >= 4, results
+    for i in unanswered:
+        assert isinstance(results[i], PeerClosedError), (i, results[i])
+        assert "missed 3 heartbeats" in str(results[i])
+    assert not node.service._write_pipes and not node.service._ops
+    # the owner saw the connection break under its lease
+    assert (await peer.call("wait", request_id=rid))["error"] == "PeerClosedError"
+
+
 @pytest.mark.parametrize("transport", sorted(PATHS))
 async def test_an_owner_killed_with_writes_in_flight_fails_them_all(transport: str) -> None:
     owner = PeerClient.spawn("asyncio", PATHS[transport])
