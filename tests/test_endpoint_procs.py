@@ -25,6 +25,7 @@ import pytest
 import torch
 from conftest import free_port
 from endpoint_workers import TOKEN, payload
+from forked import Forked
 
 from aiokvpipe import Endpoint, EndpointConfig, PeerClosedError
 from aiokvpipe.links import dial
@@ -57,7 +58,7 @@ class Worker:
     """One endpoint process; ``address`` once started."""
 
     def __init__(self, role: str, *args: str) -> None:
-        self.proc = subprocess.Popen(
+        self.proc = Forked(
             [sys.executable, WORKERS, role, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
