@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import torch
 from conftest import connect_beside, free_port
+from forked import Forked
 from transport_conformance import (
     assert_all_same,
     assert_same,
@@ -461,11 +462,11 @@ asyncio.run(main(int(sys.argv[1]), sys.argv[2] == "1"))
 
 
 @contextlib.asynccontextmanager
-async def echo_peer(anticipate: bool) -> AsyncIterator[tuple[Pipe, subprocess.Popen[bytes]]]:
+async def echo_peer(anticipate: bool) -> AsyncIterator[tuple[Pipe, Forked]]:
     """Rank 1 in a child process echoing everything back; rank 0 (yielded) here."""
     port = free_port()
     # fork/exec returns at once; nothing below blocks on the child while it runs
-    proc = subprocess.Popen(  # noqa: ASYNC220
+    proc = Forked(
         [sys.executable, "-c", ECHO, str(port), "1" if anticipate else "0"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -537,7 +538,7 @@ async def test_ping_pong_with_a_rhythm_a_pause_and_an_idle_wait(anticipate: bool
     assert proc.returncode == 0, "the echo peer did not leave cleanly"
 
 
-def kill(proc: subprocess.Popen[bytes]) -> None:
+def kill(proc: Forked) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
 

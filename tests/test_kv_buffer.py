@@ -19,6 +19,7 @@ from typing import IO
 
 import pytest
 import torch
+from forked import Forked
 
 from aiokvpipe import (
     ConfigError,
@@ -424,7 +425,7 @@ async def test_producer_killed_while_consumer_waits_raises_peer_closed_promptly(
     port = free_port_pair()
     # Popen, not asyncio's subprocess API: that one costs a watcher thread on
     # asyncio and keeps a /dev/null fd open on uvloop, both flagged as leaks.
-    proc = subprocess.Popen(  # noqa: ASYNC220
+    proc = Forked(
         [sys.executable, "-c", PRODUCER, str(port)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -476,7 +477,7 @@ async def test_a_failed_writer_task_closes_the_pipes_so_the_peer_is_not_left_wai
     half-way; its buffer closes both pipes, so the consumer's drop_select (no
     timeout) raises PeerClosedError instead of waiting forever."""
     port = free_port_pair()
-    proc = subprocess.Popen(  # noqa: ASYNC220
+    proc = Forked(
         [sys.executable, "-c", BROKEN_WRITER_PRODUCER, str(port)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import connect_beside, free_port
+from forked import Forked
 from transport_conformance import (
     TRANSPORTS,
     MakePipes,
@@ -384,13 +385,11 @@ asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3]))
 
 
 @contextlib.asynccontextmanager
-async def peer_process(
-    mode: str, transport: str = "tcp"
-) -> AsyncIterator[tuple[Pipe, subprocess.Popen[bytes]]]:
+async def peer_process(mode: str, transport: str = "tcp") -> AsyncIterator[tuple[Pipe, Forked]]:
     """Rank 1 in a child process; rank 0 (yielded) in this one."""
     port = free_port()
     # fork/exec returns at once; nothing below blocks on the child while it runs
-    proc = subprocess.Popen(  # noqa: ASYNC220
+    proc = Forked(
         [sys.executable, "-c", PEER, str(port), mode, transport],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -425,7 +424,7 @@ async def fill_send_window(pipe: Pipe, chunk: int = 1 << 20) -> list[Any]:
     raise AssertionError("the peer kept reading: no backlog formed")
 
 
-def kill(proc: subprocess.Popen[bytes]) -> float:
+def kill(proc: Forked) -> float:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     return time.monotonic()

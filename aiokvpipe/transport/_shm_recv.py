@@ -9,7 +9,6 @@ the consumer keeps the tensor.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 
@@ -18,6 +17,7 @@ import torch
 from ..bufpool import RecvBufferPool
 from ..errors import (
     AiokvpipeError,
+    HandleError,
     PeerClosedError,
     PipeClosedError,
     ProtocolError,
@@ -254,8 +254,7 @@ class ShmRecvChannel(RecvChannel):
         self._stop(error)
         # The sender may have died before it could unlink the name; the ring
         # refuses while its creator runs, so this only removes a true orphan.
-        with contextlib.suppress(AiokvpipeError, OSError):
-            ShmRingBuffer.unlink_stale(self._io.buffer.name)
+        unlink_orphan(asyncio.get_running_loop(), self._io.buffer.name)
 
     def _stop(self, error: BaseException) -> None:
         if not self._stopped:
@@ -270,3 +269,23 @@ class ShmRecvChannel(RecvChannel):
         if self._watching:
             self._watching = False
             self._loop.remove_reader(self._fd)
+
+
+def unlink_orphan(loop: asyncio.AbstractEventLoop, name: str, delay: float = 0.01) -> None:
+    """Unlink ring ``name`` once its creator is gone, retrying for a few seconds.
+
+    A SIGKILLed sender closes its sockets before the kernel marks it exited,
+    so the hang-up that brings us here can arrive while its pid still looks
+    alive; one refused attempt would leave the name in ``/dev/shm`` for good.
+    """
+    try:
+        ShmRingBuffer.unlink_stale(name)
+    except HandleError:
+        if delay < ORPHAN_RETRY_SECONDS:  # its creator still runs (or is still exiting)
+            loop.call_later(delay, unlink_orphan, loop, name, delay * 2)
+    except (AiokvpipeError, OSError):
+        pass  # gone already, or not ours to remove
+
+
+#: How long a hung-up receiver keeps trying to remove its dead sender's ring name.
+ORPHAN_RETRY_SECONDS = 5.0
