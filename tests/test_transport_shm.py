@@ -27,7 +27,13 @@ from aiokvpipe.backoff import Backoff
 from aiokvpipe.errors import HandleError, ProtocolError, WriterGoneError
 from aiokvpipe.pipe import Pipe
 from aiokvpipe.shm import ShmRingBuffer
-from aiokvpipe.shm.ring import READER_SLOTS_OFF, SLOT_PARKED
+from aiokvpipe.shm.ring import (
+    CREATOR_OFF,
+    IDENTITY,
+    LAYOUT_MAGIC,
+    READER_SLOTS_OFF,
+    SLOT_PARKED,
+)
 from aiokvpipe.transport import shm as shm_transport
 from aiokvpipe.transport._shm_setup import decode_handle, encode_handle, ring_geometry
 
@@ -37,6 +43,25 @@ MiB = 1 << 20
 
 def shm_names() -> list[str]:
     return sorted(n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIXES))
+
+
+def rings_created_by(pids: set[int]) -> list[str]:
+    """The ring names in ``/dev/shm`` whose creator is one of ``pids``.
+
+    Other engineers' suites create and remove rings in the same ``/dev/shm``
+    at the same time, so a test that counts every name fails on theirs.
+    """
+    found = []
+    for name in shm_names():
+        try:
+            with open(os.path.join("/dev/shm", name), "rb") as f:
+                head = f.read(CREATOR_OFF + IDENTITY.size)
+        except OSError:
+            continue  # removed meanwhile, or not ours to read
+        if head[:8] == LAYOUT_MAGIC and len(head) == CREATOR_OFF + IDENTITY.size:
+            if IDENTITY.unpack_from(head, CREATOR_OFF)[0] in pids:
+                found.append(name)
+    return found
 
 
 # --------------------------------------------------------------------- choosing it
@@ -214,9 +239,9 @@ async def test_sigkill_either_side_fails_the_survivor_within_a_second(
 ) -> None:
     """The child is the writer of one ring and the reader of the other: killed,
     both our parked reader and our parked writer fail at once; no name remains."""
-    before = shm_names()
     async with peer_process(child_rank, "idle", tmp_path) as (pipe, proc):
-        assert shm_names() == before  # set up: the names are gone already
+        pids = {os.getpid(), proc.pid}
+        assert rings_created_by(pids) == []  # set up: the names are gone already
         await fill_the_ring(pipe)
         pending_recv = asyncio.ensure_future(pipe.recv())  # parked on the child's ring
         pending_flush = asyncio.ensure_future(pipe.flush())  # writer parked on a full ring
@@ -230,7 +255,7 @@ async def test_sigkill_either_side_fails_the_survivor_within_a_second(
             assert time.monotonic() - killed < 1.0, f"{name} noticed the dead peer too late"
         with pytest.raises(PeerClosedError):
             await pipe.send(tagged(1))
-    assert shm_names() == before
+    assert rings_created_by(pids) == []
 
 
 @pytest.mark.timeout(60)
@@ -320,6 +345,7 @@ async def test_parked_receivers_get_every_kind_of_frame_from_the_doorbell_callba
         io._backoff = Backoff(spin_seconds=20e-6, initial_sleep=30.0, max_sleep=30.0)
         real = io._hand_over
         in_callback = 0
+        kinds: set[int] = set()  # which of the messages came through the callback
         waits = 0
         real_wait = io.wait_readable
 
@@ -327,7 +353,9 @@ async def test_parked_receivers_get_every_kind_of_frame_from_the_doorbell_callba
             nonlocal in_callback
             # A message's first chunk, taken while the reader task waits (holding
             # the endpoint): in the callback. (Later pieces may be either.)
-            in_callback += io._busy and receiver._dest is None
+            if io._busy and receiver._dest is None:
+                in_callback += 1
+                kinds.add(receiver._expected_seq % len(messages))
             real(idx, take)
 
         async def wait_readable(*args: Any) -> bool:
@@ -346,11 +374,13 @@ async def test_parked_receivers_get_every_kind_of_frame_from_the_doorbell_callba
                     await asyncio.sleep(0.001)
                 await a.send(m)
                 assert_same(await asyncio.wait_for(waiting, 5), m, f"round {round_}")
-        # Each message's first chunk came through the callback, and the reader
-        # task woke only for the multi-chunk message (the first wait, then at
-        # most one per piece of it): fewer waits than messages.
-        assert in_callback == 3 * len(messages)
-        assert waits <= 1 + 3 * 3 < 3 * len(messages)
+        # Every kind of frame came through the callback (a stale ring, queued
+        # while the reader was awake, may wake it just before a message: then
+        # the task takes that one), and the reader task woke mostly for the
+        # multi-chunk message: fewer waits than messages.
+        assert kinds == set(range(len(messages)))
+        assert in_callback >= 2 * len(messages)
+        assert waits < 3 * len(messages)
         waiting = asyncio.ensure_future(b.recv())
         await asyncio.sleep(0.01)
         await a.aclose()
