@@ -27,7 +27,7 @@ its typed refusal). A refused write does not disturb the ones after it (the
 owner reads the refused payload into scratch memory and answers the next
 one). A connection that breaks fails every write sent or queued on it with
 :class:`PeerClosedError`; a write issued after those returned dials anew.
-GPU regions' writes keep one full exchange each (their paths need the
+Writes from GPU regions keep one full exchange each (their paths need the
 owner's REPLY).
 Payloads take the socket (``sendmsg`` / ``recvmsg_into`` on the blocks) or,
 on one host, a shared-memory ring per direction of the connection
