@@ -1197,3 +1197,27 @@ async def test_wait_readable_keep_serves_rings_in_the_callback_until_told_to_sto
         assert got == ([70] if anticipate else [70, 71, 72])
         assert parked(reader) == 0
         assert not reader.read_chunk_nowait(lambda buf: pytest.fail("all were taken"))
+
+
+async def test_wait_readable_keep_hands_back_to_the_task_when_messages_come_close() -> None:
+    """Two chunks published back to back while the reader is parked: the
+    callback takes both, and the second, close behind the first, ends the
+    wait even though ``keep()`` says go on: close messages are the task's to
+    spin for (a wake-up per message would be slower)."""
+    async with ring_of(
+        n_reader=1, chunk=256, chunks=2, backoff=NO_SAFETY_NET, anticipate=False
+    ) as (
+        writer,
+        (reader,),
+    ):
+        got: list[int] = []
+        waiting = asyncio.ensure_future(
+            reader.wait_readable(timeout=5, take=lambda buf: got.append(buf[0]), keep=lambda: True)
+        )
+        await asyncio.sleep(0.02)
+        assert parked(reader) == 1
+        assert writer.write_chunk_nowait(lambda buf: buf.__setitem__(0, 1))
+        assert writer.write_chunk_nowait(lambda buf: buf.__setitem__(0, 2))
+        assert await asyncio.wait_for(waiting, 2) is True
+        assert got == [1, 2]
+        assert reader._backoff.spin_seconds > 0, "the task spins for the next one"

@@ -494,23 +494,37 @@ class RingEndpoint:
         so the writer rings for the next chunk) and every ring is served in
         the callback alone, like a protocol's ``data_received``: no task
         step, future or timer per message. The wait returns :data:`TAKEN`
-        once ``keep()`` is false, or on its safety interval.
+        once ``keep()`` is false, on its safety interval, or after a chunk
+        that came within 4x the base spin window of the park or the previous
+        take: close messages (a ping-pong back to back) are caught sooner by
+        the task's spin than by a wake-up.
         """
         on_rung: Callable[[], bool] | None = None
         taken = False
+        parked_at = 0.0  # when the first park began (then: the last take, see on_rung)
+        dense_gap: float | None = None  # on_rung handed back after a close message
         if take is not None and not blocking:
             words, word = self._words, self._park_word
             if self._cadence is not None:
                 keep = None  # anticipation re-plans its window after every message
 
             def on_rung() -> bool:
-                nonlocal taken
+                nonlocal taken, parked_at, dense_gap
                 if self._closed or self.buffer.closed:
                     return False
                 idx = poll()
                 while idx is not None:
                     take(idx)
                     taken = True
+                    # Messages that come close together (a ping-pong back to
+                    # back, a stream) are caught sooner by the spin than by a
+                    # park: hand back to the task, which spins (_adapt_spin
+                    # sees this short gap). Only sparse ones are served here.
+                    now = _perf_counter()
+                    gap, parked_at = now - parked_at, now  # the next gap starts here
+                    if gap <= 4 * self._spin_base:
+                        dense_gap = gap
+                        return False
                     if keep is None or not keep():
                         return False
                     # Still parked: a fresh odd value, so the writer rings once
@@ -525,7 +539,6 @@ class RingEndpoint:
         backoff.reset()
         words, word, bell = self._words, self._park_word, self._bell
         reason: str | None = None
-        parked_at = 0.0
         window = self._cadence.plan(_monotonic()) if self._cadence is not None else None
         flagged = 0  # 1 while our "spinning for a message" hint is up
         try:
@@ -585,7 +598,8 @@ class RingEndpoint:
                     if self._closed or self.buffer.closed:
                         raise PipeClosedError(f"ring endpoint on {self.buffer.name!r} was closed")
                     if taken:
-                        self._adapt_spin(_perf_counter() - parked_at)
+                        gap = _perf_counter() - parked_at if dense_gap is None else dense_gap
+                        self._adapt_spin(gap)
                         return TAKEN
                 idx = poll()
                 if idx is not None:
