@@ -1204,9 +1204,10 @@ async def test_wait_readable_keep_hands_back_to_the_task_when_messages_come_clos
     callback takes both, and the second, close behind the first, ends the
     wait even though ``keep()`` says go on: close messages are the task's to
     spin for (a wake-up per message would be slower)."""
-    async with ring_of(
-        n_reader=1, chunk=256, chunks=2, backoff=NO_SAFETY_NET, anticipate=False
-    ) as (
+    # "Close" is within 4x the base spin: 100 ms here, so that a loaded box
+    # cannot stretch the two takes of one callback that far apart.
+    backoff = Backoff(spin_seconds=0.025, initial_sleep=30.0, max_sleep=30.0)
+    async with ring_of(n_reader=1, chunk=256, chunks=2, backoff=backoff, anticipate=False) as (
         writer,
         (reader,),
     ):
@@ -1214,8 +1215,12 @@ async def test_wait_readable_keep_hands_back_to_the_task_when_messages_come_clos
         waiting = asyncio.ensure_future(
             reader.wait_readable(timeout=5, take=lambda buf: got.append(buf[0]), keep=lambda: True)
         )
-        await asyncio.sleep(0.02)
+        for _ in range(2000):
+            if parked(reader):
+                break
+            await asyncio.sleep(0.001)
         assert parked(reader) == 1
+        await asyncio.sleep(0.15)  # the first message comes long after the park
         assert writer.write_chunk_nowait(lambda buf: buf.__setitem__(0, 1))
         assert writer.write_chunk_nowait(lambda buf: buf.__setitem__(0, 2))
         assert await asyncio.wait_for(waiting, 2) is True
