@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import secrets
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -321,6 +322,23 @@ class PeerClient:
         reply = await self.call(cmd, **args)
         assert "error" not in reply, reply
         return reply["ok"]
+
+
+_names = itertools.count()
+
+
+def unique(prefix: str) -> str:
+    """A region or request name no other test in this process used."""
+    return f"{prefix}-{next(_names)}"
+
+
+@contextlib.asynccontextmanager
+async def node_beside(peer: PeerClient) -> AsyncIterator[BlockNode]:
+    """A node on ``peer``'s transport; on exit, no payload took the other path."""
+    async with await BlockNode.start(link=peer.transport) as n:
+        yield n
+        other = "tcp" if peer.transport == "auto" else "shm"
+        assert n.service.payload_bytes[other] == 0, n.service.payload_bytes
 
 
 # ------------------------------------------------------------------ scripted peers

@@ -9,13 +9,12 @@ memory, and for GPU regions "on another host" over TCP.
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import shm_workers
 import torch
-from blocks_net import BlockNode, PeerClient, make_layers
+from blocks_net import BlockNode, PeerClient, make_layers, unique
 
 from aiokvpipe.cuda.runtime import cuda_available
 
@@ -23,11 +22,6 @@ requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA de
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
 DEVICE = torch.device("cuda", 0)
-_names = itertools.count()
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{next(_names)}"
 
 
 @pytest.fixture(scope="module", autouse=True)

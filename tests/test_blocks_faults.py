@@ -8,30 +8,18 @@ Every test runs with payloads over tcp and over shared memory.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import multiprocessing as mp
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import blocks_net
 import pytest
-import shm_workers
 import torch
-from blocks_net import PATHS, BlockNode, PeerClient, make_layers, message_from
+from blocks_net import PATHS, BlockNode, PeerClient, make_layers, message_from, node_beside, unique
 
+from aiokvpipe.bench.procs import worker_context
 from aiokvpipe.errors import PeerClosedError
 
 BIG = (64, 8, 64)  # 64 KiB of bf16 per K or V block: a transfer takes milliseconds
-_names = itertools.count()
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{next(_names)}"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _tracker() -> None:
-    shm_workers.start_resource_tracker()  # spawn's process-wide helper: not a leak
 
 
 @pytest.fixture(scope="module", params=sorted(PATHS))
@@ -43,14 +31,12 @@ def peer(request: pytest.FixtureRequest) -> Iterator[PeerClient]:
 
 @pytest.fixture
 async def node(peer: PeerClient) -> AsyncIterator[BlockNode]:
-    async with await BlockNode.start(link=peer.transport) as n:
+    async with node_beside(peer) as n:
         yield n
-        other = "tcp" if peer.transport == "auto" else "shm"
-        assert n.service.payload_bytes[other] == 0, n.service.payload_bytes
 
 
 def spawn(target: Any, *args: Any) -> tuple[Any, Any]:
-    ctx = mp.get_context("spawn")
+    ctx = worker_context()
     parent, child = ctx.Pipe()
     process = ctx.Process(target=target, args=(child, *args), daemon=True)
     process.start()

@@ -11,13 +11,12 @@ the order of stream operations, the polling waits, and the bytes.
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 import pytest
 import torch
-from blocks_net import BlockNode, make_layers
+from blocks_net import BlockNode, make_layers, unique
 
 from aiokvpipe.blocks.gpu import Export
 from aiokvpipe.cuda.testing import FakeGpu, FakeIpc
@@ -27,12 +26,6 @@ from aiokvpipe.errors import (
     PeerClosedError,
     RegionError,
 )
-
-_names = itertools.count()
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{next(_names)}"
 
 
 @dataclass

@@ -13,25 +13,18 @@ bytes.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
-from blocks_net import BlockNode, _dial_raw, make_layers
+from blocks_net import BlockNode, _dial_raw, make_layers, unique
 
 from aiokvpipe.blocks import protocol
 from aiokvpipe.blocks.ncclpath import MAX_RUNS, run_counts
 from aiokvpipe.cuda.testing import FakeDevice, FakeGpu, FakeIpc, FakeNccl
 from aiokvpipe.errors import LeaseNotGrantedError, PeerClosedError, ProtocolError
-
-_names = itertools.count()
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{next(_names)}"
 
 
 @dataclass

@@ -13,15 +13,13 @@ a pipelined claim the owner cannot bound is cut off before a byte is read.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import shm_workers
 import torch
-from blocks_net import PATHS, BlockNode, PeerClient, make_layers
+from blocks_net import PATHS, BlockNode, PeerClient, make_layers, node_beside, unique
 from test_blocks_hostile import same_bits
 
 from aiokvpipe.blocks import protocol
@@ -34,16 +32,6 @@ from aiokvpipe.errors import (
 )
 
 BIG = (64, 8, 64)  # 64 KiB of bf16 per K or V block: a layer of 64 blocks is 8 MiB
-_names = itertools.count()
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{next(_names)}"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _tracker() -> None:
-    shm_workers.start_resource_tracker()  # spawn's process-wide helper: not a leak
 
 
 @pytest.fixture(scope="module", params=sorted(PATHS))
@@ -55,10 +43,8 @@ def peer(request: pytest.FixtureRequest) -> Iterator[PeerClient]:
 
 @pytest.fixture
 async def node(peer: PeerClient) -> AsyncIterator[BlockNode]:
-    async with await BlockNode.start(link=peer.transport) as n:
+    async with node_beside(peer) as n:
         yield n
-        other = "tcp" if peer.transport == "auto" else "shm"
-        assert n.service.payload_bytes[other] == 0, n.service.payload_bytes
         assert not n.service._write_pipes  # every pipe retired with its last write
 
 

@@ -9,13 +9,12 @@ blocks hold without asking.
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import shm_workers
 import torch
-from blocks_net import PATHS, BlockNode, PeerClient, make_layers
+from blocks_net import PATHS, BlockNode, PeerClient, make_layers, unique
 
 from aiokvpipe.errors import (
     BlockIdError,
@@ -25,12 +24,6 @@ from aiokvpipe.errors import (
     LeaseNotGrantedError,
     UnknownRegionError,
 )
-
-_names = itertools.count()
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{next(_names)}"
 
 
 @pytest.fixture(scope="module", params=sorted(PATHS))
