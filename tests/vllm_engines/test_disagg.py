@@ -178,6 +178,44 @@ def test_two_prefills_one_decode(servers: dict[str, VllmServer]) -> None:
     run(main())
 
 
+def test_pinned_prefill_idles_while_its_blocks_wait_for_the_decode(
+    servers: dict[str, VllmServer],
+) -> None:
+    """A finished prefill whose KV no decode has read yet: with pinned blocks
+    (p1) its engine goes idle; holding them by the request (p2, vLLM's way)
+    keeps vLLM stepping the engine every millisecond until the read. Then the
+    decode reads both, and gets the colocated tokens."""
+    ps = prompts(2, seed=6, low=100, high=200)
+
+    async def cpu_while_waiting(
+        client: httpx.AsyncClient, server: VllmServer, prompt: list[int]
+    ) -> tuple[float, dict[str, Any]]:
+        params = await prefill(server, client, prompt)
+        # After its last step a vLLM worker busy-polls its input queue for 1 s
+        # (vLLM's own idle policy, any connector): measure after that.
+        await asyncio.sleep(1.5)
+        before = server.cpu_seconds()
+        await asyncio.sleep(1.5)
+        return server.cpu_seconds() - before, params
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=120) as client:
+            reference = await colocated(servers["p1"], client, ps)
+            pinned, params1 = await cpu_while_waiting(client, servers["p1"], ps[0])
+            held, params2 = await cpu_while_waiting(client, servers["p2"], ps[1])
+            got = [
+                (await servers["d"].complete(client, p, NEW_TOKENS, params)).token_ids
+                for p, params in zip(ps, (params1, params2), strict=True)
+            ]
+        assert got == reference
+        # Idle: heartbeats and housekeeping only. Stepping: >= 0.1 s of CPU a
+        # second even on a loaded two-core box.
+        assert pinned < 0.1, (pinned, held)
+        assert held > 2 * pinned + 0.05, (pinned, held)
+
+    run(main())
+
+
 def test_prefill_killed_before_the_read(servers: dict[str, VllmServer]) -> None:
     """The prefill answers, then dies before any decode read its blocks.
 

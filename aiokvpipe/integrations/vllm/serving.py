@@ -225,6 +225,24 @@ class VllmServer:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server's live processes have used so far."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                    # The command name (field 2) may hold spaces: split after it.
+                    fields = fh.read().rpartition(")")[2].split()
+            except OSError:
+                continue  # exited meanwhile
+            # fields[0] is field 3 (state): pgrp is field 5, utime/stime 14/15.
+            if int(fields[2]) == self.proc.pid:
+                total += int(fields[11]) + int(fields[12])
+        return total / tick
+
     def _mapped_shm(self) -> set[str]:
         """``/dev/shm`` files mapped or open in this server's process group."""
         found: set[str] = set()
