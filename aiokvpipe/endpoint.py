@@ -660,13 +660,21 @@ class Endpoint:
         self._listener.serve(purpose, handler)
 
     async def dial(
-        self, address: str, purpose: str, *, extra: dict[str, Any] | None = None
+        self,
+        address: str,
+        purpose: str,
+        *,
+        extra: dict[str, Any] | None = None,
+        retry_refused: bool = True,
     ) -> Dialed:
         """An authenticated connection to the endpoint at ``address`` for
         ``purpose`` (served there with :meth:`serve`), owned by the caller.
 
         ``Dialed.peer`` is the acceptor's PeerInfo if its handler sent one.
         Bounded by ``connect_timeout``; PeerUnreachableError if nobody answers.
+        A refused connection is retried (the peer may be starting) unless
+        ``retry_refused`` is False: then it fails at once, for calls that need
+        state only the instance that was there had (a lease, say).
         """
         self._check_open()
         if purpose in RESERVED_PURPOSES:
@@ -683,6 +691,7 @@ class Endpoint:
                 until=time.monotonic() + self.config.connect_timeout,
                 what=what,
                 extra=extra,
+                retry_refused=retry_refused,
             )
         except (TransferTimeout, PeerClosedError) as exc:
             if isinstance(exc, PeerClosedError) and "refused:" in str(exc):

@@ -125,7 +125,9 @@ class BlockNode:
     def serve(self, purpose: str, handler: Handler) -> None:
         self._listener.serve(purpose, handler)
 
-    async def dial(self, address: str, purpose: str, *, extra: Any = None) -> Dialed:
+    async def dial(
+        self, address: str, purpose: str, *, extra: Any = None, retry_refused: bool = True
+    ) -> Dialed:
         self.dials += 1
         host, port = address.rsplit(":", 1)
         return await dial(
@@ -137,6 +139,7 @@ class BlockNode:
             until=time.monotonic() + 10,
             what=f"{self.address} -> {address} ({purpose})",
             extra=extra,
+            retry_refused=retry_refused,
         )
 
     def on_peer_event(self, callback: Callable[[Any], None]) -> Callable[[], None]:

@@ -418,3 +418,23 @@ async def test_a_cancel_meeting_an_interrupt_is_not_swallowed(order: str) -> Non
             await a.send(b.address, tagged(2))  # nothing lost, nothing stuck
             src, obj = await b.recv(timeout=5)
             assert (src, int(obj[0])) == (a.address, 2)
+
+
+async def test_a_block_read_from_an_address_where_nothing_listens_fails_at_once() -> None:
+    # Leases die with the owner's instance, so a refused dial cannot be
+    # waited out into a lease: the read fails now, not after connect_timeout
+    # (an in-step vLLM load stalled the decode's whole step for it).
+    async with await Endpoint.start(cfg(connect_timeout=30.0)) as ep:
+        ep.register("kv", torch.zeros(2, 4, 8), block_dim=1)
+        gone = f"127.0.0.1:{free_port()}"
+        t0 = time.monotonic()
+        with pytest.raises(PeerClosedError, match="nothing listens"):
+            await ep.read(gone, "req", "kv", [0], [1])
+        assert time.monotonic() - t0 < 10.0  # not the 30 s connect_timeout
+        # Plain sends still wait for a peer that is starting.
+        send = asyncio.ensure_future(ep.send(gone, torch.ones(2)))
+        await asyncio.sleep(0.3)
+        assert not send.done()
+        send.cancel()
+        with contextlib.suppress(asyncio.CancelledError, PeerClosedError):
+            await send

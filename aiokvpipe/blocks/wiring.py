@@ -46,7 +46,12 @@ class LinkHost(Protocol):
     def serve(self, purpose: str, handler: Handler) -> None: ...
 
     async def dial(
-        self, address: str, purpose: str, *, extra: dict[str, Any] | None = None
+        self,
+        address: str,
+        purpose: str,
+        *,
+        extra: dict[str, Any] | None = None,
+        retry_refused: bool = True,
     ) -> Dialed: ...
 
     def on_peer_event(self, callback: Callable[[Any], None]) -> Callable[[], None]: ...
@@ -69,7 +74,10 @@ def attach(host: LinkHost, **options: Any) -> BlockService:
     """
 
     async def dial(address: str) -> Dialled:
-        dialed = await host.dial(address, PURPOSE)
+        # Leases live and die with the owner's instance: if nothing listens
+        # at its address, no instance there holds ours, and waiting out
+        # connect_timeout for a restart would only stall the reader.
+        dialed = await host.dial(address, PURPOSE, retry_refused=False)
         peer = dialed.peer
         return Dialled(
             dialed.sock,

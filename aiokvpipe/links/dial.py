@@ -67,9 +67,11 @@ async def dial(
     until: float,
     what: str,
     extra: dict[str, Any] | None = None,
+    retry_refused: bool = True,
 ) -> Dialed:
-    """Connect to ``host:port`` (retrying refusals until ``until``) and :func:`introduce`."""
-    sock = await connect_with_retry(host, port, until, what)
+    """Connect to ``host:port`` (retrying refusals until ``until``, unless
+    ``retry_refused`` is False) and :func:`introduce`."""
+    sock = await connect_with_retry(host, port, until, what, retry_refused=retry_refused)
     return await introduce(
         sock, purpose=purpose, local=local, token=token, until=until, what=what, extra=extra
     )

@@ -77,10 +77,14 @@ def tune_data_socket(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def connect_with_retry(host: str, port: int, until: float, what: str) -> socket.socket:
+async def connect_with_retry(
+    host: str, port: int, until: float, what: str, *, retry_refused: bool = True
+) -> socket.socket:
     """Connect, retrying refused attempts until ``until`` (the peer may not
     listen yet). Raises TransferTimeout when nobody accepted in time, and
-    PeerClosedError for an address that cannot be reached at all."""
+    PeerClosedError for an address that cannot be reached at all, or at the
+    first refusal with ``retry_refused=False`` (for callers to whom a peer
+    that starts later is no use: its state died with the one that was there)."""
     loop = asyncio.get_running_loop()
     while True:
         sock = socket.socket(family(host), socket.SOCK_STREAM)
@@ -91,6 +95,10 @@ async def connect_with_retry(host: str, port: int, until: float, what: str) -> s
             return sock
         except (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError) as exc:
             sock.close()
+            if not retry_refused and isinstance(exc, ConnectionRefusedError):
+                raise PeerClosedError(
+                    f"{what}: nothing listens at {host}:{port} (connection refused)"
+                ) from exc
             if time.monotonic() + _CONNECT_RETRY >= until:
                 raise TransferTimeout(f"{what}: nobody accepted at {host}:{port} in time") from exc
             await asyncio.sleep(_CONNECT_RETRY)
