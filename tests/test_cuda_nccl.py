@@ -384,6 +384,12 @@ async def test_every_nccl_call_runs_on_the_one_nccl_thread(
             got = await asyncio.wait_for(p.receiver.recv(), 5)
             assert torch.equal(got, torch.full((4,), float(i)))
         await asyncio.wait_for(asyncio.gather(*(m.done for m in messages)), 5)
+        # The thread polls live communicators' async errors every 5 ms; on a
+        # quiet machine the transfers above can finish before the first poll.
+        for _ in range(500):
+            if any(name == "check_async_error" for name, _, _ in list(nccl.calls)):
+                break
+            await asyncio.sleep(0.01)
         await asyncio.wait_for(p.sender.aclose(), 5)
     finally:
         await p.sender.aclose(graceful=False)

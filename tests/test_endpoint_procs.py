@@ -293,6 +293,12 @@ async def test_restart_on_the_same_address_fences_the_old_instance() -> None:
             assert c.ep.stats()[address].messages_received == 10
             old.signal(signal.SIGKILL)
             old.proc.wait()
+            # Restart once we saw the death (a forked worker restarts in
+            # milliseconds; a send racing the hang-up may raise it instead).
+            for _ in range(250):
+                if c.ep.stats()[address].state != "up":
+                    break
+                await asyncio.sleep(0.02)
         async with workers(decode("d0", "--port", port, "--gen", "2")) as (new,):
             assert new.address == address and new.instance != old.instance
             await c.ep.send(address, payload(0, 10, 4096))  # dials the new instance
