@@ -138,17 +138,25 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     assert not leaked_shm, f"leaked /dev/shm segments: {sorted(leaked_shm)}"
 
 
+#: Test modules whose code hands work to other threads (the NCCL thread, CUDA
+#: event polling, vLLM's loop thread, torch.distributed set-up for rings).
+THREADED_MODULES = ("cuda", "nccl", "gpu", "vllm", "shm", "ring")
+
+
 @pytest.fixture(autouse=True)
-async def loop_checks() -> Any:
+async def loop_checks(request: pytest.FixtureRequest) -> Any:
     """Fail on leaked tasks and on exceptions that reached the loop's handler."""
     loop = asyncio.get_running_loop()
-    # asyncio's debug mode raises on loop calls from a foreign thread (the
-    # loop-thread and NCCL-thread code relies on that check) but records a
-    # stack per callback, which nearly doubled the suite's CPU time. Every
-    # test runs on both loops, so checking on the asyncio run is enough:
-    # uvloop runs without it (AIOKVPIPE_TEST_LOOP_DEBUG=1 turns it on for both).
+    # asyncio's debug mode raises on loop calls from a foreign thread, which
+    # the thread-handing code relies on, but records a stack per callback:
+    # it nearly doubled the suite's CPU time (a flood test: 3.0 s on asyncio
+    # with it, 0.7 s on uvloop without). So it runs where threads are in
+    # play, on the asyncio run of each such test (every test runs on both
+    # loops); AIOKVPIPE_TEST_LOOP_DEBUG=1 turns it on everywhere.
     uvloop_run = type(loop).__module__.startswith("uvloop")
-    loop.set_debug(os.environ.get("AIOKVPIPE_TEST_LOOP_DEBUG") == "1" or not uvloop_run)
+    threaded = any(part in request.node.module.__name__ for part in THREADED_MODULES)
+    everywhere = os.environ.get("AIOKVPIPE_TEST_LOOP_DEBUG") == "1"
+    loop.set_debug(everywhere or (threaded and not uvloop_run))
     loop.slow_callback_duration = 1.0
     errors: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
