@@ -22,6 +22,7 @@ from ..errors import (
 )
 from . import ncclpath, protocol
 from .core import (
+    Path,
     ServiceCore,
     _ended,
     _Inbound,
@@ -125,25 +126,34 @@ class OwnerGpu(ServiceCore):
                 return
             reply = protocol.reply_ok(request.nbytes, "ipc")
             await protocol.send_message(sock, Kind.REPLY, reply, what)
-            success: protocol.Status
-            counted: protocol.Status
-            success, counted = ("done", "ok") if request.op == "read" else ("commit", "landed")
             answer = await protocol.expect_message(sock, Kind.STATUS, what)
-            value = protocol.parse_status(answer, frozenset((success, "abort")), what)
-            if value == "abort":
-                status = protocol.status("aborted")
-            elif _ended(lease):  # the copies ran after the lease ended: they count for nothing
-                status = protocol.status("error", lease.ended_error())
-            else:
-                lease.mark(request.blocks, request.layers)
-                self.payload_bytes["cuda_ipc"] += request.nbytes
-                status = protocol.status(counted)
+            status = self._device_verdict(lease, request, answer, "cuda_ipc", what)
             await protocol.send_message(sock, Kind.STATUS, status, what)
         except PeerClosedError as exc:
             lease.fail(
                 PeerClosedError(f"{lease.describe}: {peer} was lost mid-{request.op}: {exc}")
             )
             raise
+
+    def _device_verdict(
+        self, lease: Lease, request: Any, message: Any, path: Path, what: str
+    ) -> dict[str, Any]:
+        """The owner's answer once the requester judged a device-path transfer.
+
+        Aborted, too late (the copies ran after the lease ended: they count for
+        nothing), or counted toward the lease.
+        """
+        success: protocol.Status
+        counted: protocol.Status
+        success, counted = ("done", "ok") if request.op == "read" else ("commit", "landed")
+        value = protocol.parse_status(message, frozenset((success, "abort")), what)
+        if value == "abort":
+            return protocol.status("aborted")
+        if _ended(lease):
+            return protocol.status("error", lease.ended_error())
+        lease.mark(request.blocks, request.layers)
+        self.payload_bytes[path] += request.nbytes
+        return protocol.status(counted)
 
     async def _lease_fence(self, lease: Lease, what: str) -> None:
         """Until the owner's work queued before the grant is done (or the lease ends)."""
@@ -228,18 +238,7 @@ class OwnerGpu(ServiceCore):
                 answer.cancel()
                 link.close()
                 raise
-            success: protocol.Status
-            counted: protocol.Status
-            success, counted = ("done", "ok") if request.op == "read" else ("commit", "landed")
-            value = protocol.parse_status(message, frozenset((success, "abort")), what)
-            if value == "abort":
-                status = protocol.status("aborted")
-            elif _ended(lease):  # moved after the lease ended: counts for nothing
-                status = protocol.status("error", lease.ended_error())
-            else:
-                lease.mark(request.blocks, request.layers)
-                self.payload_bytes["nccl"] += request.nbytes
-                status = protocol.status(counted)
+            status = self._device_verdict(lease, request, message, "nccl", what)
             await protocol.send_message(sock, Kind.STATUS, status, what)
         except PeerClosedError as exc:
             lease.fail(
