@@ -174,6 +174,30 @@ async def _build(ticket: Any, thread: NcclThread, timeout: float | None, what: s
     return NcclLink(comm, "")
 
 
+async def _build_and_agree(
+    sock: socket.socket,
+    ticket: Any,
+    thread: NcclThread,
+    timeout: float | None,
+    key: str,
+    what: str,
+) -> tuple[NcclLink | None, str]:
+    """Build our side of the armed set-up, then trade verdicts with the peer.
+
+    Returns the link (None unless both sides built theirs) and our own build
+    error ("" if ours built): a failed build is told to the peer, and both
+    sides stage from then on.
+    """
+    built: NcclLink | None = None
+    error = ""
+    try:
+        built = await _build(ticket, thread, timeout, what)
+        built.key = key
+    except Exception as exc:
+        error = f"{what}: {exc}"
+    return await _verdicts(sock, built, error, what), error
+
+
 async def _verdicts(
     sock: socket.socket, built: NcclLink | None, error: str, what: str
 ) -> NcclLink | None:
@@ -228,14 +252,7 @@ async def connect(
     except BaseException:
         ticket.cancel()
         raise
-    built: NcclLink | None = None
-    error = ""
-    try:
-        built = await _build(ticket, thread, timeout, what)
-        built.key = key
-    except Exception as exc:  # a failed build: tell the owner, stage from now on
-        error = f"{what}: {exc}"
-    link = await _verdicts(sock, built, error, what)
+    link, error = await _build_and_agree(sock, ticket, thread, timeout, key, what)
     return link, error or ("the owner's NCCL set-up failed" if link is None else ""), False
 
 
@@ -273,14 +290,8 @@ async def accept(
     except BaseException:
         ticket.cancel()
         raise
-    built: NcclLink | None = None
-    error = ""
-    try:
-        built = await _build(ticket, thread, timeout, what)
-        built.key = key
-    except Exception as exc:
-        error = f"{what}: {exc}"
-    return await _verdicts(sock, built, error, what)
+    link, _ = await _build_and_agree(sock, ticket, thread, timeout, key, what)
+    return link
 
 
 async def refuse(sock: socket.socket, reason: str, retry: bool, what: str) -> None:

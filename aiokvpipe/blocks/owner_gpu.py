@@ -118,11 +118,7 @@ class OwnerGpu(ServiceCore):
     ) -> None:
         """The requester copies; we wait for its word and count it if the lease still stands."""
         try:
-            if lease.fence is not None:
-                await self._lease_fence(lease, what)
-            if lease.ended:
-                body = protocol.error_body(lease.ended_error())
-                await protocol.send_message(sock, Kind.REPLY, body, what)
+            if await self._refused_as_ended(sock, lease, what):
                 return
             reply = protocol.reply_ok(request.nbytes, "ipc")
             await protocol.send_message(sock, Kind.REPLY, reply, what)
@@ -154,6 +150,16 @@ class OwnerGpu(ServiceCore):
         lease.mark(request.blocks, request.layers)
         self.payload_bytes[path] += request.nbytes
         return protocol.status(counted)
+
+    async def _refused_as_ended(self, sock: socket.socket, lease: Lease, what: str) -> bool:
+        """Wait out the lease's fence; if the lease ended meanwhile, say so and refuse."""
+        if lease.fence is not None:
+            await self._lease_fence(lease, what)
+        if not lease.ended:
+            return False
+        body = protocol.error_body(lease.ended_error())
+        await protocol.send_message(sock, Kind.REPLY, body, what)
+        return True
 
     async def _lease_fence(self, lease: Lease, what: str) -> None:
         """Until the owner's work queued before the grant is done (or the lease ends)."""
@@ -215,11 +221,7 @@ class OwnerGpu(ServiceCore):
         """Our half of an NCCL transfer; counted once our event completed and the peer agreed."""
         assert request.nccl is not None
         try:
-            if lease.fence is not None:
-                await self._lease_fence(lease, what)
-            if lease.ended:
-                body = protocol.error_body(lease.ended_error())
-                await protocol.send_message(sock, Kind.REPLY, body, what)
+            if await self._refused_as_ended(sock, lease, what):
                 return
             # Checked before anything is queued: a lying requester is cut off here.
             views = segments(region, request.blocks, request.nccl, request.layers, what)
