@@ -8,7 +8,7 @@ import os
 
 import shm_workers
 
-from aiokvpipe.transport._shm_recv import unlink_orphan
+from aiokvpipe.shm.ring import unlink_orphan
 
 
 def exists(path: str) -> bool:
@@ -20,7 +20,7 @@ async def test_the_orphan_is_unlinked_once_its_creator_is_gone() -> None:
         handle = conn.recv()
         path = f"/dev/shm/{handle.name.lstrip('/')}"
         # The creator still runs: the first attempt is refused, not final.
-        unlink_orphan(asyncio.get_running_loop(), handle.name)
+        unlink_orphan(handle.name)
         assert exists(path)
         proc.kill()
         proc.join(10)

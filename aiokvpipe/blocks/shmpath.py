@@ -49,7 +49,6 @@ transfer's progress.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import struct
 import time
@@ -57,7 +56,7 @@ from typing import Any, Literal
 
 from ..errors import AiokvpipeError, MalformedFrameError, PeerClosedError
 from ..shm.io import ShmRingBufferIO
-from ..shm.ring import ShmRingBuffer, ShmRingHandle
+from ..shm.ring import ShmRingBuffer, ShmRingHandle, unlink_orphan
 from ..transport._shm_setup import SLICE_SECONDS, decode_handle, encode_handle, ring_geometry
 from ..transport.base import PeerInfo
 from . import protocol
@@ -284,8 +283,7 @@ class RingPath:
         for name in self._attached:
             # A creator killed between sending the handle and unlinking the
             # name left it behind; the ring refuses while its creator runs.
-            with contextlib.suppress(AiokvpipeError, OSError):
-                ShmRingBuffer.unlink_stale(name)
+            unlink_orphan(name)
 
 
 def _fill(buf: memoryview, segs: Segments, limit: int) -> int:

@@ -34,6 +34,7 @@ never adopts (and unlinks) a segment that another process created.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import mmap
@@ -44,7 +45,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError, HandleError, PipeClosedError
+from ..errors import AiokvpipeError, ConfigError, HandleError, PipeClosedError
 from .liveness import ProcessIdentity
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "NAME_PREFIX",
     "ShmRingBuffer",
     "ShmRingHandle",
+    "unlink_orphan",
 ]
 
 LAYOUT_MAGIC = b"AIOKVRNG"
@@ -428,3 +430,29 @@ def _check_header(
         raise HandleError(
             f"segment {name!r} holds {size} bytes, the layout needs {layout.total_bytes}"
         )
+
+
+#: How long a peer keeps trying to remove a dead creator's ring name.
+ORPHAN_RETRY_SECONDS = 5.0
+
+
+def unlink_orphan(name: str, delay: float = 0.01) -> None:
+    """Unlink ring ``name`` once its creator is gone, retrying for a few seconds.
+
+    Called by a peer that saw the creator hang up. A SIGKILLed process closes
+    its sockets before the kernel marks it exited, so the hang-up can arrive
+    while its pid still looks alive; one refused attempt would leave the name
+    in ``/dev/shm`` for good. Retries run on the running loop; without one,
+    one attempt is all there is.
+    """
+    try:
+        ShmRingBuffer.unlink_stale(name)
+    except HandleError:
+        if delay >= ORPHAN_RETRY_SECONDS:
+            return
+        try:  # its creator still runs (or is still exiting): look again later
+            asyncio.get_running_loop().call_later(delay, unlink_orphan, name, delay * 2)
+        except RuntimeError:
+            pass  # no loop to retry on
+    except (AiokvpipeError, OSError):
+        pass  # gone already, or not ours to remove

@@ -16,15 +16,13 @@ import torch
 
 from ..bufpool import RecvBufferPool
 from ..errors import (
-    AiokvpipeError,
-    HandleError,
     PeerClosedError,
     PipeClosedError,
     ProtocolError,
     TransferTimeout,
 )
 from ..shm.io import ShmRingBufferIO
-from ..shm.ring import ShmRingBuffer
+from ..shm.ring import unlink_orphan
 from ..tensors import empty_for
 from ..wire import HEADER_SIZE, FrameKind, decode_header, message_charge
 from ._shm_setup import HEADER_SLOT, SLICE_SECONDS, translate_error
@@ -254,7 +252,7 @@ class ShmRecvChannel(RecvChannel):
         self._stop(error)
         # The sender may have died before it could unlink the name; the ring
         # refuses while its creator runs, so this only removes a true orphan.
-        unlink_orphan(asyncio.get_running_loop(), self._io.buffer.name)
+        unlink_orphan(self._io.buffer.name)
 
     def _stop(self, error: BaseException) -> None:
         if not self._stopped:
@@ -269,23 +267,3 @@ class ShmRecvChannel(RecvChannel):
         if self._watching:
             self._watching = False
             self._loop.remove_reader(self._fd)
-
-
-def unlink_orphan(loop: asyncio.AbstractEventLoop, name: str, delay: float = 0.01) -> None:
-    """Unlink ring ``name`` once its creator is gone, retrying for a few seconds.
-
-    A SIGKILLed sender closes its sockets before the kernel marks it exited,
-    so the hang-up that brings us here can arrive while its pid still looks
-    alive; one refused attempt would leave the name in ``/dev/shm`` for good.
-    """
-    try:
-        ShmRingBuffer.unlink_stale(name)
-    except HandleError:
-        if delay < ORPHAN_RETRY_SECONDS:  # its creator still runs (or is still exiting)
-            loop.call_later(delay, unlink_orphan, loop, name, delay * 2)
-    except (AiokvpipeError, OSError):
-        pass  # gone already, or not ours to remove
-
-
-#: How long a hung-up receiver keeps trying to remove its dead sender's ring name.
-ORPHAN_RETRY_SECONDS = 5.0
