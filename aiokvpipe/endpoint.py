@@ -251,12 +251,30 @@ class Endpoint:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         assert out.connecting is not None
+        before, mine = out.turn, asyncio.get_running_loop().create_future()
+        out.turn = mine
         try:
             await asyncio.shield(out.connecting)
+            if before is not None and not before.done():
+                await asyncio.shield(before)  # the sender queued before us goes first
         except BaseException:
             if out.connecting.done() and state.out is out:
                 state.out = None  # the next send dials again
             raise
+        finally:
+            # Our turn is over once the caller enters the outbound queue, which
+            # it does before the next waiter wakes (a callback: next loop turn).
+            # Cancelled while an earlier sender still waits: the turn passes
+            # on only after that one's.
+            def over(_: object = None) -> None:
+                mine.set_result(None)
+                if out.turn is mine:
+                    out.turn = None
+
+            if before is None or before.done():
+                over()
+            else:
+                before.add_done_callback(over)
         if out.dead is not None:
             raise out.dead
         return out

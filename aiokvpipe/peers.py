@@ -95,10 +95,15 @@ class OutLink:
     transport: str | None = None
     connecting: asyncio.Future[None] | None = None
     dead: BaseException | None = None
+    # The last sender still queued for the dial: senders enter the outbound
+    # queue in call order, each after the one before it (None: nobody queued).
+    # Without it, a send made after the dial ended but before the senders that
+    # waited for it resumed (they wake two loop turns later) overtook them.
+    turn: asyncio.Future[None] | None = None
 
     @property
     def ready(self) -> bool:
-        return self.outbound is not None and self.dead is None
+        return self.outbound is not None and self.dead is None and self.turn is None
 
 
 class Interruptible(Generic[T]):

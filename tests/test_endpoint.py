@@ -438,3 +438,22 @@ async def test_a_block_read_from_an_address_where_nothing_listens_fails_at_once(
         send.cancel()
         with contextlib.suppress(asyncio.CancelledError, PeerClosedError):
             await send
+
+
+@pytest.mark.timeout(20)
+async def test_sends_made_as_the_dial_ends_queue_behind_those_that_waited_for_it() -> None:
+    """Per-peer order is call order, also across the first dial: a send made
+    after the dial finished, but before the senders that waited for it had
+    resumed (two loop turns later), must not overtake them."""
+    async with endpoints(cfg(name="a"), cfg(name="b")) as (a, b):
+        waited = [asyncio.ensure_future(a.send(b.address, tagged(i))) for i in range(8)]
+        await asyncio.sleep(0)  # every waiter is queued on the dial
+        waited[3].cancel()  # a sender that gives up keeps the others' order
+        key = a._key(b.address)
+        while a._peers[key].out is None or a._peers[key].out.outbound is None:  # noqa: ASYNC110 (polls each loop turn on purpose)
+            await asyncio.sleep(0)  # the first turn in which the dial is done
+        late = await a.send(b.address, tagged(8))
+        await asyncio.gather(*waited, return_exceptions=True)
+        await late
+        got = [int((await b.recv())[1][0]) for _ in range(8)]
+        assert got == [0, 1, 2, 4, 5, 6, 7, 8]
