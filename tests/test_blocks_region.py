@@ -79,7 +79,7 @@ def test_dtypes_and_block_shapes_may_differ_between_tensors() -> None:
 def test_a_run_of_adjacent_blocks_is_one_segment_per_outer_index() -> None:
     region = RegionTable().register("kv", vllm_layers(), block_dim=1)
     ids = [3, 4, 5, 9, 0]
-    segs = region.segments(ids, [0, 1])
+    segs = region.segments(ids, [0, 1]).views()
     # per layer: K and V, each with runs (3..5), (9), (0)
     assert len(segs) == 2 * 2 * 3
     stream = torch.frombuffer(bytearray(b"".join(segs)), dtype=torch.int32)
@@ -300,3 +300,21 @@ def test_only_known_errors_travel() -> None:
     assert rebuilt.argument == "remote_blocks" and str(rebuilt).startswith("owner x: ")
     forged = protocol.remote_error({"error": "SystemExit", "message": "bye"}, "owner x")
     assert isinstance(forged, MalformedFrameError)
+
+
+def test_a_view_plan_cut_anywhere_gives_the_same_stream() -> None:
+    """Segments take a plan's views a batch at a time, cut at any byte: the
+    bytes moved are the blocks in stream order whatever the cut points."""
+    region = RegionTable().register("kv", vllm_layers(), block_dim=1)
+    ids = [3, 4, 5, 9, 0, 7]
+    plan = region.segments(ids, [1, 0])
+    whole = b"".join(plan.views())
+    for limit in (1, 5, 12, 64, 100, 1000, len(whole)):
+        segs = Segments(plan, receive=False)
+        got = bytearray()
+        while segs.remaining:
+            batch = segs.batch(limit)
+            taken = b"".join(batch)[: max(1, limit // 2)]  # a short send
+            got += taken
+            segs.advance(len(taken))
+        assert bytes(got) == whole, limit

@@ -114,6 +114,7 @@ def worker(
             await ep.aclose()
 
     async def prefill(service: Any, pipe: Any, region: list[torch.Tensor]) -> dict[str, Any]:
+        gen = torch.Generator().manual_seed(7)
         src, _ = request_blocks(count, num_blocks, 1)
         small_src, _ = request_blocks(16, num_blocks, 2)
         leases = [service.expose(f"pull-{i}", "kv", src, ttl=3600) for i in range(iters)]
@@ -121,8 +122,11 @@ def worker(
             service.expose(f"small-{i}", "kv", small_src, ttl=3600) for i in range(small_iters)
         ]
         index = torch.tensor(src)
-        contiguous = torch.zeros(count * block_numel * layers, dtype=torch.bfloat16)
-        small = torch.zeros(16 * block_numel * layers, dtype=torch.bfloat16)
+        # Real bytes, as a server's KV is: an untouched torch.zeros maps every
+        # page to the kernel's one zero page, so sending it reads a single
+        # cache-hot page and flatters the baseline.
+        contiguous = torch.randn(count * block_numel * layers, generator=gen).to(torch.bfloat16)
+        small = torch.randn(16 * block_numel * layers, generator=gen).to(torch.bfloat16)
         await pipe.send(None)  # ready: the leases are granted
         for _ in range(iters):
             await pipe.recv()  # the baseline's request

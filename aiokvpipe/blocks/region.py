@@ -38,6 +38,7 @@ from ..errors import (
 from ..tensors import byte_view
 from ..wire import CODE_DTYPES, dtype_code
 from .runs import as_ids, check_ids, coalesce
+from .sgio import ViewPlan
 
 
 @dataclass(frozen=True)
@@ -198,12 +199,32 @@ class BlockRegion:
                     out.append((layer, base + start * size, length * size))
         return out
 
-    def segments(self, ids: Sequence[int], layers: Sequence[int]) -> list[memoryview]:
-        """Views of the blocks of a host region, in stream order (see :meth:`ranges`)."""
+    def segments(self, ids: Sequence[int], layers: Sequence[int]) -> ViewPlan:
+        """The blocks of a host region as byte ranges in stream order (see
+        :meth:`ranges`), made into views only as the transfer reaches them."""
         if self.placement is not None:
             raise RegionError(f"region {self.name!r} is on {self.placement}, not in host memory")
-        views = [t.view for t in self._tensors]
-        return [views[layer][begin : begin + n] for layer, begin, n in self.ranges(ids, layers)]
+        runs = coalesce(ids)
+        run_starts = [start for start, _ in runs]
+        run_lengths = [length for _, length in runs]
+        bases: list[memoryview] = []
+        which: list[int] = []
+        starts: list[int] = []
+        lengths: list[int] = []
+        for layer in layers:
+            t = self._tensors[layer]
+            size = t.layout.block_bytes
+            if size == 0:
+                continue
+            stride = self.num_blocks * size
+            sizes = [n * size for n in run_lengths]
+            for o in range(t.outer_count):
+                base = o * stride
+                starts += [base + start * size for start in run_starts]
+                lengths += sizes
+            which += [len(bases)] * (len(runs) * t.outer_count)
+            bases.append(t.view)
+        return ViewPlan(bases, which, starts, lengths)
 
 
 def layout_from_wire(obj: Any) -> TensorLayout:
