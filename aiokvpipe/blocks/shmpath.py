@@ -48,7 +48,6 @@ transfer's progress.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import struct
 import time
@@ -61,7 +60,7 @@ from ..transport._shm_setup import SLICE_SECONDS, decode_handle, encode_handle, 
 from ..transport.base import PeerInfo
 from . import protocol
 from .protocol import Kind
-from .sgio import Segments
+from .sgio import Segments, yield_turn
 
 Direction = Literal["push", "pull"]
 
@@ -235,7 +234,7 @@ class RingPath:
                     offset = segs.moved
                     _CHUNK.pack_into(buf, 0, number, _fill(buf, segs, room), offset)
                 if _perf_counter() >= slice_end:  # a long copy must not freeze the loop
-                    await asyncio.sleep(0)
+                    await yield_turn()
                     slice_end = _perf_counter() + SLICE_SECONDS
         except PeerClosedError as exc:
             raise PeerClosedError(
@@ -262,7 +261,7 @@ class RingPath:
                         raise _bad_chunk(what, segs, number, claimed, offset, n, room)
                     _drain(buf, n, segs)
                 if _perf_counter() >= slice_end:
-                    await asyncio.sleep(0)
+                    await yield_turn()
                     slice_end = _perf_counter() + SLICE_SECONDS
         except PeerClosedError as exc:
             raise PeerClosedError(
