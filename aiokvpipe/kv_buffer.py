@@ -45,14 +45,15 @@ has been handed to the pipes, whose own windows bound it from then on.
 ``insert`` waits, without polling, while the buffer is full; an entry larger
 than the whole buffer is accepted when the buffer is empty. The buffer keeps
 references, not copies: do not modify inserted tensors.
+
+This module holds the public calls; the shared state and the two tasks are in
+:mod:`aiokvpipe.kv_buffer_core`, the wire messages in :mod:`aiokvpipe.kv_protocol`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -62,20 +63,15 @@ import torch
 from ._timeouts import deadline
 from .config import DEFAULT_BUFFER_BYTES, DEFAULT_PORT, PipeConfig
 from .errors import (
-    AiokvpipeError,
     ConfigError,
     FrameTooLargeError,
     KVBufferError,
-    PeerClosedError,
     PipeClosedError,
 )
+from .kv_buffer_core import KVBufferCore, KVResult, _close_quietly, _Entry
 from .kv_protocol import (
-    _ANSWER,
     _ANY,
     _BY_TOKENS,
-    _HIT,
-    _ITEMS,
-    _MISS,
     _REQUEST,
     _check_roi,
     _check_tensor,
@@ -83,43 +79,15 @@ from .kv_protocol import (
     _match_key,
     _message,
     _nbytes,
-    _parse_message,
     _selected,
 )
 from .pipe import Pipe
-from .semaphore import ByteSemaphore
 
 __all__ = ["KVBufferStats", "KVLookupBuffer", "KVResult"]
 
 Role = Literal["producer", "consumer"]
-#: ``[tokens, roi, key, value, hidden]`` of a hit, or five ``None`` s.
-KVResult = list[torch.Tensor | None]
 
-_NO_ANSWER: KVResult = [None] * _ITEMS
 _ITEM_NAMES = ("tokens", "roi", "key", "value", "hidden")
-
-
-# ----------------------------------------------------------------- state
-
-
-@dataclass
-class _Entry:
-    items: tuple[torch.Tensor | None, ...]  # tokens, roi, key, value, hidden
-    key: bytes
-    nbytes: int
-
-
-@dataclass
-class _Outgoing:
-    """An answer, sent whole by the writer: the data, then the signal message.
-
-    Only the writer sends answers, so the n-th hit on the signal pipe always
-    pairs with the n-th group of five tensors on the data pipe.
-    """
-
-    signal: torch.Tensor
-    data: Sequence[torch.Tensor | None] = ()
-    release: int = 0  # buffer bytes to free once the data pipe accepted the data
 
 
 @dataclass(frozen=True)
@@ -136,15 +104,7 @@ class KVBufferStats:
     abandoned_answers: int = 0  #: answers that came after their caller gave up
 
 
-@dataclass
-class _Counters:
-    inserted: int = 0
-    served_hits: int = 0
-    served_misses: int = 0
-    abandoned_answers: int = 0
-
-
-class KVLookupBuffer:
+class KVLookupBuffer(KVBufferCore):
     """One side of a KV lookup buffer between two ranks (see the module doc).
 
     ``signal_pipe`` and ``data_pipe`` are two distinct, connected pipes of a
@@ -196,24 +156,7 @@ class KVLookupBuffer:
                 "KVLookupBuffer must be created inside the running event loop of its pipes"
             ) from None
         self.role = role
-        self._signal = signal_pipe
-        self._data = data_pipe
-        self._space = ByteSemaphore(buffer_bytes)
-        self._entries: dict[int, _Entry] = {}  # insertion order = age
-        self._by_key: dict[bytes, deque[int]] = {}
-        self._next_entry = 0
-        self._next_request = 0
-        self._pending: dict[int, asyncio.Future[KVResult]] = {}
-        self._outbox: asyncio.Queue[_Outgoing | None] = asyncio.Queue()
-        self._counters = _Counters()
-        self._error: BaseException | None = None
-        self._closed = False
-        self._closing: asyncio.Future[None] | None = None
-        self._abort: asyncio.Task[None] | None = None  # closes the pipes after a break
-        self._drain_waiters: list[asyncio.Future[None]] = []
-        tag = f"kv-buffer rank {self.rank}"
-        self._reader = loop.create_task(self._read_loop(), name=f"{tag} reader")
-        self._writer = loop.create_task(self._write_loop(), name=f"{tag} writer")
+        super().__init__(signal_pipe, data_pipe, buffer_bytes, loop)
 
     # -- construction ----------------------------------------------------------
     @classmethod
@@ -257,10 +200,6 @@ class KVLookupBuffer:
             raise
 
     # -- metrics ---------------------------------------------------------------
-    @property
-    def rank(self) -> int:
-        return self._signal.rank
-
     @property
     def closed(self) -> bool:
         return self._closed
@@ -389,21 +328,6 @@ class KVLookupBuffer:
                     if waiter in self._drain_waiters:
                         self._drain_waiters.remove(waiter)
 
-    def _take(self, match_key: bytes | None) -> _Entry | None:
-        """Remove and return the oldest entry matching ``match_key`` (None: any)."""
-        if match_key is None:
-            entry_id = next(iter(self._entries), None)
-            if entry_id is None:
-                return None
-            match_key = self._entries[entry_id].key
-        ids = self._by_key.get(match_key)
-        if not ids:
-            return None
-        entry_id = ids.popleft()
-        if not ids:
-            del self._by_key[match_key]
-        return self._entries.pop(entry_id)
-
     # -- consumer --------------------------------------------------------------
     async def drop_select(
         self,
@@ -448,95 +372,6 @@ class KVLookupBuffer:
         finally:
             self._pending.pop(request_id, None)
 
-    # -- background tasks --------------------------------------------------------
-    async def _read_loop(self) -> None:
-        try:
-            while True:
-                message = await self._signal.recv(timeout=None)
-                kind, request_id, status, query_key = _parse_message(message)
-                if kind == _REQUEST:
-                    self._serve(request_id, None if status == _ANY else query_key)
-                    continue
-                result = _NO_ANSWER
-                if status == _HIT:
-                    result = [await self._data.recv(timeout=None) for _ in range(_ITEMS)]
-                waiter = self._pending.pop(request_id, None)
-                if waiter is None or waiter.done():
-                    self._counters.abandoned_answers += 1
-                else:
-                    waiter.set_result(list(result))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._break(exc)
-
-    def _serve(self, request_id: int, match_key: bytes | None) -> None:
-        entry = self._take(match_key)
-        if entry is None:
-            self._counters.served_misses += 1
-            self._outbox.put_nowait(_Outgoing(_message(_ANSWER, request_id, _MISS)))
-            return
-        self._counters.served_hits += 1
-        self._outbox.put_nowait(
-            _Outgoing(_message(_ANSWER, request_id, _HIT), entry.items, entry.nbytes)
-        )
-
-    async def _write_loop(self) -> None:
-        try:
-            while True:
-                message = await self._outbox.get()
-                if message is None:
-                    return
-                # Data first: by the time the peer wakes up for the answer, its
-                # tensors are already arriving, which saves it a sleep/wake.
-                for tensor in message.data:
-                    await self._data.send(tensor, timeout=None)
-                await self._signal.send(message.signal, timeout=None)
-                if message.release:
-                    self._space.release(message.release)
-                    if self._space.held == 0:
-                        self._wake_drain_waiters(None)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._break(exc)
-
-    def _break(self, error: BaseException) -> None:
-        """The link is broken: fail every waiter now and every call from now on."""
-        if self._error is not None or self._closed:
-            return
-        if type(error) is PeerClosedError:
-            # Say which object broke; the pipe's own message stays as the cause.
-            wrapped = PeerClosedError(
-                f"KVLookupBuffer on rank {self.rank}: the peer closed or went away ({error})"
-            )
-            wrapped.__cause__ = error
-            error = wrapped
-        self._error = error
-        self._space.close(error)
-        self._fail_pending(error)
-        self._wake_drain_waiters(error)
-        # Tell the peer now: its drop_select waits (by default without a
-        # timeout) for an answer this side will never send, and its reader
-        # for the rest of a hit. Closed pipes turn both into PeerClosedError.
-        self._abort = asyncio.ensure_future(_close_quietly(self._signal, self._data))
-
-    def _wake_drain_waiters(self, error: BaseException | None) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for waiter in waiters:
-            if waiter.done():
-                continue
-            if error is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(error)
-
-    def _fail_pending(self, error: BaseException) -> None:
-        pending, self._pending = self._pending, {}
-        for waiter in pending.values():
-            if not waiter.done():
-                waiter.set_exception(error)
-
     # -- closing ---------------------------------------------------------------
     async def aclose(self) -> None:
         """Send what is queued (bounded by the pipes' ``close_timeout``), then
@@ -548,28 +383,6 @@ class KVLookupBuffer:
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._teardown())
         await asyncio.shield(self._closing)
-
-    async def _teardown(self) -> None:
-        closed = PipeClosedError(f"KVLookupBuffer on rank {self.rank} is closed")
-        self._closed = True
-        self._space.close(closed)
-        self._fail_pending(closed)
-        self._wake_drain_waiters(closed)
-        self._outbox.put_nowait(None)
-        try:
-            if self._error is None:
-                with contextlib.suppress(Exception):
-                    async with deadline(self._signal.config.close_timeout, lambda: "close"):
-                        await asyncio.shield(self._writer)
-        finally:
-            for task in (self._writer, self._reader):
-                task.cancel()
-            await asyncio.gather(self._writer, self._reader, return_exceptions=True)
-            await _close_quietly(self._signal, self._data)
-            if self._abort is not None:
-                await asyncio.wait([self._abort])
-            self._entries.clear()
-            self._by_key.clear()
 
     async def __aenter__(self) -> KVLookupBuffer:
         return self
@@ -589,10 +402,3 @@ class KVLookupBuffer:
             f"<KVLookupBuffer rank={self.rank}{role} entries={len(self._entries)} "
             f"bytes={self._space.held}/{self._space.capacity} {state}>"
         )
-
-
-async def _close_quietly(*pipes: Pipe) -> None:
-    """Close pipes whose peer may be gone: a broken link is not a close error."""
-    for pipe in pipes:
-        with contextlib.suppress(AiokvpipeError, OSError):
-            await pipe.aclose()

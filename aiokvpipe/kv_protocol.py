@@ -1,8 +1,9 @@
 """The KV lookup buffer's wire messages and argument checks.
 
-Kept apart from :mod:`aiokvpipe.kv_buffer` (the buffer's state and tasks):
-this module only knows how a request/answer is encoded into one int64 tensor
-and which tensors ``insert``/``drop_select`` accept.
+Kept apart from :mod:`aiokvpipe.kv_buffer` (the public calls) and
+:mod:`aiokvpipe.kv_buffer_core` (the buffer's state and tasks): this module
+only knows how a request/answer is encoded into one int64 tensor and which
+tensors ``insert``/``drop_select`` accept.
 """
 
 from __future__ import annotations
