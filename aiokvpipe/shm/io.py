@@ -3,9 +3,11 @@
 One writer endpoint (``reader_rank=-1``) and up to ``n_reader`` reader
 endpoints, each in its own process. The chunk protocol and the waiting
 scheme live in :mod:`aiokvpipe.shm.endpoint`; this module turns them into
-``acquire_write``/``acquire_read`` (one chunk in place), ``enqueue``/
-``dequeue`` (whole objects, spanning chunks when large) and
-``broadcast_object``.
+the public calls: ``acquire_write``/``acquire_read`` (one chunk in place,
+through the leases of :mod:`aiokvpipe.shm.slots`), ``enqueue``/``dequeue``
+(whole objects, spanning chunks when large: :mod:`aiokvpipe.shm.messages`),
+``broadcast_object``, the chunk calls of the shm transport, and the
+endpoint's construction and closing.
 
 Security: rings are for processes of one user on one host (the segment is
 mode 0600) and :meth:`ShmRingBufferIO.dequeue` unpickles what the writer
@@ -14,25 +16,16 @@ sent: only attach to rings whose writer you trust to run code as you.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import pickle
-from collections.abc import Callable, Coroutine
-from types import TracebackType
-from typing import Any, TypeVar, cast
+from collections.abc import Callable
+from typing import Any
 
 from ..backoff import Backoff
-from ..errors import (
-    AiokvpipeError,
-    ConfigError,
-    HandleError,
-    RingEmptyError,
-    RingUsageError,
-    RingViewError,
-)
+from ..errors import AiokvpipeError, ConfigError, HandleError, RingUsageError
 from . import codec
-from .endpoint import DESC_SIZE, TAKEN, RingEndpoint, deadline_after, unpack_desc
+from .endpoint import TAKEN, deadline_after
 from .fence import ORDERING_FENCE_NEEDED, fence
+from .messages import _NOT_WHOLE, RingMessages, _run_blocking, _run_now
 from .ring import (
     READER_SLOTS_OFF,
     SLOT_BYTES,
@@ -44,64 +37,15 @@ from .ring import (
     ShmRingBuffer,
     ShmRingHandle,
 )
+from .slots import _ReadSlot, _WriteSlot
 from .threads import call_in_thread
 
 __all__ = ["ShmRingBufferIO"]
 
-T = TypeVar("T")
-_NOT_WHOLE = object()  # _take_whole: the chunk is part of a larger message
 _ORDERING_FENCE = ORDERING_FENCE_NEEDED
 
 
-def _run_blocking(coro: Coroutine[Any, Any, T]) -> T:
-    """Drive a coroutine that never suspends (blocking=True paths) to its end."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass  # no loop in this thread: blocking is fine
-    else:
-        coro.close()
-        raise RingUsageError(
-            "the *_sync ring calls block; inside a running event loop await the async ones"
-        )
-    return _run_now(coro)
-
-
-def _run_now(coro: Coroutine[Any, Any, T]) -> T:
-    """Drive a coroutine that finishes without suspending (the *_sync and
-    *_nowait paths) to its end."""
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return cast(T, stop.value)
-    coro.close()
-    raise RuntimeError("a ring call that must not wait tried to suspend")  # pragma: no cover
-
-
-def _copy_parts(parts: list[codec.Part], lo: int, hi: int, dst: memoryview) -> None:
-    """Copy message bytes [lo, hi) from ``parts`` into ``dst`` (the chunk)."""
-    for start, data in parts:
-        end = start + data.nbytes
-        s = lo if lo > start else start
-        e = hi if hi < end else end
-        if s < e:
-            dst[s - lo : e - lo] = data[s - start : e - start]
-
-
-class _Assembly:
-    """A message spanning chunks, being gathered (survives a cancelled dequeue)."""
-
-    __slots__ = ("data", "filled", "kind", "total", "view")
-
-    def __init__(self, kind: int, total: int) -> None:
-        self.kind = kind
-        self.total = total
-        self.filled = 0
-        self.data = codec.aligned_empty(total)
-        self.view = self.data.data.cast("B")
-
-
-class ShmRingBufferIO(RingEndpoint):
+class ShmRingBufferIO(RingMessages):
     """One endpoint of a ring: the writer (``reader_rank=-1``) or reader ``reader_rank``.
 
     Use one endpoint from one task at a time (a second concurrent call raises
@@ -133,7 +77,7 @@ class ShmRingBufferIO(RingEndpoint):
         super().__init__(
             buffer, reader_rank, backoff=backoff, owns_buffer=owns_buffer, anticipate=anticipate
         )
-        self._partial: _Assembly | None = None  # a multi-chunk message being gathered
+        self._partial = None  # a multi-chunk message being gathered
 
     # -- construction helpers ------------------------------------------------
 
@@ -380,50 +324,9 @@ class ShmRingBufferIO(RingEndpoint):
         except ValueError as exc:
             raise self._released(exc) from exc
 
-    def _first_held(self, count: int) -> int | None:
-        """Writer: how far past the next chunk the first of the next ``count``
-        that readers still hold is (None: all ``count`` can be claimed now)."""
-        fl, nflag, ones, seq = self._flags, self._nflag, self._ones, self._seq
-        for k in range(count):
-            base = ((seq + k) % self._nchunks) * nflag
-            if fl[base] and fl[base + 1 : base + nflag] != ones:
-                return k
-        return None
-
     def enqueue_sync(self, obj: Any, timeout: float | None = None) -> None:
         """Blocking :meth:`enqueue` for non-async callers (never inside a loop)."""
         _run_blocking(self._enqueue(obj, timeout, True))
-
-    async def _enqueue(self, obj: Any, timeout: float | None, blocking: bool) -> None:
-        self._enter(True)
-        try:
-            if type(obj) is bytes and len(obj) <= self._cap:
-                idx = self._try_claim()
-                if idx is None:
-                    idx = await self._wait(
-                        self._try_claim, timeout, deadline_after(timeout), blocking
-                    )
-                self._publish(idx, len(obj), 0, codec.BYTES, obj)
-                return
-            await self._write_message(codec.encode(obj), timeout, blocking)
-        finally:
-            self._leave()
-
-    async def _write_message(
-        self, enc: codec.Encoded, timeout: float | None, blocking: bool
-    ) -> None:
-        deadline = deadline_after(timeout)
-        cap, total, offset = self._cap, enc.total, 0
-        while True:
-            idx = self._try_claim()
-            if idx is None:
-                idx = await self._wait(self._try_claim, timeout, deadline, blocking)
-            n = min(cap, total - offset)
-            _copy_parts(enc.parts, offset, offset + n, self._chunks[idx])
-            self._publish(idx, total, offset, enc.kind)
-            offset += n
-            if offset >= total:
-                return
 
     # -- reader ----------------------------------------------------------------
 
@@ -453,23 +356,6 @@ class ShmRingBufferIO(RingEndpoint):
                 raise self._released(exc) from exc
         return await self._dequeue(timeout, False)
 
-    def _take_whole(self, idx: int) -> Any:
-        """Chunk ``idx`` decoded and consumed if it holds a whole message, else
-        :data:`_NOT_WHOLE` (one call on the hot path: on a VM every cold call
-        after a wake-up costs about a microsecond)."""
-        seq, total, offset, kind = unpack_desc(self._desc, idx * DESC_SIZE)
-        if seq != self._seq:
-            self._descriptor(idx)  # raises SequenceError
-        if offset != 0 or total > self._cap:
-            return _NOT_WHOLE
-        self._partial = None
-        try:
-            if kind == codec.BYTES:
-                return bytes(self._chunks[idx][:total])
-            return codec.decode(kind, self._chunks[idx][:total])
-        finally:
-            self._consume(idx)
-
     def dequeue_sync(self, timeout: float | None = None) -> Any:
         """Blocking :meth:`dequeue` for non-async callers (never inside a loop)."""
         return _run_blocking(self._dequeue(timeout, True))
@@ -483,48 +369,6 @@ class ShmRingBufferIO(RingEndpoint):
         WriterGoneError once the writer is gone and everything was read.
         """
         return _run_now(self._dequeue(None, True, nowait=True))
-
-    async def _dequeue(self, timeout: float | None, blocking: bool, nowait: bool = False) -> Any:
-        self._enter(False)
-        try:
-            deadline: float | None = None
-            while True:
-                idx = self._poll_readable()
-                if idx is None and nowait:
-                    # The writer gone and all read: say so (a chunk it published
-                    # right before it went is still read first).
-                    idx = self._check_peer_or_poll(self._poll_readable, None)
-                    if idx is None:
-                        raise RingEmptyError(
-                            f"reader {self.reader_rank} of ring {self.buffer.name!r}: "
-                            "no complete message waiting"
-                        )
-                if idx is None:
-                    if deadline is None:
-                        deadline = deadline_after(timeout)
-                    idx = await self._wait(self._poll_readable, timeout, deadline, blocking)
-                msg = self._take_whole(idx)
-                if msg is not _NOT_WHOLE:
-                    return msg
-                total, offset, kind = self._descriptor(idx)
-                cap = self._cap
-                n = min(cap, total - offset)
-                part = self._partial
-                if offset == 0:
-                    part = self._partial = _Assembly(kind, total)
-                elif part is None or (part.kind, part.total, part.filled) != (kind, total, offset):
-                    # The tail of a message whose start we never saw (the writer
-                    # abandoned it, or this reader joined late): skip it.
-                    self._consume(idx)
-                    continue
-                part.view[offset : offset + n] = self._chunks[idx][:n]
-                part.filled += n
-                self._consume(idx)
-                if part.filled == total:
-                    self._partial = None
-                    return codec.decode(kind, part.view, part.data)
-        finally:
-            self._leave()
 
     # -- both ------------------------------------------------------------------
 
@@ -601,120 +445,3 @@ class ShmRingBufferIO(RingEndpoint):
     def __repr__(self) -> str:
         role = "writer" if self.is_writer else f"reader {self.reader_rank}"
         return f"<ShmRingBufferIO {role} of {self.buffer.name!r} seq={self._seq}>"
-
-
-class _Slot:
-    """One chunk held by an ``async with``: claimed on enter, released on exit."""
-
-    __slots__ = ("_base", "_idx", "_io", "_timeout", "_view")
-    _idx: int
-    _base: memoryview
-    _view: memoryview
-
-    def __init__(self, io: ShmRingBufferIO, timeout: float | None) -> None:
-        self._io = io
-        self._timeout = timeout
-
-    async def _take(self, writer: bool, poll: Callable[[], int | None]) -> int:
-        """The chunk index ``poll`` yields, waiting for it; the endpoint is busy after."""
-        io, timeout = self._io, self._timeout
-        io._enter(writer)
-        try:
-            idx = poll()
-            if idx is None:
-                idx = await io._wait(poll, timeout, deadline_after(timeout), False)
-        except BaseException:
-            io._leave()
-            raise
-        self._idx = idx
-        return idx
-
-    def _lend(self, base: memoryview) -> memoryview:
-        """The caller's view of ``base`` (this slot's own view of the chunk).
-
-        Re-exported through a PickleBuffer, so the view, and every slice,
-        cast or array made from it, holds a buffer export of ``base``:
-        ``base.release()`` then fails while any of them lives. (A slice of a
-        plain memoryview shares its parent's buffer instead, and would
-        outlive the parent's release unseen.)
-        """
-        self._base = base
-        lender = pickle.PickleBuffer(base)
-        self._view = memoryview(lender)
-        lender.release()  # the view holds its own export of base
-        return self._view
-
-    def _give(self, done: Callable[[int], None] | None) -> None:
-        """Release the views; ``done(idx)`` unless the block raised or the ring closed.
-
-        A view the caller kept (a slice, an array) would see the chunk
-        overwritten once it is published or marked read: then nothing is
-        marked and RingViewError says so. (``torch.frombuffer`` holds a plain
-        reference instead of a buffer export, which no release can see: copy
-        such a tensor before the block ends.)
-        """
-        io = self._io
-        try:
-            alive = False
-            for view in (self._view, self._base):
-                try:
-                    view.release()
-                except BufferError:
-                    alive = True
-                    break
-            if done is None or io._closed:
-                return
-            if alive:
-                raise self._view_error()
-            done(self._idx)
-        finally:
-            io._leave()
-
-    def _view_error(self) -> RingViewError:
-        io = self._io
-        if io.is_writer:
-            where, what = "acquire_write", "was not published (the next acquire_write hands it out"
-        else:
-            where = f"reader {io.reader_rank}'s acquire_read"
-            what = "was not marked read (the next acquire_read hands it out"
-        return RingViewError(
-            f"ring {io.buffer.name!r}: a view of the chunk (a slice, cast, array or "
-            f"tensor made from the buffer) is still alive after the {where} block, so the "
-            f"chunk {what} again); copy what you need inside the block, release or delete "
-            "those views, then acquire again"
-        )
-
-
-class _WriteSlot(_Slot):
-    __slots__ = ()
-
-    async def __aenter__(self) -> memoryview:
-        io = self._io
-        idx = await self._take(True, io._try_claim)
-        return self._lend(io._chunks[idx][:])
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        io = self._io
-        # On error the chunk stays claimed-but-unwritten; the next claim reuses it.
-        self._give(None if et is not None else lambda idx: io._publish(idx, io._cap, 0, codec.RAW))
-
-
-class _ReadSlot(_Slot):
-    __slots__ = ()
-
-    async def __aenter__(self) -> memoryview:
-        io = self._io
-        idx = await self._take(False, io._poll_readable)
-        try:
-            total, offset, _ = io._descriptor(idx)
-        except BaseException:
-            io._leave()
-            raise
-        return self._lend(io._chunks[idx][: min(io._cap, total - offset)])
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._give(None if et is not None else self._io._consume)
