@@ -21,7 +21,7 @@ Layout (all offsets fixed by ``n_reader``, ``max_chunk_bytes`` and
 
 Flag protocol (as in vLLM's ring, whose idea this follows): only the writer
 sets ``written`` and clears read flags; each reader only sets its own read
-flag. The chunk protocol itself lives in :mod:`aiokvpipe.shm.io`.
+flag. The chunk protocol itself lives in :mod:`aiokvpipe.shm.endpoint`.
 
 Security: the segment is created mode 0600 under the creating user, and
 :class:`~aiokvpipe.shm.io.ShmRingBufferIO` unpickles what it reads, so the
