@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from aiokvpipe import PipeConfig
+from aiokvpipe import Endpoint, EndpointConfig, PipeConfig
 from aiokvpipe.cuda import runtime
 from aiokvpipe.cuda.blocking import run_blocking
 from aiokvpipe.cuda.control import ControlSocket, HelloKind
@@ -222,6 +222,18 @@ async def test_connect_on_cpu_torch_refuses_a_gpu_device_at_once(
     monkeypatch.setattr(torch.version, "cuda", None)
     with pytest.raises(CudaUnavailableError, match=r"no CUDA support.*aiokvpipe\[cuda12\]"):
         await _connect_alone(device="cuda:0")
+
+
+async def test_endpoint_start_on_cpu_torch_refuses_a_gpu_device_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 15.2, the Endpoint side: start() refuses before it listens or dials."""
+    monkeypatch.setattr(torch.version, "cuda", None)
+    cfg = EndpointConfig(name="gpu", device="cuda:0", token="x" * 32)
+    started = time.perf_counter()
+    with pytest.raises(CudaUnavailableError, match=r"no CUDA support.*aiokvpipe\[cuda12\]"):
+        await asyncio.wait_for(Endpoint.start(cfg), 5)
+    assert time.perf_counter() - started < 2
 
 
 @pytest.mark.usefixtures("one_gpu")
