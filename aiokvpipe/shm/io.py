@@ -55,7 +55,8 @@ class ShmRingBufferIO(RingMessages):
     ``backoff`` is the waiting policy: its ``spin_seconds`` is the spin phase
     (bare yields to the loop), its growing sleeps are the safety intervals a
     parked call waits on the doorbell before rechecking on its own. The
-    default spins 50 us, then parks for 20 ms growing to 50 ms.
+    default spins 50 us, then parks for 20 ms growing to 50 ms (to 1 s
+    for a reader that watches the writer's pidfd).
 
     ``anticipate`` (readers): learn the writer's rhythm from the publish
     times of recent messages and spin through a short window around the next
@@ -282,7 +283,7 @@ class ShmRingBufferIO(RingMessages):
         parked and serves the next rings in the callback too, so a sparse
         stream costs one fd callback per message and no task wake-up; it
         returns (True) when ``keep()`` says stop, or on its safety interval
-        (20-50 ms). ``keep`` must be cheap and must not wait.
+        (20 ms to 1 s). ``keep`` must be cheap and must not wait.
         """
         self._enter(False)
         try:
