@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from .endpoint_liveness import Liveness
 from .errors import (
@@ -23,7 +25,7 @@ from .errors import (
     TransferTimeout,
 )
 from .links.channels import open_sender
-from .links.dial import dial
+from .links.dial import Dialed, dial
 from .outbound import Outbound
 from .peers import OutLink, PeerState, parse_address
 from .transport.base import Link
@@ -85,17 +87,22 @@ class SendingSide(Liveness):
         until = time.monotonic() + cfg.connect_timeout
         what = f"{self.name} -> {out.address}"
         session_id = secrets.token_hex(8)
-        try:
-            session = await dial(
+
+        def open_link(purpose: str, **extra: str) -> Coroutine[Any, Any, Dialed]:
+            """The session and the data link: one dial each, same peer and deadline."""
+            return dial(
                 out.host,
                 out.port,
-                purpose="session",
+                purpose=purpose,
                 local=self._local,
                 token=cfg.token_bytes,
                 until=until,
                 what=what,
-                extra={"session": session_id},
+                extra={"session": session_id, **extra},
             )
+
+        try:
+            session = await open_link("session")
         except (TransferTimeout, PeerClosedError) as exc:
             self._count_error(state, exc)
             raise PeerUnreachableError(
@@ -110,16 +117,7 @@ class SendingSide(Liveness):
         out.peer = peer
         out.heartbeat = self._heartbeat(session.sock, state, peer)
         try:
-            data = await dial(
-                out.host,
-                out.port,
-                purpose="data",
-                local=self._local,
-                token=cfg.token_bytes,
-                until=until,
-                what=what,
-                extra={"session": session_id, "to_instance": peer.instance},
-            )
+            data = await open_link("data", to_instance=peer.instance)
             out.transport, sender = await open_sender(
                 Link(cfg, data.sock, "send", self._local, peer)
             )

@@ -183,47 +183,50 @@ class BlockRegion:
             self._tensors[i].outer_count * self._tensors[i].layout.block_bytes for i in layers
         )
 
-    def ranges(self, ids: Sequence[int], layers: Sequence[int]) -> list[tuple[int, int, int]]:
-        """``(layer, first byte, length)`` of the blocks in stream order (layer, outer, run)."""
+    def _layer_runs(
+        self, ids: Sequence[int], layers: Sequence[int]
+    ) -> list[tuple[int, list[int], list[int]]]:
+        """Per layer that holds bytes: ``(layer, first bytes, lengths)`` of its
+        block runs, in stream order (outer index, then run)."""
         runs = coalesce(ids)
-        out: list[tuple[int, int, int]] = []
+        run_starts = [start for start, _ in runs]
+        run_lengths = [length for _, length in runs]
+        out: list[tuple[int, list[int], list[int]]] = []
         for layer in layers:
             t = self._tensors[layer]
             size = t.layout.block_bytes
             if size == 0:
                 continue
             stride = self.num_blocks * size
+            starts: list[int] = []
             for o in range(t.outer_count):
                 base = o * stride
-                for start, length in runs:
-                    out.append((layer, base + start * size, length * size))
+                starts += [base + start * size for start in run_starts]
+            out.append((layer, starts, [n * size for n in run_lengths] * t.outer_count))
         return out
+
+    def ranges(self, ids: Sequence[int], layers: Sequence[int]) -> list[tuple[int, int, int]]:
+        """``(layer, first byte, length)`` of the blocks in stream order (layer, outer, run)."""
+        return [
+            (layer, begin, n)
+            for layer, starts, lengths in self._layer_runs(ids, layers)
+            for begin, n in zip(starts, lengths, strict=True)
+        ]
 
     def segments(self, ids: Sequence[int], layers: Sequence[int]) -> ViewPlan:
         """The blocks of a host region as byte ranges in stream order (see
         :meth:`ranges`), made into views only as the transfer reaches them."""
         if self.placement is not None:
             raise RegionError(f"region {self.name!r} is on {self.placement}, not in host memory")
-        runs = coalesce(ids)
-        run_starts = [start for start, _ in runs]
-        run_lengths = [length for _, length in runs]
         bases: list[memoryview] = []
         which: list[int] = []
         starts: list[int] = []
         lengths: list[int] = []
-        for layer in layers:
-            t = self._tensors[layer]
-            size = t.layout.block_bytes
-            if size == 0:
-                continue
-            stride = self.num_blocks * size
-            sizes = [n * size for n in run_lengths]
-            for o in range(t.outer_count):
-                base = o * stride
-                starts += [base + start * size for start in run_starts]
-                lengths += sizes
-            which += [len(bases)] * (len(runs) * t.outer_count)
-            bases.append(t.view)
+        for layer, layer_starts, layer_lengths in self._layer_runs(ids, layers):
+            which += [len(bases)] * len(layer_starts)
+            starts += layer_starts
+            lengths += layer_lengths
+            bases.append(self._tensors[layer].view)
         return ViewPlan(bases, which, starts, lengths)
 
 
