@@ -61,8 +61,12 @@ class SendingSide(Liveness):
             if before is not None and not before.done():
                 await asyncio.shield(before)  # the sender queued before us goes first
         except BaseException:
-            if out.connecting.done() and state.out is out:
+            dial = out.connecting
+            failed = dial.done() and (dial.cancelled() or dial.exception() is not None)
+            if failed and state.out is out:
                 state.out = None  # the next send dials again
+            # (A sender cancelled while it waited, on the dial or for its turn,
+            # leaves a link that is up, or still coming, to the others.)
             raise
         finally:
             # Our turn is over once the caller enters the outbound queue, which

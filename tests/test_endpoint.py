@@ -457,3 +457,26 @@ async def test_sends_made_as_the_dial_ends_queue_behind_those_that_waited_for_it
         await late
         got = [int((await b.recv())[1][0]) for _ in range(8)]
         assert got == [0, 1, 2, 4, 5, 6, 7, 8]
+
+
+@pytest.mark.timeout(20)
+async def test_a_sender_cancelled_while_it_waits_for_its_turn_keeps_the_link() -> None:
+    """A send that arrives as the dial ends waits for the senders queued before
+    it; cancelling it there must not drop the link those senders are using
+    (the next send would dial a second link beside the first)."""
+    async with endpoints(cfg(name="a"), cfg(name="b")) as (a, b):
+        waited = [asyncio.ensure_future(a.send(b.address, tagged(i))) for i in range(4)]
+        await asyncio.sleep(0)
+        state = a._peers[a._key(b.address)]
+        while state.out is None or state.out.outbound is None:  # noqa: ASYNC110 (polls each loop turn on purpose)
+            await asyncio.sleep(0)
+        link = state.out
+        late = asyncio.ensure_future(a.send(b.address, tagged(99)))
+        await asyncio.sleep(0)  # it is queued behind the four
+        late.cancel()
+        await asyncio.gather(*waited, late, return_exceptions=True)
+        assert late.cancelled()
+        await a.send(b.address, tagged(4))
+        assert state.out is link  # the same link, not a second dial
+        got = [int((await b.recv(timeout=5))[1][0]) for _ in range(5)]
+        assert got == [0, 1, 2, 3, 4]
