@@ -141,12 +141,7 @@ async def test_cancelling_one_pipelined_write_aborts_it_alone(
     rid = unique("cancel")
     blocks = list(range(64))
     await peer.ok("expect", request_id=rid, name=name, blocks=blocks, ttl=30)
-    tasks = [
-        asyncio.ensure_future(
-            node.service.write(peer.address, rid, name, blocks, blocks, layers=[layer])
-        )
-        for layer in range(4)
-    ]
+    tasks = layer_writes(node, peer, rid, name, blocks, 4)
     victim = None
     for _ in range(50_000):  # layer 2's write, pipelined, once it is under way
         for op in node.service._ops.values():
@@ -190,12 +185,7 @@ async def test_an_owner_declared_dead_fails_every_write_in_flight(
     rid = unique("lost")
     blocks = list(range(64))
     await peer.ok("expect", request_id=rid, name=name, blocks=blocks, ttl=30)
-    tasks = [
-        asyncio.ensure_future(
-            node.service.write(peer.address, rid, name, blocks, blocks, layers=[layer])
-        )
-        for layer in range(6)
-    ]
+    tasks = layer_writes(node, peer, rid, name, blocks, 6)
     for _ in range(50_000):
         if node.service.pipelined_writes >= 1:
             break
@@ -251,6 +241,18 @@ async def test_an_owner_killed_with_writes_in_flight_fails_them_all(transport: s
 
 
 # ------------------------------------------------------------------ a raw peer
+
+
+def layer_writes(
+    node: BlockNode, peer: PeerClient, rid: str, name: str, blocks: list[int], layers: int
+) -> list[asyncio.Future[None]]:
+    """One write per layer of ``blocks``, issued at once (they pipeline on one connection)."""
+    return [
+        asyncio.ensure_future(
+            node.service.write(peer.address, rid, name, blocks, blocks, layers=[layer])
+        )
+        for layer in range(layers)
+    ]
 
 
 async def raw_writes(owner: BlockNode, frames: list[bytes], answers: int) -> list[protocol.Message]:

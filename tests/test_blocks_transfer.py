@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import shm_workers
 import torch
-from blocks_net import PATHS, BlockNode, PeerClient, make_layers, unique
+from blocks_net import PATHS, BlockNode, PeerClient, make_layers, node_beside, unique
 
 from aiokvpipe.errors import (
     BlockIdError,
@@ -37,12 +37,10 @@ def peer(request: pytest.FixtureRequest) -> Iterator[PeerClient]:
 
 @pytest.fixture
 async def node(peer: PeerClient) -> AsyncIterator[BlockNode]:
-    async with await BlockNode.start(link=peer.transport) as n:
+    async with node_beside(peer) as n:  # no payload took the other path here...
         yield n
-        # Every payload took the path under test, on both sides.
         other = "tcp" if peer.transport == "auto" else "shm"
-        assert n.service.payload_bytes[other] == 0, n.service.payload_bytes
-        assert (await peer.ok("payload_bytes"))[other] == 0
+        assert (await peer.ok("payload_bytes"))[other] == 0  # ...nor at the peer
 
 
 async def remote_region(peer: PeerClient, seed: int, layers: int = 3, blocks: int = 64) -> str:
