@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .pipe_workers import (
+    FLOOR,
     _asyncio_pingpong_worker,
     _gloo_worker,
     _pipe_worker,
@@ -406,8 +407,8 @@ def _shm_vs_tcp_rtt(
     for anticipate in (True, False) if targets else (True,):
         got = run_pair(
             _rtt_mixed_worker,
-            [free_port(), free_port()],
-            [("shm", anticipate), ("tcp", anticipate)],
+            [free_port(), free_port(), free_port()],
+            [("shm", anticipate), ("tcp", anticipate), (FLOOR, False)],
             4 * KiB,
             count,
             loop_name,
@@ -415,17 +416,20 @@ def _shm_vs_tcp_rtt(
             block,
             pin=pin,
         )
-        (shm_s, tcp_s), (shm_cpu0, tcp_cpu0), (shm_cpu1, tcp_cpu1) = (
+        (shm_s, tcp_s, floor_s), (shm_cpu0, tcp_cpu0, _), (shm_cpu1, tcp_cpu1, floor_cpu1) = (
             got["samples"],
             got["cpu0"],
             got["cpu1"],
         )
         shm50, tcp50 = statistics.median(shm_s), statistics.median(tcp_s)
+        floor50 = statistics.median(floor_s)
         how = "" if anticipate else "anticipate=False, "
         extra = {
             "p99_us": [percentile(shm_s, 0.99) * 1e6, percentile(tcp_s, 0.99) * 1e6],
             "cpu_per_rt_us_sender": [shm_cpu0 * 1e6, tcp_cpu0 * 1e6],
             "cpu_per_rt_us_echo": [shm_cpu1 * 1e6, tcp_cpu1 * 1e6],
+            "floor_p50_us": floor50 * 1e6,
+            "floor_cpu_per_rt_us_echo": floor_cpu1 * 1e6,
         }
         results.append(
             Result(
@@ -439,6 +443,18 @@ def _shm_vs_tcp_rtt(
                 "<= 0.7x tcp" if default else "",
                 (shm50 <= 0.7 * tcp50) if default else None,
                 extra,
+            )
+        )
+        results.append(
+            Result(
+                suite,
+                f"4 KiB round trip p50 vs the wake-up floor, {how}same processes, {where} "
+                f"({loop_name})",
+                shm50 * 1e6,
+                "us",
+                f"raw Unix-socket echo, both sides parked (tcp transport: {tcp50 * 1e6:.0f} us)",
+                floor50 * 1e6,
+                "context",
             )
         )
         results.append(

@@ -369,9 +369,12 @@ def _rtt_mixed_worker(
     from ..pipe import Pipe
 
     async def main() -> dict[str, Any]:
-        pipes: list[Pipe] = []
+        pipes: list[Any] = []
         try:
             for port, (transport, anticipate) in zip(ports, kinds, strict=True):
+                if transport == FLOOR:
+                    pipes.append(await _FloorEcho.connect(rank, port, size))
+                    continue
                 cfg = PipeConfig(
                     rank=rank,
                     port=port,
@@ -413,3 +416,63 @@ def _rtt_mixed_worker(
                 await pipe.aclose()
 
     report(queue, lambda: run_loop(loop_name, main))
+
+
+#: The kind in :func:`_rtt_mixed_worker` that is no Pipe at all.
+FLOOR = "floor"
+
+
+class _FloorEcho:
+    """The least a cross-process round trip can cost here: 4 KiB each way over
+    a Unix stream socket, read with the loop's own ``sock_recv_into``.
+
+    No framing, no window, no anticipation: both sides park in epoll and are
+    woken by the kernel, exactly the two wake-ups every parked transport pays
+    per round trip. Interleaved with the Pipes in the same processes, it tells
+    what share of their round trip is the machine's and what is theirs.
+    """
+
+    def __init__(self, sock: socket.socket, size: int) -> None:
+        self._sock = sock
+        self._buf = bytearray(size)
+        self._loop = asyncio.get_running_loop()
+
+    @classmethod
+    async def connect(cls, rank: int, port: int, size: int) -> _FloorEcho:
+        address = f"\0aiokvpipe-bench-floor-{port}"
+        loop = asyncio.get_running_loop()
+        if rank == 0:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+                listener.bind(address)
+                listener.listen(1)
+                listener.setblocking(False)
+                sock, _ = await loop.sock_accept(listener)
+        else:
+            deadline = time.monotonic() + 60
+            while True:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, address)
+                    break
+                except (ConnectionRefusedError, FileNotFoundError):
+                    sock.close()
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.01)
+        sock.setblocking(False)
+        return cls(sock, size)
+
+    async def send(self, _payload: Any) -> None:
+        await self._loop.sock_sendall(self._sock, self._buf)
+
+    async def recv(self) -> None:
+        view, got = memoryview(self._buf), 0
+        while got < len(view):
+            n = await self._loop.sock_recv_into(self._sock, view[got:])
+            if not n:
+                raise ConnectionError("floor echo: peer closed")
+            got += n
+
+    async def aclose(self) -> None:
+        self._sock.close()
