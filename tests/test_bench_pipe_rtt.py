@@ -33,7 +33,8 @@ def test_shm_vs_tcp_round_trip_reports_the_wake_up_floor_beside_both_transports(
         # Same shm samples in both rows; the floor is its own measurement.
         assert floor.value == vs_tcp.value
         assert floor.baseline_name.startswith("raw Unix-socket echo")
-        assert 0 < floor.baseline_value < 1_000_000
+        assert floor.baseline_value is not None and 0 < floor.baseline_value < 1_000_000
+        assert vs_tcp.extra is not None
         assert vs_tcp.extra["floor_p50_us"] == pytest.approx(floor.baseline_value)
     for r in results:
         assert math.isfinite(r.value) and r.value > 0, r
