@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from aiokvpipe.bench import pipe
+from aiokvpipe.bench import pipe_rtt
 from aiokvpipe.bench.report import Result
 
 pytestmark = pytest.mark.timeout(120)
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(120)
 def test_shm_vs_tcp_round_trip_reports_the_wake_up_floor_beside_both_transports() -> None:
     results: list[Result] = []
     where = "unpinned, ~2 ms gaps"
-    pipe._shm_vs_tcp_rtt(results, "pipe/shm", "asyncio", 20, where, None, 0.001, True, True)
+    pipe_rtt._shm_vs_tcp_rtt(results, "pipe/shm", "asyncio", 20, where, None, 0.001, True, True)
     by_name = {r.name: r for r in results}
     for how in ("", "anticipate=False, "):
         vs_tcp = by_name[
