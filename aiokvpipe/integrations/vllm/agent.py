@@ -21,25 +21,26 @@ Every call vLLM makes between forward passes returns at once (it only
 schedules work on the loop); the sync mode's waits block the forward pass,
 each bounded by ``read_timeout`` from the step's start; :meth:`start` and
 :meth:`close` wait at engine start and shutdown.
-This module imports nothing from vLLM, so its behaviour (dead owners,
-expired leases, the bit-flip hook) is tested without an engine.
+Its records (orders, results, per-step loads, counters) are in
+:mod:`.agent_records`. This module imports nothing from vLLM, so its
+behaviour (dead owners, expired leases, the bit-flip hook) is tested without
+an engine.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ...errors import AiokvpipeError, LeaseNotGrantedError, PipeClosedError, TransferTimeout
+from .agent_records import ReadOrder, TransferResults, _Load, _Stats
 from .loop_thread import LoopThread
 from .settings import ConnectorSettings
 from .trace import event
@@ -57,36 +58,6 @@ _START_TIMEOUT = 60.0
 _CLOSE_TIMEOUT = 10.0
 
 
-@dataclass(frozen=True)
-class ReadOrder:
-    """One pull: the owner's blocks into ours, pairwise."""
-
-    request_id: str
-    address: str
-    remote_request_id: str
-    remote_blocks: tuple[int, ...]
-    local_blocks: tuple[int, ...]
-    num_tokens: int = 0
-    corrupt: bool = False
-
-
-@dataclass
-class TransferResults:
-    """What ended since the last :meth:`TransferAgent.poll`.
-
-    ``failed_recving`` maps each failed read's request id to its cause; those
-    ids are in ``finished_recving`` too (vLLM releases a request from its
-    transfer wait either way and then applies its failure policy).
-    ``leases_ended``: ended leases on pinned blocks (exposed with
-    ``pinned=True``), which the scheduler side releases itself.
-    """
-
-    finished_sending: set[str] = field(default_factory=set)
-    finished_recving: set[str] = field(default_factory=set)
-    failed_recving: dict[str, str] = field(default_factory=dict)
-    leases_ended: set[str] = field(default_factory=set)
-
-
 def flip_bits(tensors: Sequence[torch.Tensor], block_dim: int, blocks: Sequence[int]) -> None:
     """Invert every bit of ``blocks`` in each tensor (the test-only negative control)."""
     index = torch.tensor(list(blocks), dtype=torch.long)
@@ -94,58 +65,6 @@ def flip_bits(tensors: Sequence[torch.Tensor], block_dim: int, blocks: Sequence[
         view = tensor.index_select(block_dim, index)  # a contiguous copy
         view.view(torch.uint8).bitwise_not_()
         tensor.index_copy_(block_dim, index, view)
-
-
-@dataclass
-class _Load:
-    """One request's layer reads in the current step (sync mode)."""
-
-    order: ReadOrder
-    started: float
-    futures: dict[int, concurrent.futures.Future[None]] = field(default_factory=dict)
-    failure: str = ""
-
-
-class _Stats:
-    """Counters of one reporting interval, filled on the loop thread."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.data: dict[str, Any] = {}
-        self.reset()
-
-    def reset(self) -> None:
-        self.data = {
-            "reads": 0,
-            "failed_reads": 0,
-            "read_bytes": 0,
-            "read_tokens": 0,
-            "read_seconds": [],
-            "exposed": 0,
-            "leases_done": 0,
-            "leases_failed": 0,
-        }
-
-    def add(self, **counts: int) -> None:
-        with self.lock:
-            for key, value in counts.items():
-                self.data[key] += value
-
-    def add_read(self, nbytes: int, tokens: int, seconds: float) -> None:
-        with self.lock:
-            self.data["reads"] += 1
-            self.data["read_bytes"] += nbytes
-            self.data["read_tokens"] += tokens
-            self.data["read_seconds"].append(seconds)
-
-    def take(self) -> dict[str, Any] | None:
-        with self.lock:
-            data = self.data
-            if not any(data[k] for k in ("reads", "failed_reads", "exposed", "leases_done")):
-                if not data["leases_failed"]:
-                    return None
-            self.reset()
-            return data
 
 
 class TransferAgent:
