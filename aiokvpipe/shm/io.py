@@ -1,8 +1,9 @@
 """ShmRingBufferIO: async (and blocking) access to a ShmRingBuffer.
 
 One writer endpoint (``reader_rank=-1``) and up to ``n_reader`` reader
-endpoints, each in its own process. The chunk protocol and the waiting
-scheme live in :mod:`aiokvpipe.shm.endpoint`; this module turns them into
+endpoints, each in its own process. The chunk protocol lives in
+:mod:`aiokvpipe.shm.endpoint`, the waiting scheme in
+:mod:`aiokvpipe.shm.waiting`; this module turns them into
 the public calls: ``acquire_write``/``acquire_read`` (one chunk in place,
 through the leases of :mod:`aiokvpipe.shm.slots`), ``enqueue``/``dequeue``
 (whole objects, spanning chunks when large: :mod:`aiokvpipe.shm.messages`),
