@@ -4,11 +4,12 @@ Two paths move the blocks of a GPU region (the service picks per transfer):
 
 * **CUDA IPC** (both regions on GPUs, one host, neither end forcing another
   transport): the owner exports the CUDA allocation of each registered
-  tensor once per registration (:class:`Export`, through
-  :mod:`aiokvpipe.transport.cuda_ipc`'s handle export), and the requester
-  maps the owner's region once per (peer instance, region)
-  (:class:`PeerMaps`, holding the mappings in that module's reference-counted
-  :class:`~aiokvpipe.transport.cuda_ipc.Mappings`). Each transfer is then a
+  tensor once per registration (:class:`~aiokvpipe.blocks.gpu_ipc.Export`,
+  through :mod:`aiokvpipe.transport.cuda_ipc`'s handle export), and the
+  requester maps the owner's region once per (peer instance, region)
+  (:class:`~aiokvpipe.blocks.gpu_ipc.PeerMaps`, holding the mappings in that
+  transport's reference-counted :class:`~aiokvpipe.transport.cuda_ipc.Mappings`;
+  both records live in :mod:`aiokvpipe.blocks.gpu_ipc`). Each transfer is then a
   set of device-to-device copies of block runs on the requester's dedicated
   block stream: a pull copies out of the owner's mapped blocks into local
   ones, a push into the owner's mapped blocks. Every copy is planned and
@@ -36,9 +37,7 @@ is enqueued after a lease ends or a transfer is cancelled.
 from __future__ import annotations
 
 import asyncio
-import binascii
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -49,20 +48,41 @@ from ..cuda.runtime import cupy_or_raise, nccl_or_raise, require_cuda
 from ..cuda.streams import DeviceOps, TorchCudaOps, after, fence
 from ..errors import MalformedFrameError
 from ..transport.base import PeerInfo
-from ..transport.cuda_ipc import (
-    HANDLE_BYTES,
-    CudaIpcMemory,
-    InProcessMemory,
-    IpcMemory,
-    Mappings,
-    view_of,
+from ..transport.cuda_ipc import CudaIpcMemory, InProcessMemory, IpcMemory, view_of
+from .gpu_ipc import (
+    TENSORS_PER_MESSAGE,
+    Export,
+    ExportedTensor,
+    MappedRegion,
+    PeerMaps,
+    export_answer,
+    export_region,
+    parse_export_answer,
 )
 from .region import BlockRegion, host_or_cuda
 from .runs import pair_runs
 
-_U64 = 1 << 64
-#: Tensors described per SETUP answer: 32 x ~200 bytes of JSON, well under MAX_JSON.
-TENSORS_PER_MESSAGE = 32
+# The IPC records moved to gpu_ipc stay importable from here.
+__all__ = [
+    "TENSORS_PER_MESSAGE",
+    "Copy",
+    "Export",
+    "ExportedTensor",
+    "GpuBackend",
+    "MappedRegion",
+    "PeerMaps",
+    "Reaper",
+    "Settle",
+    "TorchGpu",
+    "enqueue_copies",
+    "export_answer",
+    "export_region",
+    "may_map_device_memory",
+    "parse_export_answer",
+    "plan_copies",
+    "stage_in",
+    "stage_out",
+]
 
 
 class GpuBackend(Protocol):
@@ -148,185 +168,6 @@ def may_map_device_memory(local: PeerInfo, peer: PeerInfo | None) -> bool:
     if peer is None or not local.host_id or local.host_id != peer.host_id:
         return False
     return local.transport in ("auto", "cuda_ipc") and peer.transport in ("auto", "cuda_ipc")
-
-
-# ------------------------------------------------------------------ the owner's export
-
-
-@dataclass(frozen=True)
-class ExportedTensor:
-    """One registered tensor as a peer maps it: its allocation, and where it sits in it."""
-
-    base: int  # the allocation's base address in the owner's process
-    size: int  # the allocation's size
-    offset: int  # the tensor's first byte in the allocation
-    nbytes: int  # the tensor's bytes
-    handle: bytes
-
-    def to_wire(self) -> list[Any]:
-        return [self.base, self.size, self.offset, self.nbytes, self.handle.hex()]
-
-
-@dataclass(frozen=True)
-class Export:
-    """A region's tensors, exported once per registration (and process kind of peer)."""
-
-    export_id: str
-    num_blocks: int
-    tensors: tuple[ExportedTensor, ...]
-
-
-def export_region(region: BlockRegion, memory: IpcMemory) -> Export:
-    """Export the allocation of every tensor of ``region`` (CudaTransferError if one cannot be)."""
-    out = []
-    for layer, tensor in enumerate(region.tensors):
-        base, size, handle = memory.export(tensor)
-        offset = tensor.data_ptr() - base
-        out.append(ExportedTensor(base, size, offset, region.tensor_bytes(layer), handle))
-    return Export(region.export_id, region.num_blocks, tuple(out))
-
-
-def export_answer(export: Export, first: int) -> dict[str, Any]:
-    """The SETUP answer carrying tensors ``first..first+TENSORS_PER_MESSAGE``."""
-    part = export.tensors[first : first + TENSORS_PER_MESSAGE]
-    return {
-        "export": export.export_id,
-        "num_blocks": export.num_blocks,
-        "layers": len(export.tensors),
-        "first": first,
-        "tensors": [t.to_wire() for t in part],
-    }
-
-
-def _u64(value: Any, what: str, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < _U64:
-        raise MalformedFrameError(f"{what}: {name} {value!r} is not a 64-bit address or size")
-    return value
-
-
-def parse_export_answer(
-    body: dict[str, Any], first: int, what: str
-) -> tuple[str, int, int, list[ExportedTensor]]:
-    """``(export id, num_blocks, layers, tensors)`` of one SETUP answer, every field checked."""
-    export_id, num_blocks, layers = body.get("export"), body.get("num_blocks"), body.get("layers")
-    if not isinstance(export_id, str) or not 0 < len(export_id) <= 64:
-        raise MalformedFrameError(f"{what}: IPC export without an id")
-    if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 0:
-        raise MalformedFrameError(f"{what}: IPC export of {num_blocks!r} blocks")
-    if not isinstance(layers, int) or isinstance(layers, bool) or not 0 < layers <= 4096:
-        raise MalformedFrameError(f"{what}: IPC export of {layers!r} tensors")
-    tensors = body.get("tensors")
-    if body.get("first") != first or not isinstance(tensors, list):
-        raise MalformedFrameError(f"{what}: IPC export answer out of order")
-    if len(tensors) != min(TENSORS_PER_MESSAGE, layers - first) or first >= layers:
-        raise MalformedFrameError(f"{what}: IPC export answer of {len(tensors)} tensors")
-    out = []
-    for entry in tensors:
-        if not isinstance(entry, list) or len(entry) != 5 or not isinstance(entry[4], str):
-            raise MalformedFrameError(f"{what}: malformed IPC tensor description")
-        names = ("base", "size", "offset", "nbytes")
-        base, size, offset, nbytes = (
-            _u64(v, what, n) for v, n in zip(entry[:4], names, strict=True)
-        )
-        try:
-            handle = binascii.unhexlify(entry[4])
-        except (binascii.Error, ValueError):
-            raise MalformedFrameError(f"{what}: IPC handle is not hex") from None
-        if len(handle) != HANDLE_BYTES:
-            raise MalformedFrameError(f"{what}: IPC handle of {len(handle)} bytes")
-        if offset + nbytes > size:
-            raise MalformedFrameError(
-                f"{what}: tensor at {offset}+{nbytes} bytes outside its allocation of {size}"
-            )
-        out.append(ExportedTensor(base, size, offset, nbytes, handle))
-    return export_id, num_blocks, layers, out
-
-
-# ------------------------------------------------------------------ the requester's mappings
-
-
-@dataclass
-class MappedRegion:
-    """An owner's region mapped into this process (one per peer instance and region)."""
-
-    export_id: str
-    num_blocks: int
-    keys: list[int]  # the owner's allocation base per tensor: the Mappings reference
-    views: list[torch.Tensor]  # uint8 views of the owner's tensors, valid while mapped
-    busy: int = 0  # copies in flight reading or writing the mapping
-    dropped: bool = False  # to be unmapped once no copy uses it
-
-
-@dataclass
-class PeerMaps:
-    """One peer instance's regions mapped here, over one reference-counted Mappings.
-
-    A mapping is opened when a region is first mapped and closed when the
-    region is dropped (a stale export, our region unregistered, the peer lost,
-    the service closed) and no copy uses it any more: never under a copy.
-    """
-
-    memory: IpcMemory
-    mappings: Mappings = field(init=False)
-    regions: dict[str, MappedRegion] = field(default_factory=dict)
-    refused: dict[str, str] = field(default_factory=dict)  # region -> why it stages
-
-    def __post_init__(self) -> None:
-        # max_idle=0: an allocation no mapped region references is closed at once.
-        self.mappings = Mappings(self.memory, max_idle=0)
-
-    def map(
-        self,
-        name: str,
-        export_id: str,
-        num_blocks: int,
-        tensors: Sequence[ExportedTensor],
-        view: Callable[[int, int], torch.Tensor],
-    ) -> MappedRegion:
-        """Map every tensor of the owner's region (MalformedFrameError if one lies about sizes)."""
-        keys: list[int] = []
-        views: list[torch.Tensor] = []
-        try:
-            for t in tensors:
-                address = self.mappings.acquire(t.base, t.handle, t.offset, t.nbytes)
-                keys.append(t.base)
-                views.append(view(address, t.nbytes))
-        except BaseException:
-            for key in keys:
-                self.mappings.release(key)
-            raise
-        mapped = MappedRegion(export_id, num_blocks, keys, views)
-        self.regions[name] = mapped
-        return mapped
-
-    def drop(self, name: str) -> None:
-        """Forget ``name``'s mapping; unmapped now, or when its last copy completes."""
-        mapped = self.regions.pop(name, None)
-        if mapped is not None:
-            mapped.dropped = True
-            if not mapped.busy:
-                self._unmap(mapped)
-
-    def drop_all(self) -> None:
-        for name in list(self.regions):
-            self.drop(name)
-
-    def copy_done(self, mapped: MappedRegion) -> None:
-        """A copy using ``mapped`` completed (its event did, or was given up on)."""
-        mapped.busy -= 1
-        if mapped.dropped and not mapped.busy:
-            self._unmap(mapped)
-
-    def _unmap(self, mapped: MappedRegion) -> None:
-        mapped.views.clear()  # no view outlives its mapping
-        for key in mapped.keys:
-            self.mappings.release(key)
-        mapped.keys.clear()
-
-    @property
-    def idle(self) -> bool:
-        """Nothing mapped any more (the entry can go)."""
-        return self.mappings.open_count == 0 and not self.regions
 
 
 # ------------------------------------------------------------------ copies
