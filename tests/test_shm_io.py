@@ -577,11 +577,11 @@ def _exited_pid() -> int:
 
 
 async def test_dead_writer_is_detected_without_pidfd(monkeypatch: pytest.MonkeyPatch) -> None:
-    from aiokvpipe.shm import endpoint as endpoint_module
+    from aiokvpipe.shm import peers as peers_module
     from aiokvpipe.shm.liveness import ProcessIdentity
     from aiokvpipe.shm.ring import IDENTITY, WRITER_ID_OFF
 
-    monkeypatch.setattr(endpoint_module, "open_pidfd", lambda identity: None)
+    monkeypatch.setattr(peers_module, "open_pidfd", lambda identity: None)  # _check_peer's
     async with ring_of(backoff=Backoff(20e-6, 0.01, 0.02)) as (writer, (reader,)):
         # Pretend the writer is a process that has since exited.
         pid = _exited_pid()
