@@ -151,13 +151,19 @@ class Segments:
 async def yield_turn() -> None:
     """Let the loop run what became ready during a copy slice, before the next slice.
 
-    One ``sleep(0)`` is not enough: a timer that fell due while we copied
-    runs in the same loop turn as our wake-up, after it, so the task it
-    wakes only runs in the turn after that, behind another whole slice of
-    ours. Measured on a layer-wise push (8 x 16 MiB, 2 ms sleeps as the
-    compute): the sleeps overran by 10.4-10.9 ms per pass with one yield,
-    3.6-8.1 ms with two.
+    A task waiting on a timer that fell due while we copied is two hops from
+    running: asyncio's loop appends the due timer's callback to the ready
+    queue *after* our own step, the callback then schedules the task's
+    step, and that lands after our next step again. So we yield three times:
+    the timer callback runs in our second turn, the task in our third, and
+    only then do we copy on. With two yields asyncio ran the woken task
+    after our *next* slice (tests/test_blocks_yield.py fails with two);
+    uvloop, which runs due timers before the ready queue, needed only two.
+    Measured on a layer-wise push over shm (8 x 16 MiB, 2 ms sleeps as the
+    compute, asyncio): the second layer's compute step ended 2.1-2.5 ms
+    after the first with three yields, 3.0-3.2 ms with two.
     """
+    await asyncio.sleep(0)
     await asyncio.sleep(0)
     await asyncio.sleep(0)
 
