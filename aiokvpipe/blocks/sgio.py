@@ -25,6 +25,7 @@ from bisect import bisect_left, bisect_right
 from itertools import accumulate
 
 from ..errors import PeerClosedError
+from ..loop_turns import yield_turn
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 if IOV_MAX <= 0:  # pragma: no cover - "no limit" reported as -1
@@ -146,26 +147,6 @@ class Segments:
         if rest % _SCRATCH:
             views.append(chunk[: rest % _SCRATCH])
         self._use(views, self.moved)
-
-
-async def yield_turn() -> None:
-    """Let the loop run what became ready during a copy slice, before the next slice.
-
-    A task waiting on a timer that fell due while we copied is two hops from
-    running: asyncio's loop appends the due timer's callback to the ready
-    queue *after* our own step, the callback then schedules the task's
-    step, and that lands after our next step again. So we yield three times:
-    the timer callback runs in our second turn, the task in our third, and
-    only then do we copy on. With two yields asyncio ran the woken task
-    after our *next* slice (tests/test_blocks_yield.py fails with two);
-    uvloop, which runs due timers before the ready queue, needed only two.
-    Measured on a layer-wise push over shm (8 x 16 MiB, 2 ms sleeps as the
-    compute, asyncio): the second layer's compute step ended 2.1-2.5 ms
-    after the first with three yields, 3.0-3.2 ms with two.
-    """
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
 
 
 async def _until_ready(loop: asyncio.AbstractEventLoop, fd: int, writable: bool) -> None:

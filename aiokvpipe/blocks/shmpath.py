@@ -54,13 +54,14 @@ import time
 from typing import Any, Literal
 
 from ..errors import AiokvpipeError, MalformedFrameError, PeerClosedError
+from ..loop_turns import yield_turn
 from ..shm.io import ShmRingBufferIO
 from ..shm.ring import ShmRingBuffer, ShmRingHandle, unlink_orphan
 from ..transport._shm_setup import SLICE_SECONDS, decode_handle, encode_handle, ring_geometry
 from ..transport.base import PeerInfo
 from . import protocol
 from .protocol import Kind
-from .sgio import Segments, yield_turn
+from .sgio import Segments
 
 Direction = Literal["push", "pull"]
 

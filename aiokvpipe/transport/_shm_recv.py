@@ -21,6 +21,7 @@ from ..errors import (
     ProtocolError,
     TransferTimeout,
 )
+from ..loop_turns import yield_turn
 from ..shm.io import ShmRingBufferIO
 from ..shm.ring import unlink_orphan
 from ..tensors import empty_for
@@ -123,7 +124,7 @@ class ShmRecvChannel(RecvChannel):
                     continue
                 start = _perf_counter()
                 if start >= slice_end:  # a long copy must not freeze the loop
-                    await asyncio.sleep(0)
+                    await yield_turn()
                     start = _perf_counter()
                     slice_end = start + SLICE_SECONDS
                 try:

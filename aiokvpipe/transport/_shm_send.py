@@ -20,6 +20,7 @@ import torch
 
 from .._timeouts import deadline
 from ..errors import AiokvpipeError, HandleError, PipeClosedError
+from ..loop_turns import yield_turn
 from ..shm.io import ShmRingBufferIO
 from ..tensors import byte_view
 from ..wire import HEADER_SIZE, FrameHeader, FrameKind
@@ -184,7 +185,7 @@ class ShmSendChannel(SendChannel):
     async def _pace(self) -> None:
         """Yield to the loop once this slice of copying is used up."""
         if _perf_counter() >= self._slice_end:
-            await asyncio.sleep(0)
+            await yield_turn()  # three turns: a task a timer woke runs before our next slice
             self._slice_end = _perf_counter() + SLICE_SECONDS
 
     # -- failure -----------------------------------------------------------
