@@ -27,7 +27,7 @@ async def yield_turn() -> None:
     compute, asyncio): the second layer's compute step ended 2.1-2.5 ms
     after the first with three yields, 3.0-3.2 ms with two. The Pipe's shm
     sender, which yielded once: a 1 ms ticker's p99 lag while 256 MiB
-    messages stream went from 2.5-7.7 ms to 1.0-3.5 ms (asyncio).
+    messages stream went from 2.5-7.7 ms to 1.3-3.4 ms (asyncio).
     """
     await asyncio.sleep(0)
     await asyncio.sleep(0)
