@@ -12,11 +12,11 @@ The rings are the project's :class:`~aiokvpipe.shm.io.ShmRingBufferIO` with
 one reader (waiting, doorbells, fences and peer liveness are the ring's),
 set up the way the shm transport sets up its own
 (:mod:`aiokvpipe.transport._shm_setup`): the writer creates the ring and
-sends its handle over the socket, the reader attaches and says so, and the
-writer unlinks the name at once, so nothing stays in ``/dev/shm`` for a
-killed process to leak. A connection has at most one ring per direction,
-opened by the requester with SETUP messages before the first transfer
-that needs it::
+sends its handle over the socket, the reader attaches, removes the name and
+says so (the writer unlinks too once it hears back), so nothing stays in
+``/dev/shm`` for a killed or wedged process to leak. A connection has at
+most one ring per direction, opened by the requester with SETUP messages
+before the first transfer that needs it::
 
     push (payloads requester -> owner, for writes):
         SETUP{open: push, ring: handle} ->  <- SETUP{attached: true | false, error}
@@ -56,7 +56,7 @@ from typing import Any, Literal
 from ..errors import AiokvpipeError, MalformedFrameError, PeerClosedError
 from ..loop_turns import yield_turn
 from ..shm.io import ShmRingBufferIO
-from ..shm.ring import ShmRingBuffer, ShmRingHandle, unlink_orphan
+from ..shm.ring import ShmRingBuffer, ShmRingHandle
 from ..transport._shm_setup import SLICE_SECONDS, decode_handle, encode_handle, ring_geometry
 from ..transport.base import PeerInfo
 from . import protocol
@@ -110,7 +110,6 @@ class RingPath:
         self.rx: ShmRingBufferIO | None = None
         self._tx_number = 0
         self._rx_number = 0
-        self._attached: list[str] = []  # names of rings a peer created (see close)
         self.closed = False
 
     # ------------------------------------------------------------ set-up
@@ -144,7 +143,7 @@ class RingPath:
                 f"outside what a block connection maps ({_MAX_CHUNKS} x {_MAX_CHUNK_BYTES})"
             )
         io = ShmRingBufferIO.attach(handle, 0, anticipate=False)
-        self._attached.append(handle.name)
+        io.buffer.drop_name()  # its only reader is in: nothing left to leak
         return io
 
     def _refuse(self, reason: str) -> None:
@@ -280,10 +279,6 @@ class RingPath:
             if io is not None:
                 io.close()
         self.tx = self.rx = None
-        for name in self._attached:
-            # A creator killed between sending the handle and unlinking the
-            # name left it behind; the ring refuses while its creator runs.
-            unlink_orphan(name)
 
 
 def _fill(buf: memoryview, segs: Segments, limit: int) -> int:

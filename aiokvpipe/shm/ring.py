@@ -15,7 +15,6 @@ never adopts (and unlinks) a segment that another process created.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 import mmap
@@ -25,7 +24,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import AiokvpipeError, ConfigError, HandleError, PipeClosedError
+from ..errors import ConfigError, HandleError, PipeClosedError
 from .layout import (
     _FIXED,
     CREATOR_OFF,
@@ -62,7 +61,6 @@ __all__ = [
     "NAME_PREFIX",
     "ShmRingBuffer",
     "ShmRingHandle",
-    "unlink_orphan",
     # the segment layout, defined in layout.py (endpoint.py, io.py and tests import it from here)
     "CREATOR_OFF",
     "DESC",
@@ -252,13 +250,29 @@ class ShmRingBuffer:
         Once every peer has attached, the name is only a liability: a process
         killed by a signal can never remove it. Unlinking early leaves nothing
         in ``/dev/shm``; the memory lives until the last mapping goes.
-        :meth:`close` then only unmaps. Attachers never unlink (no-op).
+        :meth:`close` then only unmaps. Attachers never unlink here (no-op);
+        the last reader to attach may :meth:`drop_name`.
         """
         mapping = self._mapping
         if mapping.unlink:
             mapping.unlink = False
             with contextlib.suppress(FileNotFoundError):
                 _posixshmem.shm_unlink(_shm_path(mapping.name))
+
+    def drop_name(self) -> None:
+        """Remove the name from ``/dev/shm`` now, whichever side mapped it.
+
+        For a ring whose every reader has attached, the last one to attach
+        calls this: from then on no process, killed at any moment, can leave
+        the name behind (the creator may be wedged or killed before it reads
+        the confirmation that would make it unlink). The header was checked
+        against the handle's token when this mapping attached, so the name
+        is this ring's. Idempotent; the creator's later unlink is a no-op.
+        """
+        mapping = self._mapping
+        mapping.unlink = False
+        with contextlib.suppress(FileNotFoundError):
+            _posixshmem.shm_unlink(_shm_path(mapping.name))
 
     def __enter__(self) -> ShmRingBuffer:
         return self
@@ -394,29 +408,3 @@ def _check_header(
         raise HandleError(
             f"segment {name!r} holds {size} bytes, the layout needs {layout.total_bytes}"
         )
-
-
-#: How long a peer keeps trying to remove a dead creator's ring name.
-ORPHAN_RETRY_SECONDS = 5.0
-
-
-def unlink_orphan(name: str, delay: float = 0.01) -> None:
-    """Unlink ring ``name`` once its creator is gone, retrying for a few seconds.
-
-    Called by a peer that saw the creator hang up. A SIGKILLed process closes
-    its sockets before the kernel marks it exited, so the hang-up can arrive
-    while its pid still looks alive; one refused attempt would leave the name
-    in ``/dev/shm`` for good. Retries run on the running loop; without one,
-    one attempt is all there is.
-    """
-    try:
-        ShmRingBuffer.unlink_stale(name)
-    except HandleError:
-        if delay >= ORPHAN_RETRY_SECONDS:
-            return
-        try:  # its creator still runs (or is still exiting): look again later
-            asyncio.get_running_loop().call_later(delay, unlink_orphan, name, delay * 2)
-        except RuntimeError:
-            pass  # no loop to retry on
-    except (AiokvpipeError, OSError):
-        pass  # gone already, or not ours to remove

@@ -23,7 +23,6 @@ from ..errors import (
 )
 from ..loop_turns import yield_turn
 from ..shm.io import ShmRingBufferIO
-from ..shm.ring import unlink_orphan
 from ..tensors import empty_for
 from ..wire import HEADER_SIZE, FrameKind, decode_header, message_charge
 from ._shm_setup import HEADER_SLOT, SLICE_SECONDS, translate_error
@@ -251,9 +250,6 @@ class ShmRecvChannel(RecvChannel):
         error = PeerClosedError(f"{self._link.describe}: {what}")
         error.__cause__ = cause
         self._stop(error)
-        # The sender may have died before it could unlink the name; the ring
-        # refuses while its creator runs, so this only removes a true orphan.
-        unlink_orphan(self._io.buffer.name)
 
     def _stop(self, error: BaseException) -> None:
         if not self._stopped:

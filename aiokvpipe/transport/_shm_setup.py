@@ -3,10 +3,12 @@
 The sender (the ring's only writer) creates the ring, so the receiver needs
 its handle: a name, sizes and the segment's random token. It travels over
 the link's authenticated TCP socket as one control message (the JSON
-framing of :mod:`aiokvpipe.handshake`, never pickle); the receiver answers with one more, saying it
-attached or why it could not. Only then does the sender write, and it
-unlinks the segment's name at once: from there on nothing is left in
-``/dev/shm`` for a killed process to leak, and both mappings stay valid.
+framing of :mod:`aiokvpipe.handshake`, never pickle); the receiver maps
+it, removes its name and answers with one more, saying it attached or why
+it could not. Only then does the sender write. From the receiver's attach
+on, nothing is left in ``/dev/shm`` for a killed or wedged process to leak
+(a sender that never hears back unlinks the name when it closes), and both
+mappings stay valid.
 """
 
 from __future__ import annotations

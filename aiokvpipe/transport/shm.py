@@ -23,8 +23,10 @@ Why it is built this way:
 * The sender, the ring's only writer, creates the ring and sends its handle
   over the link socket; it writes nothing until the receiver confirms it
   attached (a reader that attaches while chunks are being published could
-  start mid-stream), then unlinks the name at once, so after set-up
-  ``/dev/shm`` holds nothing that a killed process could leak.
+  start mid-stream). The receiver removes the name as soon as it has
+  mapped the ring (the sender unlinks it too when the confirmation
+  arrives, and on close if it never does), so after set-up ``/dev/shm``
+  holds nothing that a killed or wedged process could leak.
 * ``done`` resolves once the payload is copied into the ring: from then on
   the caller's tensor is free. The Pipe's byte window bounds what is
   accepted but not yet copied; payloads larger than the ring stream through
@@ -88,6 +90,7 @@ class ShmTransport(Transport):
         try:
             handle = decode_handle(message.get("ring"), what)
             io = ShmRingBufferIO.attach(handle, 0, anticipate=link.config.anticipate)
+            io.buffer.drop_name()  # its only reader is in: nothing left to leak
         except AiokvpipeError as exc:
             with contextlib.suppress(AiokvpipeError):
                 await send_control(link.sock, {"attached": False, "error": str(exc)}, what)
