@@ -3,7 +3,9 @@
 A reader task takes chunk after chunk and copies each payload once, out of
 the ring into a tensor of its own (warm blocks from a RecvBufferPool), so a
 chunk is free for the sender again as soon as it is copied, however long
-the consumer keeps the tensor.
+the consumer keeps the tensor. A chunk holds one frame's header and payload
+(or the next piece of a large payload), or several whole small frames that
+the sender packed while it had a backlog.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from ..bufpool import RecvBufferPool
 from ..errors import (
+    MalformedFrameError,
     PeerClosedError,
     PipeClosedError,
     ProtocolError,
@@ -24,14 +27,18 @@ from ..errors import (
 from ..loop_turns import yield_turn
 from ..shm.io import ShmRingBufferIO
 from ..tensors import empty_for
-from ..wire import HEADER_SIZE, FrameKind, decode_header, message_charge
-from ._shm_setup import HEADER_SLOT, SLICE_SECONDS, translate_error
+from ..wire import HEADER_SIZE, MAGIC, FrameKind, decode_header, message_charge
+from ._shm_setup import HEADER_SLOT, SLICE_SECONDS, record_end, translate_error
 from ._waiters import WaiterSet
 from .base import Link, RecvChannel
 
 _POOL_MAX = 256 << 20  # idle receive blocks kept for reuse
 _SUSPENDED = 20e-6  # an acquire that took longer than this let the loop run
 _perf_counter = time.perf_counter
+
+
+class _QueueFull(Exception):
+    """A packed chunk's take stopped between frames: the queue is full."""
 
 
 class ShmRecvChannel(RecvChannel):
@@ -66,6 +73,7 @@ class ShmRecvChannel(RecvChannel):
         self._dest: memoryview | None = None
         self._dest_tensor: torch.Tensor | None = None
         self._got = 0
+        self._resume_at = 0  # where the next take of a packed chunk starts (see _take_frames)
         self.pool = RecvBufferPool(min(link.config.buffer_bytes, _POOL_MAX))
         self._loop.add_reader(self._fd, self._on_readable)
         self._watching = True
@@ -152,6 +160,8 @@ class ShmRecvChannel(RecvChannel):
                         # 7-15 us off a 4 KiB round trip, same run, interleaved.
                         await asyncio.sleep(0)
                         slice_end = _perf_counter() + SLICE_SECONDS
+                except _QueueFull:  # the chunk stays unread until recv() makes room
+                    self._in_acquire = False
                 except PeerClosedError as exc:
                     # The ring's writer closed or died. It may have published a
                     # last chunk between the ring's poll and its liveness
@@ -175,29 +185,10 @@ class ShmRecvChannel(RecvChannel):
         return self._dest is None and self._queued_bytes < self._limit and not self._stopped
 
     def _take(self, buf: memoryview) -> None:
-        """Consume one chunk: a header (and payload start) or a payload piece."""
+        """Consume one chunk: frames (a header and payload each) or a payload piece."""
         dest = self._dest
         if dest is None:
-            header = decode_header(
-                buf[:HEADER_SIZE],
-                expected_seq=self._expected_seq,
-                max_frame_bytes=self._max_frame_bytes,
-            )
-            self._expected_seq += 1
-            if header.kind is FrameKind.CLOSE:
-                self._stop(PeerClosedError(f"{self._link.describe}: peer closed the pipe"))
-                return
-            if header.kind is FrameKind.NONE:
-                self._deliver(None, 0)
-                return
-            tensor, dest = empty_for(header, self.pool)
-            n = min(header.nbytes, self._piece)
-            if n:
-                dest[:n] = buf[HEADER_SLOT : HEADER_SLOT + n]
-            if n == header.nbytes:
-                self._deliver(tensor, n)
-            else:
-                self._dest, self._dest_tensor, self._got = dest, tensor, n
+            self._take_frames(buf)
             return
         got = self._got
         n = min(len(dest) - got, self._piece)
@@ -208,6 +199,52 @@ class ShmRecvChannel(RecvChannel):
         else:
             done, self._dest, self._dest_tensor, self._got = self._dest_tensor, None, None, 0
             self._deliver(done, got)
+
+    def _take_frames(self, buf: memoryview) -> None:
+        """The frames of a chunk, from where the last take of it stopped.
+
+        A packed chunk may hold more than the queue has room for: the take
+        then stops between two frames and raises _QueueFull, which leaves the
+        chunk unread in the ring; once ``recv`` made room, the next take of
+        it goes on from the frame after the last one delivered.
+        """
+        pos, self._resume_at = self._resume_at, 0
+        while True:
+            header = decode_header(
+                buf[pos : pos + HEADER_SIZE],
+                expected_seq=self._expected_seq,
+                max_frame_bytes=self._max_frame_bytes,
+            )
+            self._expected_seq += 1
+            if header.kind is FrameKind.CLOSE:
+                self._stop(PeerClosedError(f"{self._link.describe}: peer closed the pipe"))
+                return
+            start = pos + HEADER_SLOT
+            if header.kind is FrameKind.NONE:
+                self._deliver(None, 0)
+                n = 0
+            else:
+                room = len(buf) - start
+                if pos and header.nbytes > room:
+                    raise MalformedFrameError(
+                        f"{self._link.describe}: frame #{header.seq} of {header.nbytes} "
+                        f"bytes at offset {pos} overruns its chunk ({room} bytes left): "
+                        "only a chunk's first frame may continue in the next"
+                    )
+                tensor, dest = empty_for(header, self.pool)
+                n = min(header.nbytes, room)
+                if n:
+                    dest[:n] = buf[start : start + n]
+                if n < header.nbytes:
+                    self._dest, self._dest_tensor, self._got = dest, tensor, n
+                    return
+                self._deliver(tensor, n)
+            pos = record_end(start + n)
+            if pos + HEADER_SLOT > len(buf) or buf[pos : pos + len(MAGIC)] != MAGIC:
+                return  # the chunk's last frame
+            if self._queued_bytes >= self._limit:
+                self._resume_at = pos
+                raise _QueueFull
 
     def _deliver(self, tensor: torch.Tensor | None, nbytes: int) -> None:
         # Charged like the sender's window: a None costs its bookkeeping too,

@@ -7,6 +7,12 @@ lends no guarded view: waking the task would cost a loop iteration, and the
 view accounting of ``acquire_write`` (two coroutines, a PickleBuffer) a few
 cold microseconds, a good part of a 4 KiB message's latency. When no chunk
 is free the message goes to the writer task, which waits for one.
+
+When the writer task falls behind, the small messages queued behind the one
+it writes share its chunk (whole frames only, see ``_shm_setup.record_end``):
+a ring of a few 2 MiB chunks would otherwise hold a few 4 KiB messages in
+flight, and every one would cost a chunk hand-off. A message written at once
+still goes alone, so this adds no latency: only a backlog is packed.
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ from ..errors import AiokvpipeError, HandleError, PipeClosedError
 from ..loop_turns import yield_turn
 from ..shm.io import ShmRingBufferIO
 from ..tensors import byte_view
-from ..wire import HEADER_SIZE, FrameHeader, FrameKind
+from ..wire import HEADER_SIZE, FrameHeader, FrameKind, message_charge
 from ._shm_setup import (
+    END_MARK,
     HEADER_SLOT,
     SLICE_SECONDS,
     encode_handle,
+    record_end,
     recv_control,
     send_control,
     translate_error,
@@ -108,6 +116,9 @@ class ShmSendChannel(SendChannel):
                     self._slice_end = _perf_counter() + SLICE_SECONDS
                     continue
                 message = self._pending[0]
+                if message.header.nbytes <= self._piece and _on_cpu(message.tensor):
+                    await self._write_packed()
+                    continue
                 await self._write(message.header, message.tensor)
                 self._pending.popleft()
                 if not message.done.done():
@@ -158,7 +169,40 @@ class ShmSendChannel(SendChannel):
         buf[:HEADER_SIZE] = header.encode()
         if n and tensor is not None:
             buf[HEADER_SLOT : HEADER_SLOT + n] = byte_view(tensor)[:n]
+        _end_records(buf, record_end(HEADER_SLOT + n))
         return n
+
+    async def _write_packed(self) -> None:
+        """The first pending message and the whole small ones queued behind it, in one chunk.
+
+        Each is done once the chunk is published; the messages stay queued
+        until then, so a failure meanwhile fails them all (none was sent).
+        A chunk packs at most a chunk's worth of the receiver's queue charge
+        (payload plus per-message bookkeeping), so taking it, which the
+        receiver does whole, overshoots its window by at most about that.
+        """
+        pending, cap = self._pending, self._piece + HEADER_SLOT
+        await self._pace()
+        batch: list[OutgoingMessage] = []
+        async with self._io.acquire_write() as buf:
+            pos = charge = 0
+            for message in pending:
+                header, tensor = message.header, message.tensor
+                end = pos + HEADER_SLOT + header.nbytes
+                charge += message_charge(header.nbytes)
+                if batch and (end > cap or charge > cap or not _on_cpu(tensor)):
+                    break
+                buf[pos : pos + HEADER_SIZE] = header.encode()
+                if header.nbytes and tensor is not None:
+                    buf[pos + HEADER_SLOT : end] = byte_view(tensor)
+                batch.append(message)
+                pos = record_end(end)
+            _end_records(buf, pos)
+        for message in batch:
+            if pending and pending[0] is message:
+                pending.popleft()
+            if not message.done.done():
+                message.done.set_result(None)
 
     async def _write(self, header: FrameHeader, tensor: torch.Tensor | None) -> None:
         """Copy one frame into consecutive chunks (header slot first)."""
@@ -222,6 +266,12 @@ class ShmSendChannel(SendChannel):
         self._io.close()  # unmaps; unlinks the name if the receiver never attached
         self._sock.close()
         self._idle.set()
+
+
+def _end_records(buf: memoryview, pos: int) -> None:
+    """Mark the chunk's last record (stale bytes after it could look like one)."""
+    if pos + HEADER_SLOT <= len(buf):
+        buf[pos : pos + len(END_MARK)] = END_MARK
 
 
 def _on_cpu(tensor: torch.Tensor | None) -> bool:

@@ -44,7 +44,14 @@ _CHUNKS = 4  # enough for both ends to copy in parallel (double buffering, plus 
 # Most time spent copying between yields to the loop, as the tcp transport's
 # callbacks: a 1 GiB payload must not stall the loop's other tasks.
 SLICE_SECONDS = 0.5e-3
-_VERSION = 1  # of the set-up messages below
+# 2: a chunk may carry several whole frames (see record_end); a version-1
+# reader would take only the first, so the two refuse each other.
+_VERSION = 2  # of the set-up messages below
+# Frames packed into one chunk: each starts RECORD_ALIGN-aligned with its header
+# slot; after the last, four zero bytes (where the next header's magic would
+# be) end the chunk, unless less than a header slot is left.
+RECORD_ALIGN = 64
+END_MARK = b"\0\0\0\0"
 _NAME = re.compile(re.escape(NAME_PREFIX) + r"[0-9a-f]{1,64}")
 
 
@@ -58,6 +65,11 @@ def ring_geometry(buffer_bytes: int) -> tuple[int, int]:
     piece = 1 << max((region // _CHUNKS).bit_length() - 1, 0)
     piece = min(max(piece, _MIN_PIECE), _MAX_PIECE)
     return piece, max(_CHUNKS, region // piece)
+
+
+def record_end(payload_end: int) -> int:
+    """Where the record after one whose payload ends at ``payload_end`` starts."""
+    return -(-payload_end // RECORD_ALIGN) * RECORD_ALIGN
 
 
 def encode_handle(handle: ShmRingHandle) -> dict[str, Any]:
