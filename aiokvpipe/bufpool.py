@@ -77,12 +77,19 @@ def _release_step(loop: asyncio.AbstractEventLoop, block: mmap.mmap, offset: int
 
 
 class RecvBufferPool:
-    """Blocks by power-of-two size class, at most ``max_bytes`` kept idle."""
+    """Blocks by power-of-two size class, at most ``max_bytes`` kept idle.
+
+    A block given back to a full pool evicts the blocks idle longest, of any
+    class: when the traffic changes size (16 MiB messages, then 64 MiB
+    ones), the new size gets warm blocks instead of the old one keeping the
+    pool for good. ``take`` hands out the warmest block of its class.
+    """
 
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
         self._idle_bytes = 0
-        self._free: dict[int, list[numpy.ndarray]] = {}
+        self._free: dict[int, list[numpy.ndarray]] = {}  # per class, oldest first
+        self._order: dict[int, int] = {}  # id(block) -> class, every idle block, oldest first
         self._closed = False
 
     @staticmethod
@@ -97,6 +104,7 @@ class RecvBufferPool:
         blocks = self._free.get(size)
         if blocks:
             block = blocks.pop()
+            del self._order[id(block)]
             self._idle_bytes -= size
         else:
             block = allocate(size)
@@ -106,9 +114,15 @@ class RecvBufferPool:
 
     def _give_back(self, block: numpy.ndarray) -> None:
         size = block.nbytes
-        if self._closed or self._idle_bytes + size > self._max_bytes:
+        if self._closed or size > self._max_bytes:
             return
+        while self._idle_bytes + size > self._max_bytes:
+            # The oldest idle block overall is the oldest of its class.
+            oldest = self._free[next(iter(self._order.values()))].pop(0)
+            del self._order[id(oldest)]
+            self._idle_bytes -= oldest.nbytes  # unmapped when it dies (now)
         self._free.setdefault(size, []).append(block)
+        self._order[id(block)] = size
         self._idle_bytes += size
 
     @property
@@ -119,4 +133,5 @@ class RecvBufferPool:
         """Drop every idle block; blocks still in use are freed when they die."""
         self._closed = True
         self._free.clear()
+        self._order.clear()
         self._idle_bytes = 0

@@ -188,3 +188,30 @@ def test_a_dropped_big_block_outside_a_loop_is_freed_at_once() -> None:
     del kept
     assert not block.closed
     block.close()  # no view is left holding it
+
+
+def test_a_full_pool_evicts_the_blocks_idle_longest_for_a_new_size() -> None:
+    """Traffic that changes size gets warm blocks: 2 MiB blocks fill the pool,
+    then 4 MiB ones come back and push the oldest 2 MiB ones out."""
+    pool = RecvBufferPool(8 << 20)
+    small = [pool.take(2 << 20) for _ in range(4)]
+    small_addresses = [a.__array_interface__["data"][0] for a in small]
+    while small:  # given back in order: block 0 first
+        del small[0]
+        gc.collect()
+    assert pool.idle_bytes == 8 << 20
+    big = pool.take(4 << 20)
+    big_address = big.__array_interface__["data"][0]
+    del big
+    gc.collect()
+    assert pool.idle_bytes == 8 << 20  # two 2 MiB blocks made room for it
+    again = pool.take(4 << 20)
+    assert again.__array_interface__["data"][0] == big_address  # warm, not a fresh one
+    kept = [pool.take(2 << 20) for _ in range(2)]
+    # The two given back last are the ones kept; the warmest is handed out first.
+    assert [a.__array_interface__["data"][0] for a in kept] == small_addresses[:1:-1]
+    assert pool.idle_bytes == 0
+    oversized = pool.take(16 << 20)
+    del oversized, again, kept
+    gc.collect()
+    assert pool.idle_bytes <= 8 << 20

@@ -20,6 +20,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from .pipe_cold import cold_cases, cold_sizes
 from .pipe_rtt import _rtt_cases
 from .pipe_workers import (
     _gloo_worker,
@@ -41,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-big", action="store_true", help="skip the 1 GiB cases")
     parser.add_argument(
         "--only",
-        default="throughput,rtt,lag,backpressure,idle",
-        help="comma-separated parts to run (throughput, rtt, lag, backpressure, idle)",
+        default="throughput,cold,rtt,lag,backpressure,idle",
+        help="comma-separated parts to run (throughput, cold, rtt, lag, backpressure, idle)",
     )
     parser.add_argument("--sizes", default="", help="throughput sizes, e.g. 4KiB,4MiB,1GiB")
 
@@ -88,6 +89,8 @@ def run(args: argparse.Namespace) -> list[Result]:
     steps = len(sizes) * (1 + len(loops)) + 7 * len(loops) + 3
     steps += (len(sizes) + 1) * len(loops) if shm else 0
     steps += (1 + len(loops) * (2 if shm else 1)) * len(placements())
+    cold = cold_sizes(sizes if args.sizes else None) if "cold" in parts else []
+    steps += len(cold) * len(loops)
     progress = Progress(steps, "pipe")
     suite = f"pipe/{transport}"
     memcpy_bps = memcpy_bandwidth(64 * MiB) if shm else 0.0
@@ -165,6 +168,10 @@ def run(args: argparse.Namespace) -> list[Result]:
                         )
                     )
             progress.step("gloo 4 MiB")
+
+    # -- distinct tensors, held: the stream a server (and examples/demo.py) makes
+    if cold:
+        cold_cases(results, progress, suite, loops, transport, cold, quick)
 
     # -- 4 KiB round trip
     if "rtt" in parts:

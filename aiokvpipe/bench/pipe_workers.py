@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections import deque
 from typing import Any
 
 import torch
@@ -65,6 +66,8 @@ def _pipe_worker(
                         await pipe.recv()
                     out["seconds"] = time.perf_counter() - start
                     await pipe.send(None)
+            elif mode == "cold":
+                await _cold_stream(pipe, rank, size, count, window, out)
             elif mode == "rtt":
                 payload = torch.ones(size // 4, dtype=torch.float32)
                 cpu0 = 0.0
@@ -255,6 +258,51 @@ def _gloo_worker(rank: int, queue: Any, mode: str, port: int, size: int, count: 
             dist.destroy_process_group()
 
     report(queue, main)
+
+
+#: Bytes of distinct tensors each side of a "cold" stream cycles through: twice
+#: the last-level cache here (32 MiB), so no tensor is still cached when it
+#: comes round again, as in a stream of a server's KV blocks.
+COLD_WORKING_SET = 64 << 20
+
+
+async def _cold_stream(
+    pipe: Any, rank: int, size: int, count: int, window: int, out: dict[str, Any]
+) -> None:
+    """Distinct tensors, held: rank 0 cycles through COLD_WORKING_SET bytes of
+    sources, rank 1 keeps the last COLD_WORKING_SET bytes it received (so its
+    destinations are never the block it just dropped). Rank 1 reports the
+    seconds of ``count`` messages after one pass of the working set."""
+    k = max(2, COLD_WORKING_SET // size)
+    if rank == 0:
+        sources = [torch.full((size // 4,), float(i)) for i in range(k)]
+        for i in range(count + k):
+            await pipe.send(sources[i % k])
+        await pipe.flush()
+        await pipe.recv()  # done marker
+        return
+    held: deque[Any] = deque(maxlen=k)
+    for _ in range(k):
+        held.append(await pipe.recv())
+    start = time.perf_counter()
+    for _ in range(count):
+        held.append(await pipe.recv())
+    out["seconds"] = time.perf_counter() - start
+    await pipe.send(None)
+
+
+def memcpy_cold_bandwidth(size: int, total: int = 1 << 30) -> float:
+    """Single-core memcpy of ``size``-byte tensors cycling through distinct
+    sources and destinations of COLD_WORKING_SET bytes each, bytes/second."""
+    k = max(2, COLD_WORKING_SET // size)
+    sources = [torch.full((size,), i % 251, dtype=torch.uint8) for i in range(k)]
+    dests = [torch.ones(size, dtype=torch.uint8) for _ in range(k)]  # touched
+    torch.set_num_threads(1)
+    reps = max(2 * k, total // size)
+    t0 = time.perf_counter()
+    for i in range(reps):
+        dests[i % k].copy_(sources[i % k])
+    return size * reps / (time.perf_counter() - t0)
 
 
 def memcpy_bandwidth(size: int, repeat: int = 10) -> float:
