@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Collection, Generator
 from typing import Any
 
 import torch
@@ -96,7 +96,12 @@ class Outbound:
         self._describe = describe
         self._closed_error = closed_error
         self._next_seq = 0
-        self._inflight: set[asyncio.Future[None]] = set()
+        # Accepted messages not yet sent: completion future -> (payload bytes,
+        # accept time). No closure per message: a deep backlog of small
+        # messages (a ring whose reader lags) keeps tens of thousands alive,
+        # and every tracked object is work for each garbage collection.
+        self._inflight: dict[asyncio.Future[None], tuple[int, float]] = {}
+        self._settled = self._on_done  # bound once, shared by every future
         self.error: BaseException | None = None
         self.error_reported = False
         self.fenced: BaseException | None = None
@@ -120,9 +125,9 @@ class Outbound:
         return len(self._inflight)
 
     @property
-    def inflight(self) -> set[asyncio.Future[None]]:
+    def inflight(self) -> Collection[asyncio.Future[None]]:
         """Completion futures of the accepted messages that have not left (read only)."""
-        return self._inflight
+        return self._inflight.keys()
 
     def check_open(self) -> None:
         if self.closed:
@@ -177,19 +182,21 @@ class Outbound:
         self._next_seq += 1
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._inflight.add(done)
-        started = loop.time() if self.on_sent is not None else 0.0
+        self._inflight[done] = (nbytes, loop.time() if self.on_sent is not None else 0.0)
         self.sender.submit(OutgoingMessage(header, data, done, ready))
         if done.done():
             # Written synchronously (the common case for small tensors):
             # settle now instead of paying a loop iteration for the callback.
-            self._on_done(done, nbytes, started)
+            self._on_done(done)
         else:
-            done.add_done_callback(lambda f: self._on_done(f, nbytes, started))
+            done.add_done_callback(self._settled)
         return Transfer(done, header.seq, nbytes, self)
 
-    def _on_done(self, fut: asyncio.Future[None], nbytes: int, started: float) -> None:
-        self._inflight.discard(fut)
+    def _on_done(self, fut: asyncio.Future[None]) -> None:
+        meta = self._inflight.pop(fut, None)
+        if meta is None:
+            return  # settled already
+        nbytes, started = meta
         self.window.release(message_charge(nbytes))
         if fut.cancelled():
             return

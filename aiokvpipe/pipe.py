@@ -14,6 +14,7 @@ The asyncio re-design of vLLM's ``PyNcclPipe``. Differences a caller sees:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from types import TracebackType
 from typing import Any
 
@@ -130,7 +131,7 @@ class Pipe:
         return self._out.sender
 
     @property
-    def _inflight(self) -> set[asyncio.Future[None]]:
+    def _inflight(self) -> Collection[asyncio.Future[None]]:
         return self._out.inflight
 
     def _describe(self, op: str) -> str:
