@@ -7,13 +7,20 @@ missing vLLM is an error: that session must not pass by skipping.
 Engines are session-scoped and started lazily, all that a test module asks
 for at once (they start in parallel): ``vllm serve`` takes ~30-70 s on two
 cores. Each is its own process group and is killed at the end.
+
+A killed engine cannot clean up its ``/dev/shm`` entries; ``VllmServer.kill``
+removes them. :func:`no_orphaned_shm` checks that it did: after each test that
+uses the fleet, and after the fleet stops, no ``/dev/shm`` file an engine was
+seen holding may be left that no live process maps or holds open.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import secrets
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,6 +93,35 @@ def token() -> Iterator[str]:
         os.environ[TOKEN_ENV] = old
 
 
+def _shm_held(pgid: int | None = None) -> set[tuple[int, int]]:
+    """(device, inode) of the ``/dev/shm`` files that live processes map or
+    hold open: those of process group ``pgid``, or of every process.
+
+    By inode, because a named semaphore is mapped under the temporary name
+    glibc's ``sem_open`` created it as (now "(deleted)"), not under its name.
+    """
+    held: set[tuple[int, int]] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if pgid is not None and os.getpgid(int(entry)) != pgid:
+                continue
+            with open(f"/proc/{entry}/maps", encoding="ascii", errors="replace") as fh:
+                for line in fh:
+                    if "/dev/shm/" in line:
+                        dev, inode = line.split(maxsplit=5)[3:5]
+                        major, minor = (int(part, 16) for part in dev.split(":"))
+                        held.add((os.makedev(major, minor), int(inode)))
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}").startswith("/dev/shm/"):
+                    st = os.stat(f"/proc/{entry}/fd/{fd}")
+                    held.add((st.st_dev, st.st_ino))
+        except (OSError, ValueError):
+            continue  # exited meanwhile
+    return held
+
+
 class Fleet:
     """Named vLLM servers, started on demand (in parallel), stopped at session end."""
 
@@ -93,6 +129,51 @@ class Fleet:
         self.model = model
         self.log_dir = log_dir
         self.servers: dict[str, VllmServer] = {}
+        # (device, inode) -> server: /dev/shm files an engine was seen holding.
+        self.engine_shm: dict[tuple[int, int], str] = {}
+
+    def note_engine_shm(self) -> None:
+        """Record what the live engines hold now (after start, around each test).
+
+        Only files recorded here count as the fleet's: other test runs on the
+        machine leave their own short-lived orphans (a killed producer's ring
+        before its reader unlinks it), which are not ours to judge or remove.
+        """
+        for name, server in self.servers.items():
+            if server.alive():
+                self.engine_shm.update(dict.fromkeys(_shm_held(server.proc.pid), name))
+
+    def orphaned_shm(self) -> dict[str, str]:
+        """``/dev/shm`` names (-> server) an engine held that no live process holds now."""
+        held = _shm_held()
+        orphans = {}
+        for name in os.listdir("/dev/shm"):
+            try:
+                st = os.stat(f"/dev/shm/{name}", follow_symlinks=False)
+            except OSError:
+                continue  # removed meanwhile
+            key = (st.st_dev, st.st_ino)
+            if key in self.engine_shm and key not in held:
+                orphans[name] = self.engine_shm[key]
+        return orphans
+
+    def assert_no_new_orphans(self, known: set[str], what: str, wait: float = 2.0) -> None:
+        """Fail if engine files beyond ``known`` stay orphaned for ``wait`` s
+        (an exiting process's own clean-up gets that long); remove them first,
+        so that a failed run leaves nothing behind either."""
+        deadline = time.monotonic() + wait
+        while True:
+            new = {n: s for n, s in self.orphaned_shm().items() if n not in known}
+            if not new or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        for name in new:
+            with contextlib.suppress(OSError):
+                os.unlink(f"/dev/shm/{name}")
+        assert not new, (
+            f"{what} left /dev/shm entries of vLLM engines that are gone (name -> "
+            f"server; VllmServer.kill/stop must unlink them, removed now): {new}"
+        )
 
     def start(self, **specs: str) -> dict[str, VllmServer]:
         """``name=kv_transfer_config_json`` for each server wanted; returns them all."""
@@ -105,6 +186,7 @@ class Fleet:
                 fresh.append(server)
         for server in fresh:
             server.wait_ready()
+        self.note_engine_shm()
         return {name: self.servers[name] for name in specs}
 
     def stop_all(self) -> None:
@@ -120,4 +202,27 @@ def fleet(
     try:
         yield fleet
     finally:
+        fleet.note_engine_shm()
+        reported = set(fleet.orphaned_shm())  # a test's leftovers already failed that test
         fleet.stop_all()
+    fleet.assert_no_new_orphans(reported, "stopping the vLLM fleet")
+
+
+@pytest.fixture(autouse=True)
+def no_orphaned_shm(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test after which a fleet engine's ``/dev/shm`` entry is left unheld.
+
+    The root leak check is off here (``allow_leaks``: engines outlive tests),
+    and it only knows aiokvpipe's segments; this one covers what a killed
+    engine leaves (torch's segments, multiprocessing's named semaphores).
+    Only orphans that appeared during this test count against it.
+    """
+    if "fleet" not in request.fixturenames:
+        yield
+        return
+    fleet: Fleet = request.getfixturevalue("fleet")
+    fleet.note_engine_shm()
+    known = set(fleet.orphaned_shm())
+    yield
+    fleet.note_engine_shm()  # what engines started during the test hold
+    fleet.assert_no_new_orphans(known, request.node.nodeid)

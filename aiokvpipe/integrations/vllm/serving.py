@@ -211,9 +211,10 @@ class VllmServer:
         """SIGKILL the whole process group (a crash, as far as peers can tell).
 
         A killed engine cannot unlink its shared-memory segments (torch's and
-        vLLM's ``/dev/shm`` entries, hundreds of MiB each), so the names the
-        group had mapped are removed here once it is dead: a crash test must
-        not leave the machine's memory behind.
+        vLLM's ``/dev/shm`` entries, hundreds of MiB each) nor its named
+        semaphores (its resource tracker dies in the same group), so the
+        names the group had mapped are removed here once it is dead: a crash
+        test must not leave the machine's memory behind.
         """
         segments = self._mapped_shm()
         try:
@@ -244,8 +245,17 @@ class VllmServer:
         return total / tick
 
     def _mapped_shm(self) -> set[str]:
-        """``/dev/shm`` files mapped or open in this server's process group."""
-        found: set[str] = set()
+        """``/dev/shm`` names whose file this server's process group maps or holds open.
+
+        Matched by device and inode, not by the path ``/proc`` shows: glibc's
+        ``sem_open`` (every multiprocessing lock under spawn, e.g. the tqdm
+        lock vLLM's worker creates while loading weights) maps a temporary
+        ``sem.XXXXXX``, links it under the final ``sem.mp-...`` name and
+        unlinks the temporary one, so the mapping reads ``(deleted)`` while
+        the name that outlives a SIGKILL is the same file. A mapping that is
+        really deleted matches no name, so no path is guessed from its text.
+        """
+        held: set[tuple[int, int]] = set()
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
@@ -253,18 +263,27 @@ class VllmServer:
                 if os.getpgid(int(entry)) != self.proc.pid:
                     continue
                 with open(f"/proc/{entry}/maps", encoding="ascii", errors="replace") as fh:
-                    found.update(
-                        line.split(maxsplit=5)[5].removesuffix(" (deleted)").strip()
-                        for line in fh
-                        if "/dev/shm/" in line
-                    )
+                    for line in fh:
+                        if "/dev/shm/" not in line:
+                            continue
+                        # address perms offset dev(major:minor, hex) inode path
+                        dev, inode = line.split(maxsplit=5)[3:5]
+                        major, minor = (int(part, 16) for part in dev.split(":"))
+                        held.add((os.makedev(major, minor), int(inode)))
                 for fd in os.listdir(f"/proc/{entry}/fd"):
-                    target = os.readlink(f"/proc/{entry}/fd/{fd}")
-                    if target.startswith("/dev/shm/"):
-                        found.add(target.removesuffix(" (deleted)"))
-            except (OSError, IndexError):
+                    if os.readlink(f"/proc/{entry}/fd/{fd}").startswith("/dev/shm/"):
+                        st = os.stat(f"/proc/{entry}/fd/{fd}")
+                        held.add((st.st_dev, st.st_ino))
+            except (OSError, ValueError):
                 continue  # exited meanwhile, or not ours to read
-        return {p for p in found if p.startswith("/dev/shm/")}
+        found: set[str] = set()
+        for name in os.listdir("/dev/shm"):
+            path = f"/dev/shm/{name}"
+            with contextlib.suppress(OSError):
+                st = os.stat(path, follow_symlinks=False)
+                if (st.st_dev, st.st_ino) in held:
+                    found.add(path)
+        return found
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM the group, then SIGKILL what is left after ``timeout``;
