@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from aiokvpipe.integrations.vllm.serving import VllmServer
+from aiokvpipe.integrations.vllm.serving import VllmServer, shm_files_held
 
 REQUIRE = os.environ.get("AIOKVPIPE_REQUIRE_VLLM") == "1"
 # (This folder is not named "vllm": pytest puts tests/ on sys.path, and a
@@ -93,35 +93,6 @@ def token() -> Iterator[str]:
         os.environ[TOKEN_ENV] = old
 
 
-def _shm_held(pgid: int | None = None) -> set[tuple[int, int]]:
-    """(device, inode) of the ``/dev/shm`` files that live processes map or
-    hold open: those of process group ``pgid``, or of every process.
-
-    By inode, because a named semaphore is mapped under the temporary name
-    glibc's ``sem_open`` created it as (now "(deleted)"), not under its name.
-    """
-    held: set[tuple[int, int]] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if pgid is not None and os.getpgid(int(entry)) != pgid:
-                continue
-            with open(f"/proc/{entry}/maps", encoding="ascii", errors="replace") as fh:
-                for line in fh:
-                    if "/dev/shm/" in line:
-                        dev, inode = line.split(maxsplit=5)[3:5]
-                        major, minor = (int(part, 16) for part in dev.split(":"))
-                        held.add((os.makedev(major, minor), int(inode)))
-            for fd in os.listdir(f"/proc/{entry}/fd"):
-                if os.readlink(f"/proc/{entry}/fd/{fd}").startswith("/dev/shm/"):
-                    st = os.stat(f"/proc/{entry}/fd/{fd}")
-                    held.add((st.st_dev, st.st_ino))
-        except (OSError, ValueError):
-            continue  # exited meanwhile
-    return held
-
-
 class Fleet:
     """Named vLLM servers, started on demand (in parallel), stopped at session end."""
 
@@ -141,11 +112,11 @@ class Fleet:
         """
         for name, server in self.servers.items():
             if server.alive():
-                self.engine_shm.update(dict.fromkeys(_shm_held(server.proc.pid), name))
+                self.engine_shm.update(dict.fromkeys(shm_files_held(server.proc.pid), name))
 
     def orphaned_shm(self) -> dict[str, str]:
         """``/dev/shm`` names (-> server) an engine held that no live process holds now."""
-        held = _shm_held()
+        held = shm_files_held()
         orphans = {}
         for name in os.listdir("/dev/shm"):
             try:

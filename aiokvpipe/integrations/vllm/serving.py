@@ -31,6 +31,7 @@ __all__ = [
     "free_port",
     "kv_transfer_config",
     "parse_metric",
+    "shm_files_held",
 ]
 
 TOKEN_ENV = "AIOKVPIPE_TOKEN"
@@ -108,6 +109,36 @@ class Completion:
     seconds: float
     first_token_seconds: float = 0.0
     raw: dict[str, Any] = field(default_factory=dict)
+
+
+def shm_files_held(pgid: int | None = None) -> set[tuple[int, int]]:
+    """(device, inode) of the ``/dev/shm`` files live processes map or hold open:
+    those of process group ``pgid``, or of every process.
+
+    By file, not by the path ``/proc`` shows: see :meth:`VllmServer._mapped_shm`.
+    """
+    held: set[tuple[int, int]] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if pgid is not None and os.getpgid(int(entry)) != pgid:
+                continue
+            with open(f"/proc/{entry}/maps", encoding="ascii", errors="replace") as fh:
+                for line in fh:
+                    if "/dev/shm/" not in line:
+                        continue
+                    # address perms offset dev(major:minor, hex) inode path
+                    dev, inode = line.split(maxsplit=5)[3:5]
+                    major, minor = (int(part, 16) for part in dev.split(":"))
+                    held.add((os.makedev(major, minor), int(inode)))
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}").startswith("/dev/shm/"):
+                    st = os.stat(f"/proc/{entry}/fd/{fd}")
+                    held.add((st.st_dev, st.st_ino))
+        except (OSError, ValueError):
+            continue  # exited meanwhile, or not ours to read
+    return held
 
 
 class VllmServer:
@@ -255,27 +286,7 @@ class VllmServer:
         the name that outlives a SIGKILL is the same file. A mapping that is
         really deleted matches no name, so no path is guessed from its text.
         """
-        held: set[tuple[int, int]] = set()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                if os.getpgid(int(entry)) != self.proc.pid:
-                    continue
-                with open(f"/proc/{entry}/maps", encoding="ascii", errors="replace") as fh:
-                    for line in fh:
-                        if "/dev/shm/" not in line:
-                            continue
-                        # address perms offset dev(major:minor, hex) inode path
-                        dev, inode = line.split(maxsplit=5)[3:5]
-                        major, minor = (int(part, 16) for part in dev.split(":"))
-                        held.add((os.makedev(major, minor), int(inode)))
-                for fd in os.listdir(f"/proc/{entry}/fd"):
-                    if os.readlink(f"/proc/{entry}/fd/{fd}").startswith("/dev/shm/"):
-                        st = os.stat(f"/proc/{entry}/fd/{fd}")
-                        held.add((st.st_dev, st.st_ino))
-            except (OSError, ValueError):
-                continue  # exited meanwhile, or not ours to read
+        held = shm_files_held(self.proc.pid)
         found: set[str] = set()
         for name in os.listdir("/dev/shm"):
             path = f"/dev/shm/{name}"
