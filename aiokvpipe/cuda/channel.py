@@ -35,6 +35,7 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections import deque
+from collections.abc import Coroutine
 from typing import Any, Generic, Protocol, TypeVar
 
 import torch
@@ -44,7 +45,7 @@ from ..errors import PipeClosedError
 from ..semaphore import ByteSemaphore
 from ..tensors import dense
 from ..wire import FrameHeader, FrameKind
-from .channel_shared import MAX_INFLIGHT, _cancel_all, _fail_future, _settle
+from .channel_shared import MAX_INFLIGHT, ChannelLifecycle, _cancel_all, _fail_future, _settle
 from .control import ControlSocket
 from .receiver import OrderedReceiver, Received, empty_frame
 from .staging import to_device
@@ -70,7 +71,7 @@ class Message(Protocol):
     done: asyncio.Future[None]
 
 
-class OrderedSender(abc.ABC, Generic[S]):
+class OrderedSender(ChannelLifecycle, Generic[S]):
     """Set up, then start each message in order and finish each in order."""
 
     def __init__(
@@ -94,12 +95,9 @@ class OrderedSender(abc.ABC, Generic[S]):
         self._set_up = False
         # Set when set-up is over and every submitted message is finished.
         self._idle = asyncio.Event()
-        self._error: BaseException | None = None
         self._closed = False
         self._next_seq = 0
-        self._tasks: list[asyncio.Task[None]] = []
-        self._teardown: asyncio.Future[None] | None = None
-        self._set_up_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._init_lifecycle()
 
     # -- transport-specific steps -------------------------------------------
     @abc.abstractmethod
@@ -127,19 +125,8 @@ class OrderedSender(abc.ABC, Generic[S]):
         """Free device resources, stopping any device work still running."""
 
     # -- SendChannel ----------------------------------------------------------
-    def start(self) -> None:
-        self._tasks = [
-            asyncio.ensure_future(self._run_starter()),
-            asyncio.ensure_future(self._run_finisher()),
-        ]
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._error
-
-    async def ready(self) -> None:
-        """Return once set-up is done; raise what stopped it (see module docstring)."""
-        await asyncio.shield(self._set_up_done)
+    def _workers(self) -> tuple[Coroutine[Any, Any, None], ...]:
+        return self._run_starter(), self._run_finisher()
 
     def submit(self, message: Any) -> None:
         if self._closed:
@@ -243,30 +230,6 @@ class OrderedSender(abc.ABC, Generic[S]):
                     self._idle.set()
         except Exception as exc:
             await self._fail(exc)
-
-    async def _fail(self, error: BaseException) -> None:
-        """First error wins: every unfinished message fails with it, the link closes.
-
-        Called by the channel's own workers, which start the teardown but do
-        not wait for it: the teardown waits for (cancels) them, and a worker
-        whose cancellation a timeout turned into an error would otherwise
-        wait for the teardown that waits for it.
-        """
-        if self._error is None:
-            self._error = error
-        if self._teardown is None:
-            self._teardown = asyncio.ensure_future(self._run_teardown(self._error))
-
-    async def _torn_down(self, error: BaseException) -> None:
-        """Run the teardown once, in a task of its own, and wait for it.
-
-        A task of its own because the teardown cancels the channel's workers,
-        one of which may be the caller, and must run to the end even if the
-        caller is cancelled (only the caller's wait is interrupted).
-        """
-        if self._teardown is None:
-            self._teardown = asyncio.ensure_future(self._run_teardown(error))
-        await asyncio.shield(self._teardown)
 
     async def _run_teardown(self, error: BaseException) -> None:
         _settle(self._set_up_done, error)

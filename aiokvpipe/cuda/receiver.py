@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from ..errors import PeerClosedError, PipeClosedError
 from ..semaphore import ByteSemaphore
 from ..wire import FrameHeader, FrameKind
-from .channel_shared import MAX_INFLIGHT, _cancel_all, _settle
+from .channel_shared import MAX_INFLIGHT, ChannelLifecycle, _cancel_all, _settle
 from .control import ControlSocket
 
 
@@ -52,7 +53,7 @@ class _Eof:
     header: FrameHeader
 
 
-class OrderedReceiver(abc.ABC):
+class OrderedReceiver(ChannelLifecycle):
     """Set up, read headers, begin each transfer, finish in order, hand over on ``recv``.
 
     Bytes received but not yet taken by ``recv`` are bounded by a
@@ -79,11 +80,8 @@ class OrderedReceiver(abc.ABC):
         self._to_finish: asyncio.Queue[Received | _Eof] = asyncio.Queue()
         self._pending: deque[Received] = deque()
         self._ready: asyncio.Queue[Received | _Eof | BaseException] = asyncio.Queue()
-        self._error: BaseException | None = None
         self._closed = False
-        self._tasks: list[asyncio.Task[None]] = []
-        self._teardown: asyncio.Future[None] | None = None
-        self._set_up_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._init_lifecycle()
 
     @abc.abstractmethod
     async def _setup(self) -> None:
@@ -105,19 +103,8 @@ class OrderedReceiver(abc.ABC):
     async def _release(self, pending: list[Received]) -> None:
         """Free device resources; ``pending`` transfers were begun but not finished."""
 
-    def start(self) -> None:
-        self._tasks = [
-            asyncio.ensure_future(self._run_reader()),
-            asyncio.ensure_future(self._run_finisher()),
-        ]
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._error
-
-    async def ready(self) -> None:
-        """Return once set-up is done; raise what stopped it."""
-        await asyncio.shield(self._set_up_done)
+    def _workers(self) -> tuple[Coroutine[Any, Any, None], ...]:
+        return self._run_reader(), self._run_finisher()
 
     async def recv(self) -> torch.Tensor | None:
         if self._closed:
@@ -184,19 +171,6 @@ class OrderedReceiver(abc.ABC):
                 self._ready.put_nowait(item)
         except Exception as exc:
             await self._fail(exc)
-
-    async def _fail(self, error: BaseException) -> None:
-        """First error wins; starts the teardown without waiting (see OrderedSender._fail)."""
-        if self._error is None:
-            self._error = error
-        if self._teardown is None:
-            self._teardown = asyncio.ensure_future(self._run_teardown(self._error))
-
-    async def _torn_down(self, error: BaseException) -> None:
-        """Once, in its own task (see OrderedSender._torn_down)."""
-        if self._teardown is None:
-            self._teardown = asyncio.ensure_future(self._run_teardown(error))
-        await asyncio.shield(self._teardown)
 
     async def _run_teardown(self, error: BaseException) -> None:
         _settle(self._set_up_done, error)
