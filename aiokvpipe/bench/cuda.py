@@ -35,7 +35,7 @@ import torch
 from ..cuda.events import wait_event
 from ..cuda.runtime import cuda_available, nccl_or_raise, require_cuda
 from ..errors import CudaUnavailableError
-from .report import Progress, Result
+from .report import Progress, Result, human_size
 
 SUITE = "cuda"
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -119,13 +119,6 @@ def _runner(loop_name: str) -> Callable[[Coroutine[Any, Any, Any]], Any]:
 
 def _run(loop_name: str, coro: Coroutine[Any, Any, Any]) -> Any:
     return _runner(loop_name)(coro)
-
-
-def _human(size: int) -> str:
-    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if size >= scale:
-            return f"{size // scale} {unit}"
-    return f"{size} B"
 
 
 def _p(samples: list[float], q: float) -> float:
@@ -254,7 +247,7 @@ async def _nccl_bandwidth(nccl: Any, device: torch.device, quick: bool) -> Resul
     moved = size * iters
     return Result(
         SUITE,
-        f"NCCL grouped self send/recv {_human(size)}",
+        f"NCCL grouped self send/recv {human_size(size)}",
         moved / nccl_s / 1e9,
         "GB/s",
         "device-to-device copy",
@@ -354,7 +347,7 @@ def _ipc_bandwidth(device: torch.device, quick: bool, loop_name: str) -> Result:
     ratio = ipc_bps / d2d_bps
     return Result(
         SUITE,
-        f"CUDA IPC two processes {_human(size)} ({loop_name})",
+        f"CUDA IPC two processes {human_size(size)} ({loop_name})",
         ipc_bps / 1e9,
         "GB/s",
         "device-to-device copy (wall)",

@@ -29,7 +29,7 @@ from .pipe_workers import (
     memcpy_bandwidth,
 )
 from .procs import free_port, percentile, placements, run_pair
-from .report import Progress, Result
+from .report import Progress, Result, human_size
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> list[Result]:
                 results.append(
                     Result(
                         suite,
-                        f"throughput {_human(size)} ({loop_name})",
+                        f"throughput {human_size(size)} ({loop_name})",
                         bps / 1e9,
                         "GB/s",
                         "raw blocking socket",
@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> list[Result]:
                     Result(
                         suite,
                         f"loop lag p99, {'sender' if rank == 0 else 'receiver'}, "
-                        f"{_human(lag_size)} moving ({loop_name})",
+                        f"{human_size(lag_size)} moving ({loop_name})",
                         p99 * 1e3,
                         "ms",
                         "1 ms ticker period",
@@ -293,7 +293,7 @@ def _shm_throughput(
     out = [
         Result(
             suite,
-            f"throughput {_human(size)} vs tcp transport ({loop_name})",
+            f"throughput {human_size(size)} vs tcp transport ({loop_name})",
             bps / 1e9,
             "GB/s",
             f"tcp transport ({loop_name})",
@@ -324,10 +324,3 @@ def _parse_size(text: str) -> int:
         if text.endswith(unit):
             return int(float(text[: -len(unit)]) * scale)
     return int(text)
-
-
-def _human(size: int) -> str:
-    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if size >= scale:
-            return f"{size // scale} {unit}"
-    return f"{size} B"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .pipe_workers import COLD_WORKING_SET, _pipe_worker, memcpy_cold_bandwidth
 from .procs import free_port, run_pair
-from .report import Progress, Result
+from .report import Progress, Result, human_size
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 COLD_SIZES = (1 * MiB, 16 * MiB, 64 * MiB)
@@ -49,7 +49,7 @@ def cold_cases(
             results.append(
                 Result(
                     suite,
-                    f"throughput {_human(size)}, distinct tensors held ({loop_name})",
+                    f"throughput {human_size(size)}, distinct tensors held ({loop_name})",
                     best / 1e9,
                     "GB/s",
                     f"memcpy over {COLD_WORKING_SET // MiB} MiB of distinct tensors",
@@ -60,7 +60,3 @@ def cold_cases(
                 )
             )
             progress.step(f"cold {loop_name} {size}")
-
-
-def _human(size: int) -> str:
-    return f"{size // MiB} MiB" if size >= MiB else f"{size // KiB} KiB"

@@ -9,6 +9,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
 
+def human_size(size: int) -> str:
+    """``size`` in the largest binary unit it reaches, rounded down: "4 KiB", "64 MiB"."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift:
+            return f"{size >> shift} {unit}"
+    return f"{size} B"
+
+
 @dataclass
 class Result:
     """One measured figure beside its same-run baseline.
