@@ -67,7 +67,7 @@ def _pipe_worker(
                     out["seconds"] = time.perf_counter() - start
                     await pipe.send(None)
             elif mode == "cold":
-                await _cold_stream(pipe, rank, size, count, window, out)
+                await _cold_stream(pipe, rank, size, count, out)
             elif mode == "rtt":
                 payload = torch.ones(size // 4, dtype=torch.float32)
                 cpu0 = 0.0
@@ -266,9 +266,7 @@ def _gloo_worker(rank: int, queue: Any, mode: str, port: int, size: int, count: 
 COLD_WORKING_SET = 64 << 20
 
 
-async def _cold_stream(
-    pipe: Any, rank: int, size: int, count: int, window: int, out: dict[str, Any]
-) -> None:
+async def _cold_stream(pipe: Any, rank: int, size: int, count: int, out: dict[str, Any]) -> None:
     """Distinct tensors, held: rank 0 cycles through COLD_WORKING_SET bytes of
     sources, rank 1 keeps the last COLD_WORKING_SET bytes it received (so its
     destinations are never the block it just dropped). Rank 1 reports the
