@@ -28,6 +28,7 @@ from .errors import (
     UnsupportedTensorError,
     WriterGoneError,
 )
+from .ports import free_port
 from .semaphore import ByteSemaphore
 
 if TYPE_CHECKING:
@@ -82,6 +83,7 @@ __all__ = [
     "TransferTimeout",
     "UnsupportedTensorError",
     "WriterGoneError",
+    "free_port",
 ]
 
 

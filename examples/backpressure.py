@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from typing import Any
 
 import torch
 
-from aiokvpipe import AiokvpipeError, Pipe, PipeConfig
+from aiokvpipe import AiokvpipeError, Pipe, PipeConfig, free_port
 
 KiB, MiB = 1 << 10, 1 << 20
 WINDOW = 4 * MiB  # the producer's buffer_bytes
@@ -156,12 +155,6 @@ async def produce(port: int) -> bool:
 
 
 # ----------------------------------------------------------------- plumbing
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def runner(loop: str) -> tuple[str, Callable[[Coroutine[Any, Any, Any]], Any]]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
-import socket
 import statistics
 import sys
 import time
@@ -28,14 +27,10 @@ from typing import Any
 
 import torch
 
+from aiokvpipe import free_port
+
 STEPS = 20
 TOKENS = 4096
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_loop(coro: Any) -> Any:

@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import os
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,7 @@ from typing import Any
 
 import torch
 
-from aiokvpipe import AiokvpipeError, Pipe, PipeConfig
+from aiokvpipe import AiokvpipeError, Pipe, PipeConfig, free_port
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -248,12 +247,6 @@ def pick_loop(name: str) -> tuple[str, Callable[[Coroutine[Any, Any, int]], int]
         else:
             return f"uvloop {getattr(uvloop, '__version__', '')}".rstrip(), uvloop.run
     return "asyncio (default loop)", asyncio.run
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def stop(child: subprocess.Popen[bytes]) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from typing import Any
 
 import torch
 
-from aiokvpipe import AiokvpipeError, KVLookupBuffer
+from aiokvpipe import AiokvpipeError, KVLookupBuffer, free_port
 
 LAYERS, HEADS, HEAD_DIM, HIDDEN = 4, 8, 64, 512
 PROMPT_LENGTHS = (24, 96, 57, 128, 16, 75, 110, 40)  # tokens per request
@@ -149,20 +148,6 @@ async def decode(port: int) -> bool:
 # ----------------------------------------------------------------- plumbing
 
 
-def free_port_pair() -> int:
-    """A port ``p`` with ``p`` and ``p + 1`` free: the signal and data pipes."""
-    for _ in range(100):
-        with socket.socket() as first, socket.socket() as second:
-            first.bind(("127.0.0.1", 0))
-            port = int(first.getsockname()[1])
-            try:
-                second.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no two consecutive free ports")
-
-
 def runner(loop: str) -> tuple[str, Callable[[Coroutine[Any, Any, Any]], Any]]:
     if loop != "asyncio":
         try:
@@ -194,7 +179,7 @@ def main() -> int:
         return 0
 
     print(f"event loop: {loop_name}; {len(PROMPT_LENGTHS)} requests", flush=True)
-    port = free_port_pair()
+    port = free_port(count=2)  # the signal and data pipes
     child = subprocess.Popen(
         [sys.executable, __file__, "--loop", loop_name, "--prefill-port", str(port)]
     )

@@ -25,7 +25,6 @@ import os
 import secrets
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from typing import Any
 
 import torch
 
-from aiokvpipe import Endpoint, EndpointConfig, PeerClosedError, TransferTimeout
+from aiokvpipe import Endpoint, EndpointConfig, PeerClosedError, TransferTimeout, free_port
 from aiokvpipe.peers import PeerEvent
 
 TOKEN_ENV = "XPYD_TOKEN"
@@ -195,12 +194,6 @@ class Proc:
     def result(self) -> dict[str, Any]:
         out, _ = self.proc.communicate(timeout=60)
         return dict(json.loads(out.strip().splitlines()[-1]))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def orchestrate(args: argparse.Namespace) -> int:

@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import gc
 import os
-import socket
 import struct
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from aiokvpipe.ports import free_port
 
 try:
     import uvloop
@@ -174,13 +175,6 @@ async def loop_checks(request: pytest.FixtureRequest) -> Any:
     gc.collect()
     await asyncio.sleep(0)
     assert not errors, f"exceptions reached the loop's handler: {errors}"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """An ephemeral TCP port that is free right now (for rendezvous in tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -12,9 +12,10 @@ import math
 
 import pytest
 
+from aiokvpipe import free_port
 from aiokvpipe.bench import pipe_cold
 from aiokvpipe.bench.pipe_workers import _pipe_worker, memcpy_cold_bandwidth
-from aiokvpipe.bench.procs import free_port, run_pair
+from aiokvpipe.bench.procs import run_pair
 from aiokvpipe.bench.report import Progress, Result
 
 pytestmark = pytest.mark.timeout(120)

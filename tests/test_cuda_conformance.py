@@ -9,7 +9,6 @@ CPU tensors and the suite's CPU-result checks apply unchanged.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,16 +18,11 @@ from transport_conformance import CHECKS, MakePipes, assert_all_same, opened, pi
 from aiokvpipe import PipeConfig, pipe
 from aiokvpipe.cuda.testing import FakeDevice, FakeNccl, FakeNcclError, FakeOps
 from aiokvpipe.errors import CudaTransferError
+from aiokvpipe.ports import free_port
 from aiokvpipe.transport import cuda_ipc, nccl
 from aiokvpipe.transport.base import Link
 
 GPU_TRANSPORTS = ["nccl", "cuda_ipc"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -90,7 +84,7 @@ async def test_nccl_pipe_aborts_every_communicator_on_close(fake_gpu: FakeNccl) 
 async def test_gpu_set_up_failure_is_raised_by_connect(fake_gpu: FakeNccl) -> None:
     """Issue 15.2: a communicator that cannot be built fails connect, not the first send."""
     fake_gpu.fail_init = FakeNcclError("ncclSystemError: no route to the peer")
-    port = _free_port()
+    port = free_port()
     configs = [
         PipeConfig(rank=r, port=port, device="cuda:0", transport="nccl", connect_timeout=10.0)
         for r in range(2)

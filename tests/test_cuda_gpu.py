@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import multiprocessing.resource_tracker
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +26,7 @@ from aiokvpipe.cuda.staging import to_device, to_host
 from aiokvpipe.cuda.streams import TorchCudaOps, dedicated_stream, staging_stream
 from aiokvpipe.errors import CudaUnavailableError
 from aiokvpipe.pipe import Pipe
+from aiokvpipe.ports import free_port
 from aiokvpipe.transport.nccl import create_endpoint, unique_id_bytes
 
 requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")
@@ -34,12 +34,6 @@ pytestmark = [pytest.mark.cuda, requires_cuda]
 
 DEVICE = torch.device("cuda", 0)
 _gpu_sleep: Any = torch.cuda._sleep  # a kernel spinning for N clock cycles (untyped)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _nccl_or_skip() -> Any:
@@ -162,7 +156,7 @@ SAMPLES = [
 
 
 async def _ring_pair(transport: str, devices: tuple[str, str]) -> tuple[Pipe, Pipe]:
-    port = _free_port()
+    port = free_port()
     configs = [
         PipeConfig(
             rank=r,
@@ -296,7 +290,7 @@ def _ipc_child(port: int, count: int, results: Any) -> None:
 
 @pytest.mark.timeout(180)
 async def test_cuda_ipc_between_two_processes_on_one_gpu() -> None:
-    port, count = _free_port(), 8
+    port, count = free_port(), 8
     ctx = multiprocessing.get_context("spawn")
     reader, writer = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_ipc_child, args=(port, count, writer))

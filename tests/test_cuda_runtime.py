@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from aiokvpipe.errors import (
     TransferTimeout,
 )
 from aiokvpipe.pipe import Pipe
+from aiokvpipe.ports import free_port
 from aiokvpipe.transport.cuda_ipc import CudaIpcTransport
 from aiokvpipe.transport.nccl import NcclTransport
 from aiokvpipe.transport.testing import link_pair
@@ -199,15 +199,9 @@ async def test_run_blocking_cancelled_still_cleans_up() -> None:
     assert cleaned.is_set()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _connect_alone(**config: Any) -> None:
     """Rank 0 of two, with nobody else coming: only an early refusal returns quickly."""
-    cfg = PipeConfig(rank=0, world_size=2, port=_free_port(), connect_timeout=30.0, **config)
+    cfg = PipeConfig(rank=0, world_size=2, port=free_port(), connect_timeout=30.0, **config)
     started = time.perf_counter()
     try:
         await asyncio.wait_for(Pipe.connect(cfg), 5)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -33,25 +32,15 @@ from aiokvpipe import (
     ProtocolError,
     TransferTimeout,
 )
+from aiokvpipe.kv_buffer import Role
+from aiokvpipe.ports import free_port
 
 TIMEOUT = 10.0  # no single step below comes near this
 
 
 def free_port_pair() -> int:
     """A port ``p`` with ``p`` and ``p + 1`` free (signal and data rendezvous)."""
-    for _ in range(100):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            port = int(first.getsockname()[1])
-            if port >= 65535:
-                continue
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no two consecutive free ports")
+    return free_port(count=2)
 
 
 @contextlib.asynccontextmanager
@@ -59,17 +48,19 @@ async def kv_pair(
     buffer_bytes: int = 1 << 20,
 ) -> AsyncIterator[tuple[KVLookupBuffer, KVLookupBuffer]]:
     port = free_port_pair()
-    producer, consumer = await asyncio.wait_for(
-        asyncio.gather(
-            KVLookupBuffer.connect("producer", port=port, buffer_bytes=buffer_bytes),
-            KVLookupBuffer.connect("consumer", port=port),
-        ),
-        TIMEOUT,
-    )
-    try:
-        yield producer, consumer
-    finally:
-        await asyncio.gather(producer.aclose(), consumer.aclose())
+    async with contextlib.AsyncExitStack() as opened:
+
+        async def connect(role: Role, **kwargs: int) -> KVLookupBuffer:
+            buf = await KVLookupBuffer.connect(role, port=port, **kwargs)
+            opened.push_async_callback(buf.aclose)
+            return buf
+
+        # A TaskGroup, not gather: when one side fails the other is cancelled
+        # and closed here, instead of leaking its sockets into later tests.
+        async with asyncio.timeout(TIMEOUT), asyncio.TaskGroup() as tg:
+            producer = tg.create_task(connect("producer", buffer_bytes=buffer_bytes))
+            consumer = tg.create_task(connect("consumer"))
+        yield producer.result(), consumer.result()
 
 
 @contextlib.asynccontextmanager
@@ -78,21 +69,22 @@ async def buffer_against_raw_pipes(
 ) -> AsyncIterator[tuple[KVLookupBuffer, Pipe, Pipe]]:
     """A buffer whose peer is two bare pipes: the test plays the peer by hand."""
     port = free_port_pair()
+    async with contextlib.AsyncExitStack() as opened:
 
-    async def pipes(r: int) -> tuple[Pipe, Pipe]:
-        cfg = PipeConfig(rank=r, port=port, connect_timeout=TIMEOUT)
-        signal = await Pipe.connect(cfg)
-        data = await Pipe.connect(cfg.with_changes(port=port + 1))
-        return signal, data
+        async def pipes(r: int) -> tuple[Pipe, Pipe]:
+            cfg = PipeConfig(rank=r, port=port, connect_timeout=TIMEOUT)
+            signal = await Pipe.connect(cfg)
+            opened.push_async_callback(signal.aclose)
+            data = await Pipe.connect(cfg.with_changes(port=port + 1))
+            opened.push_async_callback(data.aclose)
+            return signal, data
 
-    (signal, data), (peer_signal, peer_data) = await asyncio.gather(pipes(rank), pipes(1 - rank))
-    buf = KVLookupBuffer(signal, data, 1 << 20)
-    try:
-        yield buf, peer_signal, peer_data
-    finally:
-        await buf.aclose()
-        await peer_signal.aclose()
-        await peer_data.aclose()
+        async with asyncio.TaskGroup() as tg:
+            mine = tg.create_task(pipes(rank))
+            theirs = tg.create_task(pipes(1 - rank))
+        buf = KVLookupBuffer(*mine.result(), 1 << 20)
+        opened.push_async_callback(buf.aclose)
+        yield buf, *theirs.result()
 
 
 def make_entry(

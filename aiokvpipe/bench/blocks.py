@@ -33,8 +33,9 @@ from __future__ import annotations
 import argparse
 import secrets
 
+from ..ports import free_port
 from .blocks_workers import BLOCK, worker
-from .procs import free_port, percentile, run_pair
+from .procs import percentile, run_pair
 from .report import Progress, Result
 
 

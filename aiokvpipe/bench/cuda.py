@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
-import socket
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -35,6 +34,7 @@ import torch
 from ..cuda.events import wait_event
 from ..cuda.runtime import cuda_available, nccl_or_raise, require_cuda
 from ..errors import CudaUnavailableError
+from ..ports import free_port
 from .report import Progress, Result, human_size
 
 SUITE = "cuda"
@@ -258,12 +258,6 @@ async def _nccl_bandwidth(nccl: Any, device: torch.device, quick: bool) -> Resul
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _ipc_config(rank: int, port: int, device: str) -> Any:
     from ..config import PipeConfig
 
@@ -326,7 +320,7 @@ async def _d2d_wall(device: torch.device, size: int, count: int) -> float:
 
 def _ipc_bandwidth(device: torch.device, quick: bool, loop_name: str) -> Result:
     size, count = (64 * MiB, 5) if quick else (256 * MiB, 17)
-    port = _free_port()
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     child = ctx.Process(

@@ -20,6 +20,7 @@ import multiprocessing as mp
 import time
 from typing import Any
 
+from ..ports import free_port
 from .endpoint_workers import (
     decode_proc,
     endpoint_pair_worker,
@@ -28,7 +29,7 @@ from .endpoint_workers import (
     rtt_alternating_worker,
 )
 from .pipe_workers import _pipe_worker
-from .procs import free_port, percentile, run_pair
+from .procs import percentile, run_pair
 from .report import Result
 
 KiB, MiB = 1 << 10, 1 << 20

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import socket
 import time
 from typing import Any
 
 import torch
 
+from ..ports import free_port
 from .procs import percentile, report, run_loop, run_pair
 from .report import Progress, Result
 
@@ -63,22 +62,6 @@ def entry_nbytes() -> int:
 
 
 # ----------------------------------------------------------------- process plumbing
-
-
-def _free_ports(count: int) -> int:
-    """A port ``p`` such that ``p .. p + count - 1`` are all free right now."""
-    for _ in range(100):
-        with contextlib.ExitStack() as stack:
-            first = stack.enter_context(socket.socket())
-            first.bind(("127.0.0.1", 0))
-            port = int(first.getsockname()[1])
-            try:
-                for offset in range(1, count):
-                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port + offset))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 # ----------------------------------------------------------------- the worker
@@ -160,7 +143,7 @@ def run(args: argparse.Namespace) -> list[Result]:
     progress = Progress(len(loops), "kv")
     results: list[Result] = []
     for loop_name in loops:
-        got = run_pair(_worker, _free_ports(3), count, loop_name)
+        got = run_pair(_worker, free_port(count=3), count, loop_name)
         progress.step(f"drop_select {loop_name}")
         extra = {"loop": loop_name, "entry_bytes": entry_nbytes(), "requests": count}
         hit50, base50 = percentile(got["hit"], 0.5), percentile(got["full"], 0.5)

@@ -20,6 +20,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from ..ports import free_port
 from .pipe_cold import cold_cases, cold_sizes
 from .pipe_rtt import _rtt_cases
 from .pipe_workers import (
@@ -28,7 +29,7 @@ from .pipe_workers import (
     _raw_socket_worker,
     memcpy_bandwidth,
 )
-from .procs import free_port, percentile, placements, run_pair
+from .procs import percentile, placements, run_pair
 from .report import Progress, Result, human_size
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30

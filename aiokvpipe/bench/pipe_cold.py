@@ -11,8 +11,9 @@ single-core memcpy over the same working set, in the same run.
 
 from __future__ import annotations
 
+from ..ports import free_port
 from .pipe_workers import COLD_WORKING_SET, _pipe_worker, memcpy_cold_bandwidth
-from .procs import free_port, run_pair
+from .procs import run_pair
 from .report import Progress, Result, human_size
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from ..ports import free_port
 from .pipe_workers import _gloo_worker, _pipe_worker
-from .procs import free_port, percentile, run_pair
+from .procs import percentile, run_pair
 from .report import Progress, Result
 from .rtt_workers import FLOOR, _asyncio_pingpong_worker, _rtt_mixed_worker
 

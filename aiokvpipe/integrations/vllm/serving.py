@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ...ports import free_port
 
 __all__ = [
     "Completion",
@@ -35,14 +36,6 @@ __all__ = [
 ]
 
 TOKEN_ENV = "AIOKVPIPE_TOKEN"
-
-
-def free_port() -> int:
-    """An ephemeral TCP port free right now on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def kv_transfer_config(
