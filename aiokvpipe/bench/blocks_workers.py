@@ -16,21 +16,38 @@ iteration by iteration so a noisy machine slows both alike:
 2. small: a 16-block read against a Pipe round trip of the same bytes;
 3. push: prefill writes every layer at once (transfer alone), sleeps
    ``compute`` per layer (compute alone), then computes and writes layer by
-   layer, each write overlapping the next layer's compute.
+   layer, each write overlapping the next layer's compute;
+4. tcp only: the same push on a bare socket (:mod:`.raw_push`), the
+   baseline for the layer-wise overhead the machine itself shows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import Any, Literal
 
 import torch
 
+from ..tensors import byte_view
+from . import raw_push
 from .procs import report, run_loop
 
 BLOCK = (16, 8, 128)  # tokens x kv heads x head dim, bf16: 32 KiB per K or V block
 WARMUP = 1  # first iterations dial the block connections and fault pages in: not counted
+
+
+async def _raw_connect(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def request_blocks(count: int, num_blocks: int, seed: int) -> tuple[list[int], list[int]]:
@@ -167,6 +184,16 @@ def worker(
                 samples["overlap"].append(t3 - t2)
         await pipe.send(None)
         await pipe.recv()  # decode saw every push lease complete
+        if transport == "tcp":  # the same push on a bare socket, as a baseline
+            port = int((await pipe.recv()).item())
+            raw = await _raw_connect(port)
+            try:
+                source = byte_view(contiguous)  # ``contiguous`` outlives the rounds
+                got = await raw_push.send_rounds(raw, source, layers, iters, compute_ms)
+            finally:
+                raw.close()
+            samples["raw_whole"] = got["whole"][WARMUP:]
+            samples["raw_wise"] = got["wise"][WARMUP:]
         return samples
 
     async def decode(
@@ -217,6 +244,15 @@ def worker(
         for lease in leases:
             await lease.wait()
         await pipe.send(None)
+        if transport == "tcp":
+            with socket.create_server(("127.0.0.1", 0)) as listener:
+                listener.setblocking(False)
+                await pipe.send(torch.tensor(listener.getsockname()[1]))
+                raw, _ = await asyncio.get_running_loop().sock_accept(listener)
+            with raw:
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                nbytes = count * block_numel * layers * 2
+                await raw_push.receive_rounds(raw, nbytes, layers, iters)
         return samples
 
     report(queue, lambda: run_loop(loop_name, main))
