@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import struct
@@ -13,7 +14,7 @@ from aiokvpipe.blocks import protocol
 from aiokvpipe.blocks.lease import LeaseTable
 from aiokvpipe.blocks.region import RegionTable
 from aiokvpipe.blocks.runs import as_ids, coalesce
-from aiokvpipe.blocks.sgio import IOV_MAX, Segments
+from aiokvpipe.blocks.sgio import IOV_MAX, Segments, send_segments
 from aiokvpipe.errors import (
     BadMagicError,
     BlockIdError,
@@ -181,6 +182,54 @@ def test_a_batch_takes_at_most_iov_max_views() -> None:
     assert len(segs.batch()) == IOV_MAX
     segs.advance(IOV_MAX)
     assert len(segs.batch()) == 5
+
+
+class _RecordingSocket(socket.socket):
+    """A real socket that remembers what each ``sendmsg`` was handed."""
+
+    calls: list[list[bytes]]
+
+    def sendmsg(self, buffers, *args):  # type: ignore[no-untyped-def, override]
+        buffers = list(buffers)
+        self.calls.append([bytes(b) for b in buffers])
+        return super().sendmsg(buffers, *args)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("payload_sizes", [[], [5], [1 << 20, 3, 1 << 20]])
+async def test_a_prefix_leaves_in_the_payloads_first_sendmsg_and_survives_partial_sends(
+    payload_sizes: list[int],
+) -> None:
+    """A read's REPLY goes out in the same syscall as the payload's first bytes; a
+    send buffer far smaller than both still delivers every byte in order."""
+    rng = random.Random(len(payload_sizes))
+    prefix = bytes(rng.randrange(256) for _ in range(3000))
+    chunks = [bytes(rng.randrange(256) for _ in range(n)) for n in payload_sizes]
+    left, right = socket.socketpair()
+    sender = _RecordingSocket(fileno=left.detach())
+    sender.calls = []
+    with sender, right:
+        sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sender.setblocking(False)
+        right.setblocking(False)
+        loop = asyncio.get_running_loop()
+        want = prefix + b"".join(chunks)
+
+        async def drain() -> bytes:
+            got = bytearray()
+            while len(got) < len(want):
+                got += await loop.sock_recv(right, 65536)
+            return bytes(got)
+
+        reader = asyncio.ensure_future(drain())
+        segs = Segments([memoryview(c) for c in chunks], receive=False)
+        await send_segments(sender, segs, "test send", prefix)
+        assert await reader == want
+        assert segs.remaining == 0
+        first = sender.calls[0]
+        assert first[0] == prefix
+        if chunks:  # the payload's first bytes ride along with the prefix
+            assert len(first) > 1 and first[1] == chunks[0][: len(first[1])]
 
 
 # ------------------------------------------------------------------ leases

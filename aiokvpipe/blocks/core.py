@@ -228,14 +228,21 @@ class ServiceCore:
 
     # ------------------------------------------------------------ payloads
     async def _send_payload(
-        self, sock: socket.socket, path: RingPath, segs: Segments, what: str
+        self, sock: socket.socket, path: RingPath, segs: Segments, what: str, prefix: bytes = b""
     ) -> None:
-        """``segs`` to the peer: through our ring if this direction has one, else the socket."""
+        """``segs`` to the peer: through our ring if this direction has one, else the socket.
+
+        ``prefix``: the encoded message announcing the payload (a read's
+        REPLY); on the socket it leaves with the payload's first bytes (see
+        :func:`~aiokvpipe.blocks.sgio.send_segments`), on a ring path first.
+        """
         if path.tx is not None:
+            if prefix:
+                await send_segments(sock, Segments([], receive=False), what, prefix)
             await path.send(segs, what)
             self.payload_bytes["shm"] += segs.total
         else:
-            await send_segments(sock, segs, what)
+            await send_segments(sock, segs, what, prefix)
             self.payload_bytes["tcp"] += segs.total
 
     async def _recv_payload(

@@ -216,9 +216,8 @@ class Owner(OwnerGpu):
                 segs = Segments([byte_view(host)] if request.nbytes else [], receive=False)
             lease.attach(segs)
             try:
-                reply = protocol.reply_ok(segs.total)
-                await protocol.send_message(sock, Kind.REPLY, reply, what)
-                await self._send_payload(sock, path, segs, what)
+                reply = protocol.encode(Kind.REPLY, protocol.reply_ok(segs.total))
+                await self._send_payload(sock, path, segs, what, prefix=reply)
                 trailer = (
                     protocol.status("error", lease.ended_error())
                     if segs.redirected
