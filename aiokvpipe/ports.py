@@ -60,8 +60,14 @@ def _slice(ports: list[int]) -> list[int]:
     return ports[index * share : (index + 1) * share]
 
 
+def _family(host: str) -> socket.AddressFamily:
+    # links.net.family says the same, but importing aiokvpipe.links loads
+    # torch (through its channels), and ``import aiokvpipe`` imports this.
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def _all_bind(host: str, first: int, count: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = _family(host)
     held: list[socket.socket] = []
     try:
         for port in range(first, first + count):
@@ -77,8 +83,7 @@ def _all_bind(host: str, first: int, count: int) -> bool:
 
 
 def _kernel_pick(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 

@@ -203,8 +203,8 @@ async def test_a_prefix_leaves_in_the_payloads_first_sendmsg_and_survives_partia
     """A read's REPLY goes out in the same syscall as the payload's first bytes; a
     send buffer far smaller than both still delivers every byte in order."""
     rng = random.Random(len(payload_sizes))
-    prefix = bytes(rng.randrange(256) for _ in range(3000))
-    chunks = [bytes(rng.randrange(256) for _ in range(n)) for n in payload_sizes]
+    prefix = rng.randbytes(3000)
+    chunks = [rng.randbytes(n) for n in payload_sizes]
     left, right = socket.socketpair()
     sender = _RecordingSocket(fileno=left.detach())
     sender.calls = []
