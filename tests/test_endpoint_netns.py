@@ -7,56 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import queue
-import secrets
-import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from netns import ip, two_namespaces
 
 WORKER = str(Path(__file__).with_name("netns_worker.py"))
 PEER_TIMEOUT = 1.0
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
-@contextlib.contextmanager
-def two_namespaces() -> Iterator[tuple[str, str, str, str, str]]:
-    """``(ns_a, ns_b, ip_a, ip_b, veth_a)``; skips where namespaces cannot be made."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces (ip netns)")
-    if shutil.which("ip") is None:
-        pytest.skip("needs iproute2's 'ip' command")
-    tag = secrets.token_hex(3)
-    ns_a, ns_b, veth_a, veth_b = f"akv{tag}a", f"akv{tag}b", f"akv{tag}a", f"akv{tag}b"
-    net = f"10.{200 + int(tag[:2], 16) % 50}.{int(tag[2:4], 16)}"
-    ip_a, ip_b = f"{net}.1", f"{net}.2"
-    made: list[str] = []
-    try:
-        for ns in (ns_a, ns_b):
-            try:
-                ip("netns", "add", ns)
-            except subprocess.CalledProcessError as exc:
-                pytest.skip(f"cannot create network namespaces here: {exc.stderr.decode().strip()}")
-            made.append(ns)
-        ip("link", "add", veth_a, "netns", ns_a, "type", "veth", "peer", veth_b, "netns", ns_b)
-        for ns, veth, addr in ((ns_a, veth_a, ip_a), (ns_b, veth_b, ip_b)):
-            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", veth)
-            ip("-n", ns, "link", "set", veth, "up")
-            ip("-n", ns, "link", "set", "lo", "up")
-        yield ns_a, ns_b, ip_a, ip_b, veth_a
-    finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
 
 
 class NsEndpoint:

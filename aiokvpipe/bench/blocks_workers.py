@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..links.net import tune_data_socket
 from ..tensors import byte_view
 from . import raw_push
 from .procs import report, run_loop
@@ -46,7 +47,7 @@ async def _raw_connect(port: int) -> socket.socket:
     except BaseException:
         sock.close()
         raise
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tune_data_socket(sock)  # the options our own links use, for a fair baseline
     return sock
 
 
@@ -250,7 +251,7 @@ def worker(
                 await pipe.send(torch.tensor(listener.getsockname()[1]))
                 raw, _ = await asyncio.get_running_loop().sock_accept(listener)
             with raw:
-                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                tune_data_socket(raw)
                 nbytes = count * block_numel * layers * 2
                 await raw_push.receive_rounds(raw, nbytes, layers, iters)
         return samples

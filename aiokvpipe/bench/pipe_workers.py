@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..links.net import tune_data_socket
 from .procs import cpu_seconds, report, run_loop
 
 # ----------------------------------------------------------------- the pipe
@@ -176,7 +177,7 @@ def _raw_socket_worker(rank: int, queue: Any, port: int, size: int, count: int) 
         if rank == 1:
             srv = socket.create_server(("127.0.0.1", port))
             conn, _ = srv.accept()
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune_data_socket(conn)  # the options our own links use, for a fair baseline
             buf = bytearray(size)
             view = memoryview(buf)
 
@@ -212,7 +213,7 @@ def _connect_retry(port: int) -> socket.socket:
     for _ in range(500):
         try:
             sock = socket.create_connection(("127.0.0.1", port))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune_data_socket(sock)
             return sock
         except ConnectionRefusedError:
             time.sleep(0.01)

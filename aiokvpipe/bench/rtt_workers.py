@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..links.net import tune_data_socket
 from .procs import cpu_seconds, report, run_loop
 
 
@@ -35,7 +36,7 @@ def _asyncio_pingpong_worker(
 
         def connection_made(self, transport: Any) -> None:
             self.transport = transport
-            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune_data_socket(transport.get_extra_info("socket"))
 
         def get_buffer(self, sizehint: int) -> memoryview:
             return memoryview(self.buf)[self.got :]
