@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..links.net import tune_data_socket
+from ..links.net import connect_with_retry, listening_socket, tune_data_socket
 from ..tensors import byte_view
 from . import raw_push
 from .procs import report, run_loop
@@ -40,15 +40,9 @@ WARMUP = 1  # first iterations dial the block connections and fault pages in: no
 
 
 async def _raw_connect(port: int) -> socket.socket:
-    sock = socket.socket()
-    sock.setblocking(False)
-    try:
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    except BaseException:
-        sock.close()
-        raise
-    tune_data_socket(sock)  # the options our own links use, for a fair baseline
-    return sock
+    """A bare socket dialled the way our own links are (the same congestion
+    control and options), so the baseline differs from us only in our code."""
+    return await connect_with_retry("127.0.0.1", port, time.monotonic() + 30, "raw push")
 
 
 def request_blocks(count: int, num_blocks: int, seed: int) -> tuple[list[int], list[int]]:
@@ -246,8 +240,7 @@ def worker(
             await lease.wait()
         await pipe.send(None)
         if transport == "tcp":
-            with socket.create_server(("127.0.0.1", 0)) as listener:
-                listener.setblocking(False)
+            with listening_socket("127.0.0.1", 0, 1) as listener:
                 await pipe.send(torch.tensor(listener.getsockname()[1]))
                 raw, _ = await asyncio.get_running_loop().sock_accept(listener)
             with raw:

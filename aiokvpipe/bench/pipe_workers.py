@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..links.net import tune_data_socket
+from ..links.net import avoid_pacing_congestion_control, listening_socket, tune_data_socket
 from .procs import cpu_seconds, report, run_loop
 
 # ----------------------------------------------------------------- the pipe
@@ -175,7 +175,8 @@ def _pipe_worker(
 def _raw_socket_worker(rank: int, queue: Any, port: int, size: int, count: int) -> None:
     def main() -> dict[str, Any]:
         if rank == 1:
-            srv = socket.create_server(("127.0.0.1", port))
+            srv = listening_socket("127.0.0.1", port, 1)  # set up as our own links' are
+            srv.setblocking(True)
             conn, _ = srv.accept()
             tune_data_socket(conn)  # the options our own links use, for a fair baseline
             buf = bytearray(size)
@@ -211,12 +212,16 @@ def _raw_socket_worker(rank: int, queue: Any, port: int, size: int, count: int) 
 
 def _connect_retry(port: int) -> socket.socket:
     for _ in range(500):
+        sock = socket.socket()
+        avoid_pacing_congestion_control(sock)  # before connecting, as our links do
         try:
-            sock = socket.create_connection(("127.0.0.1", port))
-            tune_data_socket(sock)
-            return sock
+            sock.connect(("127.0.0.1", port))
         except ConnectionRefusedError:
+            sock.close()
             time.sleep(0.01)
+            continue
+        tune_data_socket(sock)
+        return sock
     raise ConnectionRefusedError(f"nobody listens on {port}")
 
 

@@ -56,10 +56,15 @@ def family(host: str) -> socket.AddressFamily:
 
 def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
     """A non-blocking listener bound to exactly ``host`` (never a wildcard
-    unless ``host`` is one)."""
+    unless ``host`` is one).
+
+    Its connections start on a loss-based congestion control (see
+    :func:`tune_data_socket`, which hands a remote peer's back the system's).
+    """
     sock = socket.socket(family(host), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        avoid_pacing_congestion_control(sock)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -75,23 +80,47 @@ def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
 def tune_data_socket(sock: socket.socket) -> None:
     """Low latency for small frames; the kernel autotunes buffers for big ones.
 
-    A same-host connection that would use a pacing congestion control
-    (``bbr``) is moved to a loss-based one: a connection inside one kernel
-    has no bottleneck link for BBR to model, and its pacing capped loopback
-    throughput here (raw 64 MiB sends 2.5-2.6 GB/s with bbr against 5.1-5.2
-    GB/s with cubic; see docs/latency.md). Connections to other hosts keep
-    the system's choice.
+    Same-host connections run a loss-based congestion control, other hosts'
+    the system's choice. A connection inside one kernel has no bottleneck
+    link for BBR (this machine's default) to model, and its pacing capped
+    loopback: raw 64 MiB sends 2.4-2.6 GB/s on bbr, 4.8-5.4 GB/s on cubic
+    (docs/latency.md). The choice must be made before the connection is
+    established: switched afterwards, the kernel keeps pacing (3.0-3.1
+    GB/s). So listeners and same-host dials set it up front; here an
+    accepted remote connection gets the system's algorithm back, and a
+    same-host one that started paced is switched, for what that still gives.
     """
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if _same_host(sock):
         avoid_pacing_congestion_control(sock)
+    else:
+        _use_system_congestion_control(sock)
 
 
-_CONGESTION = getattr(socket, "TCP_CONGESTION", None)
-_PACING = frozenset((b"bbr", b"bbr2", b"bbr3"))
+_CONGESTION: int | None = getattr(socket, "TCP_CONGESTION", None)
+_PACING = frozenset(("bbr", "bbr2", "bbr3"))
 _LOSS_BASED = (b"cubic", b"reno")  # reno is always allowed to unprivileged processes
+_system_algorithm: list[str | None] = []  # read once, lazily
+
+
+def _algorithm(sock: socket.socket) -> str | None:
+    if _CONGESTION is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, _CONGESTION, 16)
+    except OSError:
+        return None
+    return raw.rstrip(b"\0").decode("ascii", "replace")
+
+
+def system_congestion_control() -> str | None:
+    """The algorithm a new TCP socket gets here (None: no per-socket choice)."""
+    if not _system_algorithm:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            _system_algorithm.append(_algorithm(probe))
+    return _system_algorithm[0]
 
 
 def avoid_pacing_congestion_control(sock: socket.socket) -> str | None:
@@ -100,21 +129,45 @@ def avoid_pacing_congestion_control(sock: socket.socket) -> str | None:
     The algorithm now in use, or None where the platform has no per-socket
     choice. Failing to switch leaves the socket as it was: it still works.
     """
-    if _CONGESTION is None:
-        return None
-    try:
-        current = sock.getsockopt(socket.IPPROTO_TCP, _CONGESTION, 16).rstrip(b"\0")
-    except OSError:
-        return None
+    current = _algorithm(sock)
     if current not in _PACING:
-        return current.decode()
+        return current
+    assert _CONGESTION is not None
     for name in _LOSS_BASED:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, _CONGESTION, name)
         except OSError:
             continue
         return name.decode()
-    return current.decode()
+    return current
+
+
+def _use_system_congestion_control(sock: socket.socket) -> None:
+    wanted, current = system_congestion_control(), _algorithm(sock)
+    if wanted is None or current is None or current == wanted:
+        return
+    assert _CONGESTION is not None
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, _CONGESTION, wanted.encode())
+
+
+def is_local_address(host: str) -> bool:
+    """Whether ``host`` (an IP literal or "localhost") names this kernel: a
+    loopback address, or one we can bind (an address of one of our interfaces)."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if address.is_loopback:
+        return True
+    try:
+        with socket.socket(family(host), socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+    except OSError:
+        return False
+    return True
 
 
 def _same_host(sock: socket.socket) -> bool:
@@ -143,9 +196,12 @@ async def connect_with_retry(
     first refusal with ``retry_refused=False`` (for callers to whom a peer
     that starts later is no use: its state died with the one that was there)."""
     loop = asyncio.get_running_loop()
+    local = is_local_address(host)
     while True:
         sock = socket.socket(family(host), socket.SOCK_STREAM)
         sock.setblocking(False)
+        if local:
+            avoid_pacing_congestion_control(sock)  # before the connection exists
         try:
             await within(until, what, loop.sock_connect(sock, (host, port)))
             tune_data_socket(sock)
