@@ -23,7 +23,11 @@ Figures, each beside a baseline measured in the same processes:
   same ratio for a bare socket in the same processes (:mod:`.raw_push`;
   context: what the kernel and scheduler cost a layer-wise push here);
 * a 16-block read, p50, vs a Pipe round trip of the same bytes (target:
-  <= 2x).
+  <= 2x);
+* context: one core copying the request's scattered blocks through a
+  ring-sized chunk (the shm path's own copy loops, the slower of gather and
+  scatter) against the same bytes as one contiguous tensor: the ceiling the
+  memory puts on shm pull throughput against the Pipe's contiguous copy.
 
 Each figure is measured per ``--transport``: ``tcp`` (block payloads go
 ``sendmsg`` / ``recvmsg_into`` on the blocks themselves) and ``shm`` (one
@@ -162,6 +166,28 @@ def run(args: argparse.Namespace) -> list[Result]:
                     "context",
                     None,
                     {**extra, "floor_over_bound": floor / bound},
+                )
+            )
+        if "copy_gather" in got:
+            # One core's copy through a ring-sized chunk: the slower direction
+            # bounds a pipelined two-sided copy (what the shm path does).
+            blocks_copy = max(
+                percentile(got["copy_gather"], 0.5), percentile(got["copy_scatter"], 0.5)
+            )
+            flat_copy = max(
+                percentile(got["copy_contig_in"], 0.5), percentile(got["copy_contig_out"], 0.5)
+            )
+            results.append(
+                Result(
+                    "blocks",
+                    f"one-core copy of the request's blocks (slower of gather, scatter), {what}",
+                    nbytes / blocks_copy / 1e9,
+                    "GB/s",
+                    "the same bytes as one contiguous tensor",
+                    nbytes / flat_copy / 1e9,
+                    "context",
+                    None,
+                    extra,
                 )
             )
         results += [

@@ -59,6 +59,47 @@ def layer_zero(num_blocks: int, seed: int) -> torch.Tensor:
     return torch.randn((2, num_blocks, *BLOCK), generator=gen).to(torch.bfloat16)
 
 
+def copy_rates(region: Any, ids: list[int], layers: int, reps: int = 5) -> dict[str, list[float]]:
+    """Seconds per pass of one core copying the request's blocks through a
+    ring-sized chunk, with the shm path's own copy loops, beside the same
+    bytes as one contiguous tensor (context for the shm pull throughput:
+    scattered 32 KiB blocks copy slower than one contiguous run).
+
+    ``gather``/``scatter``: blocks into / out of the chunk; ``contig_in`` /
+    ``contig_out``: a contiguous tensor into / out of it.
+    """
+    from ..blocks.sgio import Segments
+    from ..blocks.shmpath import _HEAD, _drain, _fill
+
+    room = 2 << 20
+    chunk = memoryview(bytearray(room + _HEAD))
+    nbytes = region.nbytes(len(ids), list(range(layers)))
+    contiguous = torch.ones(nbytes, dtype=torch.uint8)  # real pages, not the zero page
+    flat = byte_view(contiguous)
+
+    def plan(receive: bool, blocks: bool) -> Segments:
+        views = region.segments(ids, list(range(layers))) if blocks else [flat]
+        return Segments(views, receive=receive)
+
+    def one_pass(receive: bool, blocks: bool) -> float:
+        segs = plan(receive, blocks)
+        t0 = time.perf_counter()
+        while segs.remaining:
+            if receive:
+                _drain(chunk, min(room, segs.remaining), segs)
+            else:
+                _fill(chunk, segs, room)
+        return time.perf_counter() - t0
+
+    out: dict[str, list[float]] = {"gather": [], "scatter": [], "contig_in": [], "contig_out": []}
+    for _ in range(reps + 1):  # the first pass faults and warms: dropped
+        out["gather"].append(one_pass(False, True))
+        out["scatter"].append(one_pass(True, True))
+        out["contig_in"].append(one_pass(False, False))
+        out["contig_out"].append(one_pass(True, False))
+    return {key: value[1:] for key, value in out.items()}
+
+
 def worker(
     rank: int,
     queue: Any,
@@ -239,6 +280,9 @@ def worker(
         for lease in leases:
             await lease.wait()
         await pipe.send(None)
+        samples.update(
+            {f"copy_{k}": v for k, v in copy_rates(service.regions.get("kv"), dst, layers).items()}
+        )
         if transport == "tcp":
             with listening_socket("127.0.0.1", 0, 1) as listener:
                 await pipe.send(torch.tensor(listener.getsockname()[1]))
