@@ -116,6 +116,7 @@ def test_local_addresses_are_told_apart_from_remote_ones() -> None:
     assert is_local_address("127.0.0.1")
     assert is_local_address("127.3.2.1")
     assert is_local_address("localhost")
+    assert is_local_address("::ffff:127.0.0.1")  # a v4 peer seen by a dual-stack socket
     assert not is_local_address("192.0.2.7")  # TEST-NET-1: nobody's address
     assert not is_local_address("example.invalid")  # a name we do not resolve
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import ipaddress
 import os
@@ -102,7 +103,6 @@ def tune_data_socket(sock: socket.socket) -> None:
 _CONGESTION: int | None = getattr(socket, "TCP_CONGESTION", None)
 _PACING = frozenset(("bbr", "bbr2", "bbr3"))
 _LOSS_BASED = (b"cubic", b"reno")  # reno is always allowed to unprivileged processes
-_system_algorithm: list[str | None] = []  # read once, lazily
 
 
 def _algorithm(sock: socket.socket) -> str | None:
@@ -115,12 +115,11 @@ def _algorithm(sock: socket.socket) -> str | None:
     return raw.rstrip(b"\0").decode("ascii", "replace")
 
 
+@functools.cache
 def system_congestion_control() -> str | None:
     """The algorithm a new TCP socket gets here (None: no per-socket choice)."""
-    if not _system_algorithm:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            _system_algorithm.append(_algorithm(probe))
-    return _system_algorithm[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        return _algorithm(probe)
 
 
 def avoid_pacing_congestion_control(sock: socket.socket) -> str | None:
@@ -160,7 +159,8 @@ def is_local_address(host: str) -> bool:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return False
-    if address.is_loopback:
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:a.b.c.d on a dual-stack socket
+    if (mapped or address).is_loopback:
         return True
     try:
         with socket.socket(family(host), socket.SOCK_STREAM) as probe:
@@ -171,20 +171,12 @@ def is_local_address(host: str) -> bool:
 
 
 def _same_host(sock: socket.socket) -> bool:
-    """Whether both ends of a connected socket are in this kernel (loopback, or
-    our own address)."""
+    """Whether the peer of a connected socket is in this kernel."""
     try:
-        local, peer = sock.getsockname()[0], sock.getpeername()[0]
+        peer = sock.getpeername()[0]
     except OSError:
         return False
-    if local == peer:
-        return True
-    try:
-        address = ipaddress.ip_address(peer.split("%", 1)[0])
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return bool((mapped or address).is_loopback)
+    return is_local_address(peer)
 
 
 async def connect_with_retry(
