@@ -158,7 +158,7 @@ print(json.dumps(out), flush=True)
 """
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_a_connection_to_another_host_keeps_the_systems_algorithm() -> None:
     """Two namespaces joined by a veth pair, each on bbr: across the pair both
     ends keep it (a real path to model); to a namespace's own address both
