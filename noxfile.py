@@ -183,8 +183,12 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on the package (settings in pyproject.toml)."""
-    install(session)
+    """mypy --strict on the package (settings in pyproject.toml).
+
+    With the test extra: the optional modules (the Prometheus collector,
+    uvloop, the bench's plots) are checked against their real libraries.
+    """
+    install(session, "test")
     session.install("-c", CONSTRAINTS, "mypy")
     session.run("mypy", "--strict", "aiokvpipe")
 
