@@ -232,6 +232,33 @@ async def test_a_prefix_leaves_in_the_payloads_first_sendmsg_and_survives_partia
             assert len(first) > 1 and first[1] == chunks[0][: len(first[1])]
 
 
+@pytest.mark.timeout(30)
+async def test_a_prefix_beside_a_full_batch_of_small_views_keeps_within_iov_max() -> None:
+    """Small blocks fill a syscall's batch with IOV_MAX runs; the prefix must not
+    make it IOV_MAX + 1 (EMSGSIZE, reported as a lost peer before this fix)."""
+    views = [memoryview(bytes([i % 251]) * 8) for i in range(IOV_MAX + 5)]
+    prefix = b"p" * 100
+    want = prefix + b"".join(bytes(v) for v in views)
+    left, right = socket.socketpair()
+    sender = _RecordingSocket(fileno=left.detach())
+    sender.calls = []
+    with sender, right:
+        sender.setblocking(False)
+        right.setblocking(False)
+        loop = asyncio.get_running_loop()
+
+        async def drain() -> bytes:
+            got = bytearray()
+            while len(got) < len(want):
+                got += await loop.sock_recv(right, 65536)
+            return bytes(got)
+
+        reader = asyncio.ensure_future(drain())
+        await send_segments(sender, Segments(views, receive=False), "test send", prefix)
+        assert await reader == want
+        assert max(len(call) for call in sender.calls) <= IOV_MAX
+
+
 # ------------------------------------------------------------------ leases
 
 

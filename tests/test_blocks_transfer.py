@@ -76,6 +76,35 @@ async def test_pull_scattered_blocks_from_a_peer_process(peer: PeerClient, node:
     assert node.service.payload_bytes[path] == node.service.regions.get(name).nbytes(6, [0, 1, 2])
 
 
+async def test_a_read_and_a_pipelined_write_of_thousands_of_small_block_runs(
+    peer: PeerClient, node: BlockNode
+) -> None:
+    """128-byte blocks, scattered: a 2 MiB syscall batch is IOV_MAX runs, and
+    the REPLY (read) or REQUEST (pipelined write) riding with the payload's
+    first bytes must still fit in one call (it made IOV_MAX + 1: EMSGSIZE)."""
+    name = await remote_region(peer, seed=5, layers=2, blocks=1400)
+    local = make_layers(6, 2, 1400)
+    node.service.register(name, local, block_dim=1)
+    remote = list(range(0, 1400, 2))  # 700 blocks, none adjacent: 2800 runs
+    dest = list(range(1, 1400, 2))
+    rid = unique("pull")
+    await peer.ok("expose", request_id=rid, name=name, blocks=remote, ttl=10)
+    await node.service.read(peer.address, rid, name, remote_blocks=remote, local_blocks=dest)
+    source = make_layers(5, 2, 1400)
+    for got, want in zip(local, source, strict=True):
+        assert torch.equal(got[:, dest], want[:, remote])
+    await peer.ok("wait", request_id=rid)
+
+    wid = unique("push")
+    await peer.ok("expect", request_id=wid, name=name, blocks=dest, ttl=10)
+    for layer in (0, 1):  # the second write of the request goes pipelined
+        await node.service.write(
+            peer.address, wid, name, local_blocks=dest, remote_blocks=dest, layers=[layer]
+        )
+    await peer.ok("wait", request_id=wid)
+    assert node.service.pipelined_writes >= 1
+
+
 async def test_a_read_lease_completes_with_its_last_layer(
     peer: PeerClient, node: BlockNode
 ) -> None:

@@ -113,15 +113,15 @@ class Segments:
     def remaining(self) -> int:
         return self.total - self.moved
 
-    def batch(self, limit: int = _CALL_BYTES) -> list[memoryview]:
-        """The next views for one syscall: at most IOV_MAX of them, ``limit`` bytes in all."""
+    def batch(self, limit: int = _CALL_BYTES, views: int = IOV_MAX) -> list[memoryview]:
+        """The next views for one syscall: at most ``views`` of them, ``limit`` bytes in all."""
         i, ends = self._index, self._ends
         if i >= len(ends) or limit <= 0:
             return []
         at = self.moved - self._base  # position within the views
         stop = at + limit
-        # The view holding the batch's last byte, capped at IOV_MAX views.
-        j = min(bisect_left(ends, stop, i), len(ends) - 1, i + IOV_MAX - 1)
+        # The view holding the batch's last byte, capped at ``views`` views.
+        j = min(bisect_left(ends, stop, i), len(ends) - 1, i + views - 1)
         out = self._views[i : j + 1]
         start_i = ends[i - 1] if i else 0
         if at > start_i:  # the first view was partly moved already
@@ -193,7 +193,9 @@ async def send_segments(
     until = time.perf_counter() + _SLICE_SECONDS
     head = memoryview(prefix)
     while segs.remaining or head:
-        iov = [head, *segs.batch()] if head else segs.batch()
+        # The prefix takes one of the IOV_MAX iovecs a call may carry (one
+        # more is EMSGSIZE: small blocks fill a 2 MiB batch with 1024 runs).
+        iov = [head, *segs.batch(views=IOV_MAX - 1)] if head else segs.batch()
         try:
             sent = sock.sendmsg(iov)
         except (BlockingIOError, InterruptedError):
