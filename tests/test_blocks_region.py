@@ -195,6 +195,34 @@ class _RecordingSocket(socket.socket):
         return super().sendmsg(buffers, *args)
 
 
+async def _send_over_a_socketpair(
+    views: list[memoryview], prefix: bytes, sndbuf: int | None = None
+) -> tuple[bytes, list[list[bytes]], Segments]:
+    """``send_segments`` through a real socketpair: what arrived, what each
+    ``sendmsg`` was handed, and the spent Segments."""
+    want = len(prefix) + sum(len(v) for v in views)
+    left, right = socket.socketpair()
+    sender = _RecordingSocket(fileno=left.detach())
+    sender.calls = []
+    with sender, right:
+        if sndbuf is not None:
+            sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        sender.setblocking(False)
+        right.setblocking(False)
+        loop = asyncio.get_running_loop()
+
+        async def drain() -> bytes:
+            got = bytearray()
+            while len(got) < want:
+                got += await loop.sock_recv(right, 65536)
+            return bytes(got)
+
+        reader = asyncio.ensure_future(drain())
+        segs = Segments(views, receive=False)
+        await send_segments(sender, segs, "test send", prefix)
+        return await reader, sender.calls, segs
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("payload_sizes", [[], [5], [1 << 20, 3, 1 << 20]])
 async def test_a_prefix_leaves_in_the_payloads_first_sendmsg_and_survives_partial_sends(
@@ -205,31 +233,15 @@ async def test_a_prefix_leaves_in_the_payloads_first_sendmsg_and_survives_partia
     rng = random.Random(len(payload_sizes))
     prefix = rng.randbytes(3000)
     chunks = [rng.randbytes(n) for n in payload_sizes]
-    left, right = socket.socketpair()
-    sender = _RecordingSocket(fileno=left.detach())
-    sender.calls = []
-    with sender, right:
-        sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        sender.setblocking(False)
-        right.setblocking(False)
-        loop = asyncio.get_running_loop()
-        want = prefix + b"".join(chunks)
-
-        async def drain() -> bytes:
-            got = bytearray()
-            while len(got) < len(want):
-                got += await loop.sock_recv(right, 65536)
-            return bytes(got)
-
-        reader = asyncio.ensure_future(drain())
-        segs = Segments([memoryview(c) for c in chunks], receive=False)
-        await send_segments(sender, segs, "test send", prefix)
-        assert await reader == want
-        assert segs.remaining == 0
-        first = sender.calls[0]
-        assert first[0] == prefix
-        if chunks:  # the payload's first bytes ride along with the prefix
-            assert len(first) > 1 and first[1] == chunks[0][: len(first[1])]
+    got, calls, segs = await _send_over_a_socketpair(
+        [memoryview(c) for c in chunks], prefix, sndbuf=4096
+    )
+    assert got == prefix + b"".join(chunks)
+    assert segs.remaining == 0
+    first = calls[0]
+    assert first[0] == prefix
+    if chunks:  # the payload's first bytes ride along with the prefix
+        assert len(first) > 1 and first[1] == chunks[0][: len(first[1])]
 
 
 @pytest.mark.timeout(30)
@@ -238,25 +250,9 @@ async def test_a_prefix_beside_a_full_batch_of_small_views_keeps_within_iov_max(
     make it IOV_MAX + 1 (EMSGSIZE, reported as a lost peer before this fix)."""
     views = [memoryview(bytes([i % 251]) * 8) for i in range(IOV_MAX + 5)]
     prefix = b"p" * 100
-    want = prefix + b"".join(bytes(v) for v in views)
-    left, right = socket.socketpair()
-    sender = _RecordingSocket(fileno=left.detach())
-    sender.calls = []
-    with sender, right:
-        sender.setblocking(False)
-        right.setblocking(False)
-        loop = asyncio.get_running_loop()
-
-        async def drain() -> bytes:
-            got = bytearray()
-            while len(got) < len(want):
-                got += await loop.sock_recv(right, 65536)
-            return bytes(got)
-
-        reader = asyncio.ensure_future(drain())
-        await send_segments(sender, Segments(views, receive=False), "test send", prefix)
-        assert await reader == want
-        assert max(len(call) for call in sender.calls) <= IOV_MAX
+    got, calls, _ = await _send_over_a_socketpair(views, prefix)
+    assert got == prefix + b"".join(bytes(v) for v in views)
+    assert max(len(call) for call in calls) <= IOV_MAX
 
 
 # ------------------------------------------------------------------ leases
