@@ -17,13 +17,15 @@ iteration by iteration so a noisy machine slows both alike:
 3. push: prefill writes every layer at once (transfer alone), sleeps
    ``compute`` per layer (compute alone), then computes and writes layer by
    layer, each write overlapping the next layer's compute;
-4. tcp only: the same push on a bare socket (:mod:`.raw_push`), the
-   baseline for the layer-wise overhead the machine itself shows.
+4. the same push on a bare socket (tcp, :mod:`.raw_push`) or a bare ring
+   (shm, :mod:`.raw_ring_push`), the baseline for the layer-wise overhead
+   the machine and the loop show without the block protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from typing import Any, Literal
@@ -31,8 +33,10 @@ from typing import Any, Literal
 import torch
 
 from ..links.net import connect_with_retry, listening_socket, tune_data_socket
+from ..shm.io import ShmRingBufferIO
 from ..tensors import byte_view
-from . import raw_push
+from ..transport._shm_setup import decode_handle, encode_handle
+from . import raw_push, raw_ring_push
 from .procs import report, run_loop
 
 BLOCK = (16, 8, 128)  # tokens x kv heads x head dim, bf16: 32 KiB per K or V block
@@ -230,6 +234,19 @@ def worker(
                 raw.close()
             samples["raw_whole"] = got["whole"][WARMUP:]
             samples["raw_wise"] = got["wise"][WARMUP:]
+        else:  # the same push through a bare ring, as a baseline
+            ring = raw_ring_push.create_ring()
+            try:
+                offer = json.dumps(encode_handle(ring.export_handle())).encode()
+                await pipe.send(torch.tensor(list(offer), dtype=torch.uint8))
+                await pipe.recv()  # attached
+                ring.buffer.unlink()
+                source = byte_view(contiguous)
+                got = await raw_ring_push.send_rounds(ring, pipe, source, layers, iters, compute_ms)
+            finally:
+                ring.close()
+            samples["raw_whole"] = got["whole"][WARMUP:]
+            samples["raw_wise"] = got["wise"][WARMUP:]
         return samples
 
     async def decode(
@@ -291,6 +308,16 @@ def worker(
                 tune_data_socket(raw)
                 nbytes = count * block_numel * layers * 2
                 await raw_push.receive_rounds(raw, nbytes, layers, iters)
+        else:
+            offer = json.loads(bytes((await pipe.recv()).tolist()))
+            ring = ShmRingBufferIO.attach(decode_handle(offer, "raw ring"), 0, anticipate=False)
+            try:
+                ring.buffer.drop_name()
+                await pipe.send(None)
+                nbytes = count * block_numel * layers * 2
+                await raw_ring_push.receive_rounds(ring, pipe, nbytes, layers, iters)
+            finally:
+                ring.close()
         return samples
 
     report(queue, lambda: run_loop(loop_name, main))

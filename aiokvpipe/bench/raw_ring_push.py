@@ -1,0 +1,116 @@
+"""The layer-wise push through a bare shared-memory ring: what the copy and the loop give.
+
+A same-run baseline for ``bench blocks`` on shm, as :mod:`.raw_push` is on
+tcp. The writer copies the request's bytes (one contiguous tensor) into a
+ring of the block path's geometry, once whole and once layer by layer, each
+layer started after its simulated compute, in call order; the reader copies
+each chunk out and answers through the Pipe after the whole request and
+after each layer. No block lists, leases, REQUEST/REPLY or scatter: its
+ratio of layer-wise to whole is what copying on the loop, beside compute
+timers on the same loop, costs a layer-wise push here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from ..loop_turns import yield_turn
+from ..shm.io import ShmRingBufferIO
+from ..shm.ring import ShmRingBuffer
+from ..transport._shm_setup import SLICE_SECONDS, ring_geometry
+
+RING_BYTES = 8 << 20  # the block path's ring per direction (blocks.shmpath.RING_BYTES)
+
+
+def create_ring() -> ShmRingBufferIO:
+    """The writer's end of a one-reader ring shaped like a block connection's."""
+    piece, chunks = ring_geometry(RING_BYTES)
+    ring = ShmRingBuffer(1, piece, chunks)
+    try:
+        return ShmRingBufferIO(ring, -1, owns_buffer=True)
+    except BaseException:
+        ring.close()
+        raise
+
+
+async def _copy_in(io: ShmRingBufferIO, src: memoryview) -> None:
+    """``src`` into the ring, chunk by chunk, yielding the loop as the block path does."""
+    until = time.perf_counter() + SLICE_SECONDS
+    at = 0
+    while at < len(src):
+        async with io.acquire_write() as buf:
+            n = min(len(buf), len(src) - at)
+            buf[:n] = src[at : at + n]
+        at += n
+        if time.perf_counter() >= until:
+            await yield_turn()
+            until = time.perf_counter() + SLICE_SECONDS
+
+
+async def _copy_out(io: ShmRingBufferIO, dst: memoryview) -> None:
+    until = time.perf_counter() + SLICE_SECONDS
+    at = 0
+    while at < len(dst):
+        async with io.acquire_read() as buf:
+            n = min(len(buf), len(dst) - at)
+            dst[at : at + n] = buf[:n]
+        at += n
+        if time.perf_counter() >= until:
+            await yield_turn()
+            until = time.perf_counter() + SLICE_SECONDS
+
+
+async def receive_rounds(
+    io: ShmRingBufferIO, pipe: Any, nbytes: int, layers: int, rounds: int
+) -> None:
+    """The reader's side: per round, the whole request, then its layers one by one,
+    each answered through ``pipe``."""
+    dst = memoryview(bytearray(nbytes))
+    dst[:] = b"\x01" * nbytes  # fault the pages in before timing
+    per_layer = nbytes // layers
+    for _ in range(rounds):
+        await _copy_out(io, dst)
+        await pipe.send(None)
+        for layer in range(layers):
+            await _copy_out(io, dst[layer * per_layer : (layer + 1) * per_layer])
+            await pipe.send(None)
+
+
+async def send_rounds(
+    io: ShmRingBufferIO,
+    pipe: Any,
+    src: memoryview,
+    layers: int,
+    rounds: int,
+    compute_ms: float,
+) -> dict[str, list[float]]:
+    """The writer's side: ``{"whole": [...], "wise": [...]}`` seconds per round."""
+    per_layer = len(src) // layers
+    turn = asyncio.Lock()  # layers go in call order, like a write pipe's
+    samples: dict[str, list[float]] = {"whole": [], "wise": []}
+
+    async def one_layer(layer: int) -> None:
+        async with turn:
+            await _copy_in(io, src[layer * per_layer : (layer + 1) * per_layer])
+
+    async def answers() -> None:
+        for _ in range(layers):
+            await pipe.recv()
+
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        await _copy_in(io, src[: per_layer * layers])
+        await pipe.recv()
+        t1 = time.perf_counter()
+        reader = asyncio.ensure_future(answers())
+        writes = []
+        for layer in range(layers):
+            await asyncio.sleep(compute_ms / 1e3)
+            writes.append(asyncio.ensure_future(one_layer(layer)))
+        await asyncio.gather(*writes, reader)
+        t2 = time.perf_counter()
+        samples["whole"].append(t1 - t0)
+        samples["wise"].append(t2 - t1)
+    return samples
