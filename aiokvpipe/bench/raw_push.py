@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Awaitable, Callable
 
 HEADER = 64  # the size of a block write's REQUEST, roughly
 ANSWER = 64
@@ -52,25 +53,49 @@ async def send_rounds(
     """The writer's side: ``{"whole": [...], "wise": [...]}`` seconds per round."""
     loop = asyncio.get_running_loop()
     per_layer = len(src) // layers
-    turn = asyncio.Lock()  # layers go out in call order, like a write pipe's
     answers = memoryview(bytearray(ANSWER * layers))
-    samples: dict[str, list[float]] = {"whole": [], "wise": []}
 
-    async def one_layer(layer: int) -> None:
-        async with turn:
-            await loop.sock_sendall(sock, bytes(HEADER))
-            await loop.sock_sendall(sock, src[layer * per_layer : (layer + 1) * per_layer])
-
-    for _ in range(rounds):
-        t0 = time.perf_counter()
+    async def whole() -> None:
         await loop.sock_sendall(sock, src[: per_layer * layers])
         await _recv_exactly(sock, answers[:1])
+
+    async def one_layer(layer: int) -> None:
+        await loop.sock_sendall(sock, bytes(HEADER))
+        await loop.sock_sendall(sock, src[layer * per_layer : (layer + 1) * per_layer])
+
+    return await timed_rounds(
+        whole, one_layer, lambda: _recv_exactly(sock, answers), layers, rounds, compute_ms
+    )
+
+
+async def timed_rounds(
+    whole: Callable[[], Awaitable[None]],
+    one_layer: Callable[[int], Awaitable[None]],
+    answers: Callable[[], Awaitable[None]],
+    layers: int,
+    rounds: int,
+    compute_ms: float,
+) -> dict[str, list[float]]:
+    """Per round: ``whole()`` (the request at once, answered), then each layer
+    after its simulated compute, in call order, while ``answers()`` collects
+    the layers' answers. ``{"whole": [...], "wise": [...]}`` seconds per round.
+    """
+    turn = asyncio.Lock()  # layers go out in call order, like a write pipe's
+
+    async def in_turn(layer: int) -> None:
+        async with turn:
+            await one_layer(layer)
+
+    samples: dict[str, list[float]] = {"whole": [], "wise": []}
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        await whole()
         t1 = time.perf_counter()
-        reader = asyncio.ensure_future(_recv_exactly(sock, answers))
+        reader = asyncio.ensure_future(answers())
         writes = []
         for layer in range(layers):
             await asyncio.sleep(compute_ms / 1e3)
-            writes.append(asyncio.ensure_future(one_layer(layer)))
+            writes.append(asyncio.ensure_future(in_turn(layer)))
         await asyncio.gather(*writes, reader)
         t2 = time.perf_counter()
         samples["whole"].append(t1 - t0)

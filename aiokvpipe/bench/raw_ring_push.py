@@ -12,7 +12,6 @@ timers on the same loop, costs a layer-wise push here.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ from ..loop_turns import yield_turn
 from ..shm.io import ShmRingBufferIO
 from ..shm.ring import ShmRingBuffer
 from ..transport._shm_setup import SLICE_SECONDS, ring_geometry
+from .raw_push import timed_rounds
 
 RING_BYTES = 8 << 20  # the block path's ring per direction (blocks.shmpath.RING_BYTES)
 
@@ -36,26 +36,25 @@ def create_ring() -> ShmRingBufferIO:
 
 
 async def _copy_in(io: ShmRingBufferIO, src: memoryview) -> None:
-    """``src`` into the ring, chunk by chunk, yielding the loop as the block path does."""
-    until = time.perf_counter() + SLICE_SECONDS
-    at = 0
-    while at < len(src):
-        async with io.acquire_write() as buf:
-            n = min(len(buf), len(src) - at)
-            buf[:n] = src[at : at + n]
-        at += n
-        if time.perf_counter() >= until:
-            await yield_turn()
-            until = time.perf_counter() + SLICE_SECONDS
+    """``src`` into the ring, chunk by chunk."""
+    await _copy(io, src, into_ring=True)
 
 
 async def _copy_out(io: ShmRingBufferIO, dst: memoryview) -> None:
+    await _copy(io, dst, into_ring=False)
+
+
+async def _copy(io: ShmRingBufferIO, view: memoryview, *, into_ring: bool) -> None:
+    """Chunk by chunk through the ring, yielding the loop as the block path does."""
     until = time.perf_counter() + SLICE_SECONDS
     at = 0
-    while at < len(dst):
-        async with io.acquire_read() as buf:
-            n = min(len(buf), len(dst) - at)
-            dst[at : at + n] = buf[:n]
+    while at < len(view):
+        async with io.acquire_write() if into_ring else io.acquire_read() as buf:
+            n = min(len(buf), len(view) - at)
+            if into_ring:
+                buf[:n] = view[at : at + n]
+            else:
+                view[at : at + n] = buf[:n]
         at += n
         if time.perf_counter() >= until:
             await yield_turn()
@@ -88,29 +87,16 @@ async def send_rounds(
 ) -> dict[str, list[float]]:
     """The writer's side: ``{"whole": [...], "wise": [...]}`` seconds per round."""
     per_layer = len(src) // layers
-    turn = asyncio.Lock()  # layers go in call order, like a write pipe's
-    samples: dict[str, list[float]] = {"whole": [], "wise": []}
+
+    async def whole() -> None:
+        await _copy_in(io, src[: per_layer * layers])
+        await pipe.recv()
 
     async def one_layer(layer: int) -> None:
-        async with turn:
-            await _copy_in(io, src[layer * per_layer : (layer + 1) * per_layer])
+        await _copy_in(io, src[layer * per_layer : (layer + 1) * per_layer])
 
     async def answers() -> None:
         for _ in range(layers):
             await pipe.recv()
 
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        await _copy_in(io, src[: per_layer * layers])
-        await pipe.recv()
-        t1 = time.perf_counter()
-        reader = asyncio.ensure_future(answers())
-        writes = []
-        for layer in range(layers):
-            await asyncio.sleep(compute_ms / 1e3)
-            writes.append(asyncio.ensure_future(one_layer(layer)))
-        await asyncio.gather(*writes, reader)
-        t2 = time.perf_counter()
-        samples["whole"].append(t1 - t0)
-        samples["wise"].append(t2 - t1)
-    return samples
+    return await timed_rounds(whole, one_layer, answers, layers, rounds, compute_ms)
