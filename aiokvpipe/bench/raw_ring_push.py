@@ -15,33 +15,23 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ..blocks.shmpath import RING_BYTES
 from ..loop_turns import yield_turn
 from ..shm.io import ShmRingBufferIO
 from ..shm.ring import ShmRingBuffer
 from ..transport._shm_setup import SLICE_SECONDS, ring_geometry
 from .raw_push import timed_rounds
 
-RING_BYTES = 8 << 20  # the block path's ring per direction (blocks.shmpath.RING_BYTES)
-
 
 def create_ring() -> ShmRingBufferIO:
     """The writer's end of a one-reader ring shaped like a block connection's."""
-    piece, chunks = ring_geometry(RING_BYTES)
+    piece, chunks = ring_geometry(RING_BYTES)  # the block path's ring per direction
     ring = ShmRingBuffer(1, piece, chunks)
     try:
         return ShmRingBufferIO(ring, -1, owns_buffer=True)
     except BaseException:
         ring.close()
         raise
-
-
-async def _copy_in(io: ShmRingBufferIO, src: memoryview) -> None:
-    """``src`` into the ring, chunk by chunk."""
-    await _copy(io, src, into_ring=True)
-
-
-async def _copy_out(io: ShmRingBufferIO, dst: memoryview) -> None:
-    await _copy(io, dst, into_ring=False)
 
 
 async def _copy(io: ShmRingBufferIO, view: memoryview, *, into_ring: bool) -> None:
@@ -70,10 +60,10 @@ async def receive_rounds(
     dst[:] = b"\x01" * nbytes  # fault the pages in before timing
     per_layer = nbytes // layers
     for _ in range(rounds):
-        await _copy_out(io, dst)
+        await _copy(io, dst, into_ring=False)
         await pipe.send(None)
         for layer in range(layers):
-            await _copy_out(io, dst[layer * per_layer : (layer + 1) * per_layer])
+            await _copy(io, dst[layer * per_layer : (layer + 1) * per_layer], into_ring=False)
             await pipe.send(None)
 
 
@@ -89,11 +79,11 @@ async def send_rounds(
     per_layer = len(src) // layers
 
     async def whole() -> None:
-        await _copy_in(io, src[: per_layer * layers])
+        await _copy(io, src[: per_layer * layers], into_ring=True)
         await pipe.recv()
 
     async def one_layer(layer: int) -> None:
-        await _copy_in(io, src[layer * per_layer : (layer + 1) * per_layer])
+        await _copy(io, src[layer * per_layer : (layer + 1) * per_layer], into_ring=True)
 
     async def answers() -> None:
         for _ in range(layers):
