@@ -121,6 +121,39 @@ def test_layouts_must_match_between_sides() -> None:
         mine.check_layouts([1], [theirs.layout(1)])
 
 
+def test_repeated_id_lists_give_the_same_bytes_from_the_cache_within_its_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A layer-wise push plans the same ids once per layer: the ranges come
+    from a per-region cache, which must give every layer its own blocks,
+    tell id lists apart, and stay within its bound."""
+    from aiokvpipe.blocks import region as region_module
+
+    region = RegionTable().register("kv", vllm_layers(layers=3), block_dim=1)
+    ids = (3, 4, 5, 9, 0)
+
+    def stream(ids: object, layers: list[int]) -> bytes:
+        return b"".join(region.segments(ids, layers).views())  # type: ignore[arg-type]
+
+    one_by_one = [stream(ids, [layer]) for layer in range(3)]
+    assert len(set(one_by_one)) == 3  # each layer's own bytes, not the first one's
+    assert b"".join(one_by_one) == stream(list(ids), [0, 1, 2])  # a list hits the tuple's entry
+    for layer, got in enumerate(one_by_one):
+        expected = torch.cat([vllm_layers(3)[layer][kv, list(ids)].reshape(-1) for kv in range(2)])
+        assert got == expected.numpy().tobytes()
+    assert stream((3, 4, 5, 9, 1), [0]) != one_by_one[0]  # another id list, another entry
+
+    monkeypatch.setattr(region_module, "_RANGE_CACHE_RANGES", 16)  # 4 ranges an entry at most
+    fresh = RegionTable().register("kv", vllm_layers(layers=1), block_dim=1)
+    for start in range(8):
+        fresh.segments((start, start + 2), [0])  # 2 runs x K/V: 4 ranges each
+        assert fresh._range_cached == sum(len(s) for s, _ in fresh._range_cache.values()) <= 16
+    fresh.segments(tuple(range(0, 10, 2)), [0])  # 10 ranges: above a quarter, not kept
+    assert len(fresh._range_cache) == 4
+    expected = torch.cat([vllm_layers(1)[0][kv, [6, 8]].reshape(-1) for kv in range(2)])
+    assert b"".join(fresh.segments((6, 8), [0]).views()) == expected.numpy().tobytes()
+
+
 def test_coalesce_merges_only_ascending_neighbours() -> None:
     assert coalesce([3, 4, 5, 9, 2, 3, 1]) == [(3, 3), (9, 1), (2, 2), (1, 1)]
     assert coalesce([]) == []
@@ -263,7 +296,10 @@ async def test_lease_completes_when_every_layer_of_every_block_landed() -> None:
     lease = table.grant("write", "r", "kv", (1, 2), (0, 1), ttl=5)
     lease.mark([1, 2], [0])
     assert not lease.ended and lease.remaining == 2
-    lease.mark([1, 2], [1])
+    lease.mark([1, 2], [0])  # the same pieces twice count once
+    lease.mark([2], [1])
+    assert not lease.ended and lease.remaining == 1
+    lease.mark([1], [1])
     await lease.wait()
     assert lease.completed
     with pytest.raises(LeaseCompletedError, match="already completed"):

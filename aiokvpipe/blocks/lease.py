@@ -66,7 +66,9 @@ class Lease:
         self.fence: Any = None
         self._table = table
         self._block_set = frozenset(blocks)
-        self._pending = {(layer, block) for layer in layers for block in blocks}
+        # Blocks still to be transferred, per layer: a transfer marks one set
+        # difference per layer (C), not one discard per (layer, block).
+        self._pending = {layer: set(blocks) for layer in layers if blocks}
         self._streams: set[Segments] = set()
         loop = asyncio.get_running_loop()
         self._result: asyncio.Future[None] = loop.create_future()
@@ -96,7 +98,7 @@ class Lease:
     @property
     def remaining(self) -> int:
         """(layer, block) pieces still to be transferred."""
-        return len(self._pending)
+        return sum(len(left) for left in self._pending.values())
 
     async def wait(self) -> None:
         """Until the lease ends: returns when completed, else raises why it ended."""
@@ -114,7 +116,7 @@ class Lease:
                 f"request {self.request_id!r} on region {self.region!r} is granted "
                 f"{self.kind}, not {kind}"
             )
-        extra = sorted(set(blocks) - self._block_set)
+        extra = [] if self._block_set.issuperset(blocks) else sorted(set(blocks) - self._block_set)
         if extra:
             raise LeaseNotGrantedError(
                 f"{self.describe} does not grant blocks {_few(extra)} "
@@ -140,10 +142,14 @@ class Lease:
         if self.ended:
             return
         blocks = tuple(blocks)
+        pending = self._pending
         for layer in layers:
-            for block in blocks:
-                self._pending.discard((layer, block))
-        if not self._pending:
+            left = pending.get(layer)
+            if left is not None:
+                left.difference_update(blocks)
+                if not left:
+                    del pending[layer]
+        if not pending:
             self._end(None)
 
     def fail(self, error: BaseException) -> None:
@@ -161,7 +167,7 @@ class Lease:
         return LeaseCancelledError(f"{self.describe} ended: {exc}")
 
     def _expire(self) -> None:
-        done = len(self.blocks) * len(self.layers) - len(self._pending)
+        done = len(self.blocks) * len(self.layers) - self.remaining
         self._end(
             LeaseExpiredError(
                 f"{self.describe} expired after ttl={self.ttl:g}s with {done} of "

@@ -40,6 +40,10 @@ from ..wire import CODE_DTYPES, dtype_code
 from .runs import as_ids, check_ids, coalesce
 from .sgio import ViewPlan
 
+# Byte ranges of recent id lists kept per region (see BlockRegion._ranges_of),
+# counted in ranges: a few MiB at most, whatever the requests' sizes.
+_RANGE_CACHE_RANGES = 1 << 16
+
 
 @dataclass(frozen=True)
 class TensorLayout:
@@ -107,6 +111,8 @@ class BlockRegion:
         #: registration under the same name is recognised as stale by it.
         self.export_id = secrets.token_hex(8)
         self._tensors = tuple(self._prepare(t) for t in tensors)
+        self._range_cache: dict[tuple[tuple[int, ...], int, int], tuple[list[int], list[int]]] = {}
+        self._range_cached = 0  # ranges held by _range_cache
 
     @property
     def on_device(self) -> bool:
@@ -188,22 +194,45 @@ class BlockRegion:
     ) -> list[tuple[int, list[int], list[int]]]:
         """Per layer that holds bytes: ``(layer, first bytes, lengths)`` of its
         block runs, in stream order (outer index, then run)."""
-        runs = coalesce(ids)
-        run_starts = [start for start, _ in runs]
-        run_lengths = [length for _, length in runs]
+        ids = ids if isinstance(ids, tuple) else tuple(ids)
         out: list[tuple[int, list[int], list[int]]] = []
         for layer in layers:
             t = self._tensors[layer]
             size = t.layout.block_bytes
-            if size == 0:
-                continue
-            stride = self.num_blocks * size
-            starts: list[int] = []
-            for o in range(t.outer_count):
-                base = o * stride
-                starts += [base + start * size for start in run_starts]
-            out.append((layer, starts, [n * size for n in run_lengths] * t.outer_count))
+            if size:
+                out.append((layer, *self._ranges_of(ids, t.outer_count, size)))
         return out
+
+    def _ranges_of(
+        self, ids: tuple[int, ...], outer_count: int, size: int
+    ) -> tuple[list[int], list[int]]:
+        """``(first bytes, lengths)`` of ``ids``' runs in a tensor of this shape.
+
+        Cached by id list: a layer-wise push sends the same ids once per
+        layer, and the layers of a model share one shape, so the owner and
+        the writer coalesce a request once, not once per write. Measured
+        before: 100 us of each pipelined write's ~0.7 ms between payloads
+        on the owner (256 scattered blocks, code run cold after a 16 MiB
+        copy). The lists are shared: nothing may change them.
+        """
+        key = (ids, outer_count, size)
+        cache = self._range_cache
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        runs = coalesce(ids)
+        stride = self.num_blocks * size
+        starts: list[int] = []
+        for o in range(outer_count):
+            base = o * stride
+            starts += [base + start * size for start, _ in runs]
+        hit = (starts, [n * size for _, n in runs] * outer_count)
+        if len(starts) <= _RANGE_CACHE_RANGES // 4:
+            while cache and self._range_cached + len(starts) > _RANGE_CACHE_RANGES:
+                self._range_cached -= len(cache.pop(next(iter(cache)))[0])  # the oldest
+            cache[key] = hit
+            self._range_cached += len(starts)
+        return hit
 
     def ranges(self, ids: Sequence[int], layers: Sequence[int]) -> list[tuple[int, int, int]]:
         """``(layer, first byte, length)`` of the blocks in stream order (layer, outer, run)."""
@@ -218,15 +247,18 @@ class BlockRegion:
         :meth:`ranges`), made into views only as the transfer reaches them."""
         if self.placement is not None:
             raise RegionError(f"region {self.name!r} is on {self.placement}, not in host memory")
-        bases: list[memoryview] = []
+        per_layer = self._layer_runs(ids, layers)
+        bases = [self._tensors[layer].view for layer, _, _ in per_layer]
+        if len(per_layer) == 1:  # one layer (a layer-wise write): the cached lists as they are
+            _, starts, lengths = per_layer[0]
+            return ViewPlan(bases, [0] * len(starts), starts, lengths)
         which: list[int] = []
-        starts: list[int] = []
-        lengths: list[int] = []
-        for layer, layer_starts, layer_lengths in self._layer_runs(ids, layers):
-            which += [len(bases)] * len(layer_starts)
+        starts = []
+        lengths = []
+        for index, (_, layer_starts, layer_lengths) in enumerate(per_layer):
+            which += [index] * len(layer_starts)
             starts += layer_starts
             lengths += layer_lengths
-            bases.append(self._tensors[layer].view)
         return ViewPlan(bases, which, starts, lengths)
 
 

@@ -34,6 +34,8 @@ def as_ids(argument: str, ids: Any) -> tuple[int, ...]:
         raise BlockIdError(
             argument, (), f"expected a sequence of block ids, not {type(ids).__name__}"
         )
+    if set(map(type, ids)) <= {int}:  # plain ints (the usual case): no per-id Python loop
+        return tuple(ids)
     out: list[int] = []
     for value in ids:
         if isinstance(value, bool) or not hasattr(value, "__index__"):
@@ -46,7 +48,14 @@ def check_ids(
     argument: str, ids: Sequence[int], count: int, what: str, noun: str = "block id"
 ) -> None:
     """Every id in ``range(count)`` and none repeated; ``what`` names the owner of the range."""
-    bad = sorted({i for i in ids if not 0 <= i < count})
+    if not ids:
+        return
+    # min/max and the set run in C: this check sits on every transfer's
+    # path, cold after each payload, so the per-id loop runs only to name
+    # what is wrong.
+    bad = (
+        sorted({i for i in ids if not 0 <= i < count}) if min(ids) < 0 or max(ids) >= count else []
+    )
     if bad:
         raise BlockIdError(
             argument, bad, f"{_show(noun, bad)} out of range for {what} (valid: 0..{count - 1})"
