@@ -57,6 +57,15 @@ def request_blocks(count: int, num_blocks: int, seed: int) -> tuple[list[int], l
     return src, dst
 
 
+def ids_for(phase: str, i: int, count: int, num_blocks: int) -> tuple[list[int], list[int]]:
+    """Iteration ``i``'s ids in ``phase`` (``pull``, ``small``, ``all``, ``wise``): a
+    fresh scattered list every time, as each request of a server has its own
+    blocks (a repeated list would be planned once and then come from the
+    regions' range cache)."""
+    first = {"pull": 1_000_000, "small": 2_000_000, "all": 3_000_000, "wise": 4_000_000}[phase]
+    return request_blocks(count, num_blocks, first + i)
+
+
 def layer_zero(num_blocks: int, seed: int) -> torch.Tensor:
     """The first registered layer of the worker seeded ``seed`` (what a reader checks)."""
     gen = torch.Generator().manual_seed(seed)
@@ -172,20 +181,20 @@ def worker(
 
     async def prefill(service: Any, pipe: Any, region: list[torch.Tensor]) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(7)
-        src, _ = request_blocks(count, num_blocks, 1)
-        small_src, _ = request_blocks(16, num_blocks, 2)
-        leases = [service.expose(f"pull-{i}", "kv", src, ttl=3600) for i in range(iters)]
+        pulls = [ids_for("pull", i, count, num_blocks)[0] for i in range(iters)]
+        leases = [service.expose(f"pull-{i}", "kv", pulls[i], ttl=3600) for i in range(iters)]
         leases += [
-            service.expose(f"small-{i}", "kv", small_src, ttl=3600) for i in range(small_iters)
+            service.expose(f"small-{i}", "kv", ids_for("small", i, 16, num_blocks)[0], ttl=3600)
+            for i in range(small_iters)
         ]
-        index = torch.tensor(src)
         # Real bytes, as a server's KV is: an untouched torch.zeros maps every
         # page to the kernel's one zero page, so sending it reads a single
         # cache-hot page and flatters the baseline.
         contiguous = torch.randn(count * block_numel * layers, generator=gen).to(torch.bfloat16)
         small = torch.randn(16 * block_numel * layers, generator=gen).to(torch.bfloat16)
         await pipe.send(None)  # ready: the leases are granted
-        for _ in range(iters):
+        for i in range(iters):
+            index = torch.tensor(pulls[i])
             await pipe.recv()  # the baseline's request
             for layer in region:
                 await pipe.send(layer.index_select(1, index))
@@ -198,15 +207,15 @@ def worker(
             await lease.wait()  # the reader reported every read done
 
         decode = bytes((await pipe.recv()).tolist()).decode()  # it expects our pushes now
-        _, dst = request_blocks(count, num_blocks, 3)
-        local = list(range(count))
         samples: dict[str, list[float]] = {"transfer": [], "compute": [], "overlap": []}
         for i in range(iters):
+            local, dst = ids_for("all", i, count, num_blocks)
             t0 = time.perf_counter()
             await service.write(decode, f"all-{i}", "kv", local, dst)
             t1 = time.perf_counter()
             for _ in range(layers):
                 await asyncio.sleep(compute_ms / 1e3)
+            local, dst = ids_for("wise", i, count, num_blocks)
             t2 = time.perf_counter()
             writes = []
             for layer_no in range(layers):
@@ -252,14 +261,14 @@ def worker(
     async def decode(
         service: Any, pipe: Any, region: list[torch.Tensor], owner: str, me: str
     ) -> dict[str, Any]:
-        src, dst = request_blocks(count, num_blocks, 1)
-        small_src, small_dst = request_blocks(16, num_blocks, 2)
-        index = torch.tensor(dst)
+        src, dst = ids_for("pull", 0, count, num_blocks)
         expected = layer_zero(num_blocks, 0)[:, src].clone()
         samples: dict[str, list[float]] = {"pull": [], "gather": [], "contig": []}
         samples.update(small=[], pipe_small=[])
         await pipe.recv()
         for i in range(iters):
+            src, dst = ids_for("pull", i, count, num_blocks)
+            index = torch.tensor(dst)
             t0 = time.perf_counter()
             await service.read(owner, f"pull-{i}", "kv", src, dst)
             t1 = time.perf_counter()
@@ -277,6 +286,7 @@ def worker(
                 samples["gather"].append(t2 - t1)
                 samples["contig"].append(t3 - t2)
         for i in range(small_iters):
+            small_src, small_dst = ids_for("small", i, 16, num_blocks)
             t0 = time.perf_counter()
             await service.read(owner, f"small-{i}", "kv", small_src, small_dst)
             t1 = time.perf_counter()
@@ -287,11 +297,11 @@ def worker(
                 samples["small"].append(t1 - t0)
                 samples["pipe_small"].append(t2 - t1)
 
-        _, push_dst = request_blocks(count, num_blocks, 3)
         leases = []
         for i in range(iters):
-            leases.append(service.expect(f"all-{i}", "kv", push_dst, ttl=3600))
-            leases.append(service.expect(f"wise-{i}", "kv", push_dst, ttl=3600))
+            for phase in ("all", "wise"):
+                push_dst = ids_for(phase, i, count, num_blocks)[1]
+                leases.append(service.expect(f"{phase}-{i}", "kv", push_dst, ttl=3600))
         await pipe.send(torch.tensor(list(me.encode()), dtype=torch.uint8))
         await pipe.recv()  # prefill is done writing
         for lease in leases:
