@@ -35,6 +35,10 @@ if IOV_MAX <= 0:  # pragma: no cover - "no limit" reported as -1
 _CALL_BYTES = 2 << 20
 _SLICE_SECONDS = 0.5e-3
 _LOWAT_MAX = 1 << 20  # SO_RCVLOWAT while a large payload streams in
+# Below this a wait keeps the default low-water mark (1 byte): a control
+# message arrives in one segment anyway, and setting the mark and putting
+# it back would be two more syscalls on every wake-up of an idle peer.
+_LOWAT_MIN = 64 << 10
 _SCRATCH = 1 << 20
 _ZEROS = memoryview(bytes(_SCRATCH))
 
@@ -227,6 +231,8 @@ async def recv_segments(sock: socket.socket, segs: Segments, what: str) -> None:
                 got = sock.recvmsg_into(iov)[0]
             except (BlockingIOError, InterruptedError):
                 want = min(segs.remaining, _LOWAT_MAX)
+                if want < _LOWAT_MIN:
+                    want = 1
                 if want != lowat:
                     _set_lowat(sock, want)
                     lowat = want
