@@ -160,7 +160,14 @@ def run(args: argparse.Namespace) -> list[Result]:
                     _over_bound(got["raw_wise"], got["raw_whole"], compute),
                     "context",
                     None,
-                    {**extra, "floor_over_bound": floor / bound},
+                    {
+                        **extra,
+                        "floor_over_bound": floor / bound,
+                        # p50s, ms: whether the bare copy is bound by its send or the compute
+                        "bare_whole_ms": percentile(got["raw_whole"], 0.5) * 1e3,
+                        "bare_wise_ms": percentile(got["raw_wise"], 0.5) * 1e3,
+                        "compute_ms": compute * 1e3,
+                    },
                 )
             )
         if "copy_gather" in got:
