@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import socket
 import struct
 import threading
 from collections.abc import Iterator
@@ -199,3 +200,16 @@ async def connect_beside(config: Any, proc: Any) -> Any:
             pytest.fail(f"peer exited early: {proc.communicate()[1].decode()}")
         await asyncio.wait({connect}, timeout=0.05)
     return connect.result()
+
+
+@pytest.fixture
+def loopback_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected loopback TCP pair (client, accepted server end), blocking; closed after."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    try:
+        yield client, server
+    finally:
+        client.close()
+        server.close()

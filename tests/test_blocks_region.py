@@ -278,35 +278,34 @@ async def test_a_prefix_leaves_in_the_payloads_first_sendmsg_and_survives_partia
 
 
 @pytest.mark.timeout(30)
-async def test_only_a_large_payload_moves_the_receive_low_water_mark() -> None:
+async def test_only_a_large_payload_moves_the_receive_low_water_mark(
+    loopback_pair: tuple[socket.socket, socket.socket],
+) -> None:
     """A wait for a control message keeps the socket's SO_RCVLOWAT at 1 (no
     setsockopt on an idle peer's every wake-up); a large payload raises it
     while it waits, and it is 1 again afterwards. Real loopback TCP."""
     from aiokvpipe.blocks.sgio import recv_segments
 
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        sender = socket.create_connection(listener.getsockname())
-        receiver, _ = listener.accept()
-    with sender, receiver:
-        receiver.setblocking(False)
+    sender, receiver = loopback_pair
+    receiver.setblocking(False)
 
-        def lowat() -> int:
-            return receiver.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+    def lowat() -> int:
+        return receiver.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
 
-        for size, waiting_mark in ((16, 1), (4 << 20, 1 << 20)):
-            target = bytearray(size)
-            task = asyncio.ensure_future(
-                recv_segments(receiver, Segments([memoryview(target)], receive=True), "test")
-            )
-            try:
-                for _ in range(5):
-                    await asyncio.sleep(0)  # the receive finds nothing and waits
-                assert not task.done() and lowat() == waiting_mark, size
-                sender.sendall(b"\x07" * size)
-                await asyncio.wait_for(task, 10)
-            finally:
-                task.cancel()
-            assert target == b"\x07" * size and lowat() == 1
+    for size, waiting_mark in ((16, 1), (4 << 20, 1 << 20)):
+        target = bytearray(size)
+        task = asyncio.ensure_future(
+            recv_segments(receiver, Segments([memoryview(target)], receive=True), "test")
+        )
+        try:
+            for _ in range(5):
+                await asyncio.sleep(0)  # the receive finds nothing and waits
+            assert not task.done() and lowat() == waiting_mark, size
+            sender.sendall(b"\x07" * size)
+            await asyncio.wait_for(task, 10)
+        finally:
+            task.cancel()
+        assert target == b"\x07" * size and lowat() == 1
 
 
 @pytest.mark.timeout(30)

@@ -14,7 +14,6 @@ import json
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 from netns import two_namespaces
@@ -42,18 +41,6 @@ def force(sock: socket.socket, name: str) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, CONGESTION, name.encode())
     except OSError as exc:
         pytest.skip(f"congestion control {name!r} is not available here: {exc}")
-
-
-@pytest.fixture
-def loopback_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-    try:
-        yield client, server
-    finally:
-        client.close()
-        server.close()
 
 
 @pytest.mark.timeout(20)
