@@ -14,9 +14,10 @@ import torch
 
 from .bufpool import RecvBufferPool, allocate
 from .errors import UnsupportedTensorError
-from .wire import MAX_DIMS, FrameHeader, FrameKind, dtype_code, tensor_header
+from .wire import MAX_DIMS, FrameHeader, FrameKind, decode_header, dtype_code, tensor_header
 
 _SMALL = 64 << 10  # frames up to this size are allocated as bytearrays
+_REHEARSED = _SMALL  # largest message whose receive is rehearsed (its allocation is real)
 
 
 def check_sendable(obj: Any) -> torch.Tensor | None:
@@ -106,3 +107,25 @@ def empty_for(
     if tensor.dim() != len(header.shape) or tuple(tensor.shape) != header.shape:
         tensor = tensor.view(header.shape)
     return tensor, memoryview(array)  # type: ignore[arg-type]  # numpy stubs lack Buffer
+
+
+def rehearse_receive(header: FrameHeader | None, max_frame_bytes: int) -> None:
+    """Receive a message like ``header``'s, dry: decode, allocate, and the
+    first steps of sending it on (an echo, a pipeline stage), then drop it.
+
+    Why: a receiver that anticipates runs this when the window in which the
+    next message is due opens. After a gap of milliseconds the code and
+    objects a small message's receive needs are out of the caches, and run
+    cold the same steps cost 10-20x what they cost warm (docs/latency.md);
+    rehearsed, the real message finds them warm. Only tensor messages up to
+    64 KiB (a bytearray's allocation), and nothing the stream depends on
+    changes.
+    """
+    if header is None or header.kind is not FrameKind.TENSOR or header.nbytes > _REHEARSED:
+        return
+    decode_header(header.encode(), expected_seq=header.seq, max_frame_bytes=max_frame_bytes)
+    tensor, _dest = empty_for(header)
+    sendable = check_sendable(tensor)
+    if sendable is not None:
+        byte_view(dense(sendable))
+        header_for(header.seq, sendable)

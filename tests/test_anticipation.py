@@ -132,6 +132,38 @@ async def test_wait_for_follows_a_steady_producer(anticipate: bool) -> None:
 
 
 @pytest.mark.timeout(20)
+async def test_wait_for_rehearses_once_as_its_spin_starts() -> None:
+    """``rehearse`` runs when the window opens, before the first spin step,
+    once however long the spin lasts; a wait with no rhythm never runs it."""
+    ws = WaiterSet(anticipate=True)
+    try:
+        calls: list[bool] = []
+        items: list[int] = []
+        learn(ws, 0.02, time.monotonic())  # the next one is due in ~20 ms
+        waiting = asyncio.ensure_future(
+            ws.wait_for(lambda: bool(items), lambda: calls.append(parked(ws)))
+        )
+        await until(lambda: bool(calls), "the window opened")
+        await asyncio.sleep(0.005)  # spin steps, then (the window closed) a park
+        assert calls == [False], "rehearsed while parked, or more than once"
+        items.append(1)
+        ws.wake_all()
+        await asyncio.wait_for(waiting, 5)
+        assert calls == [False]
+        assert ws.cadence is not None
+        ws.cadence.reset()
+        waiting = asyncio.ensure_future(
+            ws.wait_for(lambda: bool(items), lambda: calls.append(True))
+        )
+        await asyncio.sleep(0.02)
+        ws.wake_all()
+        await asyncio.wait_for(waiting, 5)
+        assert calls == [False]
+    finally:
+        ws.close()
+
+
+@pytest.mark.timeout(20)
 async def test_wait_for_cancelled_while_parked_on_the_timer() -> None:
     """The next message is due in ~10 s: the waiter parks with the timer armed.
     Cancelled, it leaves no future and no armed timer; the next wait_for works;

@@ -886,6 +886,50 @@ async def test_readers_follow_an_in_process_rhythm(anticipate: bool) -> None:
 
 
 @pytest.mark.timeout(30)
+async def test_wait_readable_rehearses_once_when_the_window_opens() -> None:
+    """``rehearse`` runs when the window for the next chunk opens (the
+    spinning hint is up), once however long the spin lasts, and not again
+    for the chunk that ends it; a wait with no window never rehearses."""
+    async with ring_of(n_reader=1) as (writer, (reader,)):
+        calls: list[int] = []
+        rehearse = lambda: calls.append(spinning(reader))  # noqa: E731
+        expect_next_in(reader, 0.01, 5.0)
+        waiting = asyncio.ensure_future(reader.wait_readable(timeout=10, rehearse=rehearse))
+        await until_spinning(reader)
+        await asyncio.sleep(0.05)  # many spin steps
+        assert calls == [1]
+        assert writer.write_chunk_nowait(lambda buf: buf.__setitem__(0, 5))
+        await asyncio.wait_for(waiting, 5)
+        assert calls == [1]
+        assert reader.read_chunk_nowait(lambda buf: None)
+        # No rhythm: the wait parks until rung and never rehearses.
+        assert reader._cadence is not None
+        reader._cadence.reset()
+        waiting = asyncio.ensure_future(reader.wait_readable(timeout=10, rehearse=rehearse))
+        await asyncio.sleep(0.05)
+        assert writer.write_chunk_nowait(lambda buf: buf.__setitem__(0, 6))
+        await asyncio.wait_for(waiting, 5)
+        assert calls == [1]
+
+
+@pytest.mark.timeout(30)
+async def test_a_rehearsal_that_raises_fails_the_wait_and_frees_the_endpoint() -> None:
+    async with ring_of(n_reader=1) as (writer, (reader,)):
+
+        def broken() -> None:
+            raise KeyError("rehearsal")
+
+        expect_next_in(reader, 0.01, 5.0)
+        with pytest.raises(KeyError, match="rehearsal"):
+            await asyncio.wait_for(reader.wait_readable(timeout=10, rehearse=broken), 5)
+        assert spinning(reader) == 0 and parked(reader) == 0
+        assert writer.write_chunk_nowait(lambda buf: buf.__setitem__(0, 7))
+        got: list[int] = []
+        assert reader.read_chunk_nowait(lambda buf: got.append(buf[0]))
+        assert got == [7]
+
+
+@pytest.mark.timeout(30)
 async def test_writer_keeps_publishing_while_a_reader_spins() -> None:
     async with ring_of(n_reader=2) as (writer, (spinner, other)):
         expect_next_in(spinner, 0.01, 5.0)

@@ -387,3 +387,42 @@ async def test_parked_receivers_get_every_kind_of_frame_from_the_doorbell_callba
         await a.aclose()
         with pytest.raises(PeerClosedError, match="peer closed"):
             await asyncio.wait_for(waiting, 5)
+
+
+@pytest.mark.timeout(60)
+async def test_an_anticipating_receiver_rehearses_the_take_without_touching_the_stream() -> None:
+    """With a rhythm learned, the receiver rehearses the take of the next
+    message when its window opens (decode, allocate, the first steps of
+    sending it on) for tensor messages up to 64 KiB; a rehearsal after any
+    kind of last message (None, empty, 2-D, bf16, too large to rehearse)
+    changes nothing the stream depends on, and every message arrives
+    intact and in order."""
+    kinds: list[torch.Tensor | None] = [
+        tagged(0),
+        None,
+        torch.empty(0, dtype=torch.int32),
+        torch.arange(12, dtype=torch.int64).reshape(3, 4),
+        torch.ones(7, dtype=torch.bfloat16),
+        torch.zeros(80 * 1024, dtype=torch.uint8),  # above the rehearsal's limit
+    ]
+    async with opened(SHM, anticipate=True) as (a, b):
+        receiver: Any = b._receiver  # type: ignore[attr-defined]
+        real = receiver._rehearse
+        rehearsed = 0
+
+        def counted() -> None:
+            nonlocal rehearsed
+            rehearsed += 1
+            real()
+
+        receiver._rehearse = counted
+        for i in range(60):
+            m = kinds[i % len(kinds)] if i >= 30 else tagged(i)
+            await a.send(m)
+            assert_same(await asyncio.wait_for(b.recv(), 5), m, f"message {i}")
+            # A rehearsal right now, after this kind: no state the stream uses moves.
+            state = (receiver._expected_seq, len(receiver._ready), receiver._queued_bytes)
+            real()
+            assert (receiver._expected_seq, len(receiver._ready), receiver._queued_bytes) == state
+            await asyncio.sleep(0.003)
+        assert rehearsed > 0, "a steady rhythm never opened a window"

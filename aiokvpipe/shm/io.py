@@ -262,6 +262,7 @@ class ShmRingBufferIO(RingMessages):
         timeout: float | None = None,
         take: Callable[[memoryview], object] | None = None,
         keep: Callable[[], bool] | None = None,
+        rehearse: Callable[[], object] | None = None,
     ) -> bool:
         """Reader: return once the next chunk is published (taking nothing).
 
@@ -285,6 +286,14 @@ class ShmRingBufferIO(RingMessages):
         stream costs one fd callback per message and no task wake-up; it
         returns (True) when ``keep()`` says stop, or on its safety interval
         (20 ms to 1 s). ``keep`` must be cheap and must not wait.
+
+        ``rehearse`` (a reader that anticipates): called once when the window
+        in which the next chunk is due opens, while the reader spins anyway.
+        A caller passes a dry run of what it does with a chunk (decode,
+        allocate, look at the tensor): after a gap of milliseconds that code
+        and its objects are out of the caches, and the real take, run cold,
+        costs several times more than warm. It must not wait, and its
+        exceptions are raised here.
         """
         self._enter(False)
         try:
@@ -292,7 +301,7 @@ class ShmRingBufferIO(RingMessages):
                 return False
             hand = None if take is None else lambda idx: self._hand_over(idx, take)
             idx = await self._wait(
-                self._poll_readable, timeout, deadline_after(timeout), False, hand, keep
+                self._poll_readable, timeout, deadline_after(timeout), False, hand, keep, rehearse
             )
             return idx == TAKEN
         finally:

@@ -89,6 +89,7 @@ class RingWaiting:
         blocking: bool,
         take: Callable[[int], None] | None = None,
         keep: Callable[[], bool] | None = None,
+        rehearse: Callable[[], object] | None = None,
     ) -> int:
         """Spin, then park on the doorbell until ``poll()`` yields a chunk index.
 
@@ -107,6 +108,9 @@ class RingWaiting:
         that came within 4x the base spin window of the park or the previous
         take: close messages (a ping-pong back to back) are caught sooner by
         the task's spin than by a wake-up.
+
+        ``rehearse`` (anticipating readers): called once, when the window in
+        which the next chunk is due opens, before the spin through it.
         """
         on_rung: Callable[[], bool] | None = None
         taken = False
@@ -166,6 +170,8 @@ class RingWaiting:
                         delay = 0.0
                         if not flagged:
                             self._hdr[self._spin_flag] = flagged = 1
+                            if rehearse is not None:
+                                rehearse()  # the message is due: warm what takes it
                     else:
                         wake_at = window[0]
                 if delay == 0.0:

@@ -26,8 +26,15 @@ from ..errors import (
 )
 from ..loop_turns import yield_turn
 from ..shm.io import ShmRingBufferIO
-from ..tensors import empty_for
-from ..wire import HEADER_SIZE, MAGIC, FrameKind, decode_header, message_charge
+from ..tensors import empty_for, rehearse_receive
+from ..wire import (
+    HEADER_SIZE,
+    MAGIC,
+    FrameHeader,
+    FrameKind,
+    decode_header,
+    message_charge,
+)
 from ._shm_setup import HEADER_SLOT, SLICE_SECONDS, record_end, translate_error
 from ._waiters import WaiterSet
 from .base import Link, RecvChannel
@@ -75,6 +82,7 @@ class ShmRecvChannel(RecvChannel):
         self._got = 0
         self._resume_at = 0  # where the next take of a packed chunk starts (see _take_frames)
         self.pool = RecvBufferPool(min(link.config.buffer_bytes, _POOL_MAX))
+        self._last_header: FrameHeader | None = None  # what _rehearse rehearses
         self._loop.add_reader(self._fd, self._on_readable)
         self._watching = True
         self._task = asyncio.ensure_future(self._run())
@@ -143,7 +151,7 @@ class ShmRecvChannel(RecvChannel):
                         # next turn, before this task's.
                         self._in_acquire = True
                         took = await io.wait_readable(
-                            0 if self._eof else None, self._take, self._keep_parked
+                            0 if self._eof else None, self._take, self._keep_parked, self._rehearse
                         )
                         self._in_acquire = False
                         now = _perf_counter()
@@ -216,6 +224,7 @@ class ShmRecvChannel(RecvChannel):
                 max_frame_bytes=self._max_frame_bytes,
             )
             self._expected_seq += 1
+            self._last_header = header
             if header.kind is FrameKind.CLOSE:
                 self._stop(PeerClosedError(f"{self._link.describe}: peer closed the pipe"))
                 return
@@ -245,6 +254,10 @@ class ShmRecvChannel(RecvChannel):
             if self._queued_bytes >= self._limit:
                 self._resume_at = pos
                 raise _QueueFull
+
+    def _rehearse(self) -> None:
+        """Run by the ring's wait when the window for the next message opens."""
+        rehearse_receive(self._last_header, self._max_frame_bytes)
 
     def _deliver(self, tensor: torch.Tensor | None, nbytes: int) -> None:
         # Charged like the sender's window: a None costs its bookkeeping too,

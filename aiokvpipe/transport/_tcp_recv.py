@@ -20,8 +20,8 @@ from ..errors import (
     PipeClosedError,
     ProtocolError,
 )
-from ..tensors import empty_for
-from ..wire import HEADER_SIZE, FrameKind, decode_header, message_charge
+from ..tensors import empty_for, rehearse_receive
+from ..wire import HEADER_SIZE, FrameHeader, FrameKind, decode_header, message_charge
 from ._waiters import WaiterSet
 from .base import Link, RecvChannel
 
@@ -101,6 +101,7 @@ class _FrameParser:
                 max_frame_bytes=channel.max_frame_bytes,
             )
             self._expected_seq += 1
+            channel.last_header = header
             pos += HEADER_SIZE
             if header.kind is FrameKind.CLOSE:
                 channel._peer_closed()
@@ -167,6 +168,7 @@ class TcpRecvChannel(RecvChannel):
         self.read_slice = _READ_SLICE
         # Warm receive blocks for large payloads, bounded by the window.
         self.pool = RecvBufferPool(link.config.buffer_bytes)
+        self.last_header: FrameHeader | None = None  # what _rehearse rehearses
         self._parser = _FrameParser(self)
         self._resume_reading()
 
@@ -316,7 +318,11 @@ class TcpRecvChannel(RecvChannel):
                 return item  # type: ignore[no-any-return]
             if self._error is not None:
                 raise self._error
-            await self._waiters.wait_for(self._has_news)
+            await self._waiters.wait_for(self._has_news, self._rehearse)
+
+    def _rehearse(self) -> None:
+        """Run when the window for the next message opens (see WaiterSet.wait_for)."""
+        rehearse_receive(self.last_header, self.max_frame_bytes)
 
     def _landed(self, staged: asyncio.Future[torch.Tensor]) -> torch.Tensor:
         """The tensor a finished device copy produced, or the channel fails with its error.

@@ -41,10 +41,14 @@ class WaiterSet:
             if fut in self._futures:
                 self._futures.remove(fut)
 
-    async def wait_for(self, ready: Callable[[], bool]) -> None:
+    async def wait_for(
+        self, ready: Callable[[], bool], rehearse: Callable[[], object] | None = None
+    ) -> None:
         """Like :meth:`wait`, but awake through the window a message is due in.
 
         Returns when ``ready()`` may have become true; callers recheck.
+        ``rehearse`` runs once as the spin through the window starts (see
+        :func:`aiokvpipe.tensors.rehearse_receive`).
         """
         cadence = self.cadence
         plan = cadence.plan(_monotonic()) if cadence is not None else None
@@ -67,6 +71,8 @@ class WaiterSet:
                 closes = cadence.woke((opens, closes), now)
             if ready():
                 return
+        if rehearse is not None:
+            rehearse()
         while _monotonic() < closes:
             # Yield the CPU too: the sender may share this vCPU.
             _sched_yield()
