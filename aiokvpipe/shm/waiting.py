@@ -110,7 +110,8 @@ class RingWaiting:
         the task's spin than by a wake-up.
 
         ``rehearse`` (anticipating readers): called once, when the window in
-        which the next chunk is due opens, before the spin through it.
+        which the next chunk is due opens after this wait parked (not in a
+        stream, which the spin catches warm), before the spin through it.
         """
         on_rung: Callable[[], bool] | None = None
         taken = False
@@ -170,8 +171,8 @@ class RingWaiting:
                         delay = 0.0
                         if not flagged:
                             self._hdr[self._spin_flag] = flagged = 1
-                            if rehearse is not None:
-                                rehearse()  # the message is due: warm what takes it
+                            if rehearse is not None and parked_at:
+                                rehearse()  # slept, and the message is due: warm its take
                     else:
                         wake_at = window[0]
                 if delay == 0.0:

@@ -47,7 +47,9 @@ class WaiterSet:
         """Like :meth:`wait`, but awake through the window a message is due in.
 
         Returns when ``ready()`` may have become true; callers recheck.
-        ``rehearse`` runs once as the spin through the window starts (see
+        ``rehearse`` runs once as the spin through the window starts, if the
+        wait slept until the window opened (not in a stream, whose next
+        message is due at once and whose code is warm; see
         :func:`aiokvpipe.tensors.rehearse_receive`).
         """
         cadence = self.cadence
@@ -71,8 +73,8 @@ class WaiterSet:
                 closes = cadence.woke((opens, closes), now)
             if ready():
                 return
-        if rehearse is not None:
-            rehearse()
+            if rehearse is not None:  # slept through a gap: the take would run cold
+                rehearse()
         while _monotonic() < closes:
             # Yield the CPU too: the sender may share this vCPU.
             _sched_yield()
