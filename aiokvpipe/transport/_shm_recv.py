@@ -27,14 +27,7 @@ from ..errors import (
 from ..loop_turns import yield_turn
 from ..shm.io import ShmRingBufferIO
 from ..tensors import empty_for, rehearse_receive
-from ..wire import (
-    HEADER_SIZE,
-    MAGIC,
-    FrameHeader,
-    FrameKind,
-    decode_header,
-    message_charge,
-)
+from ..wire import HEADER_SIZE, MAGIC, FrameHeader, FrameKind, decode_header, message_charge
 from ._shm_setup import HEADER_SLOT, SLICE_SECONDS, record_end, translate_error
 from ._waiters import WaiterSet
 from .base import Link, RecvChannel
