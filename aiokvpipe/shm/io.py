@@ -288,7 +288,9 @@ class ShmRingBufferIO(RingMessages):
         (20 ms to 1 s). ``keep`` must be cheap and must not wait.
 
         ``rehearse`` (a reader that anticipates): called once when the window
-        in which the next chunk is due opens, while the reader spins anyway.
+        in which the next chunk is due opens after the wait parked (in a
+        stream the spin catches chunks with the code still warm), while the
+        reader spins anyway.
         A caller passes a dry run of what it does with a chunk (decode,
         allocate, look at the tensor): after a gap of milliseconds that code
         and its objects are out of the caches, and the real take, run cold,
