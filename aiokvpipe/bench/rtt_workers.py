@@ -11,7 +11,9 @@ can import it; it reports one dict through ``queue`` (see
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +22,29 @@ import torch
 
 from ..links.net import tune_data_socket
 from .procs import cpu_seconds, report, run_loop
+
+
+def _cpu_reader() -> Callable[[], int]:
+    """``sched_getcpu``: which CPU the calling thread runs on (-1 where unknown)."""
+    if sys.platform == "linux":
+        try:
+            getcpu = ctypes.CDLL(None).sched_getcpu
+        except (OSError, AttributeError):
+            pass
+        else:
+            getcpu.restype = ctypes.c_int
+            getcpu.argtypes = []
+            return getcpu
+    return lambda: -1
+
+
+def same_cpu_share(senders: list[int], echoes: list[int]) -> float | None:
+    """Share of round trips whose echo ran on the CPU the sender sent from
+    (None where the CPU could not be read)."""
+    pairs = [(a, b) for a, b in zip(senders, echoes, strict=True) if a >= 0 and b >= 0]
+    if not pairs:
+        return None
+    return sum(a == b for a, b in pairs) / len(pairs)
 
 
 def _asyncio_pingpong_worker(
@@ -115,7 +140,9 @@ def _rtt_mixed_worker(
     Rank 0 awaits ``asyncio.sleep(gap)`` before each round trip (jittered
     gaps, as an application's). Returns, per kind: ``samples`` (seconds,
     rank 0) and ``cpu<rank>`` (each side's CPU seconds per round trip,
-    waiting included, counted over that kind's blocks).
+    waiting included, counted over that kind's blocks) and ``where<rank>``
+    (per kind, the CPU each round trip's send left from on rank 0 and the
+    CPU its echo ran on on rank 1: see :func:`same_cpu_share`).
     """
     from ..config import PipeConfig
     from ..pipe import Pipe
@@ -139,6 +166,8 @@ def _rtt_mixed_worker(
             payload = torch.ones(size // 4, dtype=torch.float32)
             samples: list[list[float]] = [[] for _ in pipes]
             cpu = [0.0 for _ in pipes]
+            where: list[list[int]] = [[] for _ in pipes]
+            this_cpu = _cpu_reader()
             warm = 2 * block * len(pipes)
             c0 = cpu_seconds()
             for i in range(warm + count * len(pipes)):
@@ -148,18 +177,23 @@ def _rtt_mixed_worker(
                     if gap:
                         await asyncio.sleep(gap)
                     t0 = time.perf_counter()
+                    sent_from = this_cpu()
                     await pipe.send(payload)
                     await pipe.recv()
                     if i >= warm:
                         samples[k].append(time.perf_counter() - t0)
+                        where[k].append(sent_from)
                 else:
-                    await pipe.send(await pipe.recv())
+                    got = await pipe.recv()
+                    if i >= warm:
+                        where[k].append(this_cpu())
+                    await pipe.send(got)
                 if (i + 1) % block == 0:
                     c1 = cpu_seconds()
                     if i >= warm:
                         cpu[k] += c1 - c0
                     c0 = c1
-            out: dict[str, Any] = {f"cpu{rank}": [c / count for c in cpu]}
+            out: dict[str, Any] = {f"cpu{rank}": [c / count for c in cpu], f"where{rank}": where}
             if rank == 0:
                 out["samples"] = samples
             return out
