@@ -44,6 +44,10 @@ def test_every_ring_figure_is_measured_with_its_baseline() -> None:
             # unless the machine stalled (bounded generously: CI is noisy)
             assert 0 < wake.value < 1_000_000
             assert by_name[f"asyncio: publish -> dequeue {q}, {readers}"].value > 0
+    handoff = by_name["asyncio: 1 MiB messages vs a bare cross-process handoff, same processes"]
+    # the same ring runs as the memcpy row's, beside a handoff interleaved with them
+    assert handoff.value == by_name["asyncio: 1 MiB messages, 1 reader (median of 3)"].value
+    assert len(handoff.extra["handoff_runs"]) == 3
     for r in results:
         assert math.isfinite(r.value) and r.value > 0, r
         assert r.baseline_value is not None and r.baseline_value > 0, r
