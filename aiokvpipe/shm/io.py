@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..backoff import Backoff
-from ..errors import AiokvpipeError, ConfigError, HandleError, RingUsageError
+from ..errors import RingUsageError
 from . import codec
 from .endpoint import TAKEN, deadline_after
 from .fence import ORDERING_FENCE_NEEDED, fence
@@ -39,7 +39,6 @@ from .ring import (
     ShmRingHandle,
 )
 from .slots import _ReadSlot, _WriteSlot
-from .threads import call_in_thread
 
 __all__ = ["ShmRingBufferIO"]
 
@@ -107,53 +106,12 @@ class ShmRingBufferIO(RingMessages):
         ``pg`` (all ranks must share a host), run in a helper thread so the
         event loop never blocks. Must be called by every rank of ``pg``.
         Every rank returns only once all readers are attached, or all fail
-        together with HandleError naming the ranks that could not attach.
+        together with HandleError naming the ranks that could not attach
+        (see :mod:`aiokvpipe.shm.group`).
         """
-        import torch.distributed as dist  # only here: spawned ring workers need no torch
+        from .group import ring_over_group
 
-        rank = dist.get_rank(pg)
-        world = dist.get_world_size(pg)
-        if not 0 <= writer_rank < world:
-            raise ConfigError("writer_rank", f"must be in [0, {world}), got {writer_rank}")
-        src = dist.get_process_group_ranks(pg)[writer_rank]
-        box: list[Any] = [None]
-        endpoint: ShmRingBufferIO | None = None
-        if rank == writer_rank:
-            ring = ShmRingBuffer(world - 1, max_chunk_bytes, max_chunks)
-            try:
-                endpoint = cls(ring, -1, owns_buffer=True)
-            except BaseException:
-                ring.close()
-                raise
-            box[0] = endpoint.export_handle()
-        try:
-            await call_in_thread(lambda: dist.broadcast_object_list(box, src=src, group=pg))
-            problem: str | None = None
-            if endpoint is None:
-                readers = [r for r in range(world) if r != writer_rank]
-                try:
-                    endpoint = cls.attach(box[0], readers.index(rank))
-                except AiokvpipeError as exc:  # e.g. this rank is on another host
-                    problem = f"rank {rank}: {exc}"
-            # Nobody returns before every reader is attached (the writer may
-            # close, and unlink, right after sending), and a rank that failed
-            # to attach fails the call everywhere instead of leaving the
-            # others waiting.
-            problems: list[str | None] = [None] * world
-            await call_in_thread(lambda: dist.all_gather_object(problems, problem, group=pg))
-            failed = [p for p in problems if p]
-            if failed:
-                raise HandleError("cannot build the ring over the group: " + "; ".join(failed))
-            if rank == writer_rank and endpoint is not None:
-                # Every reader has mapped the segment: drop its name now, so even
-                # a writer killed by a signal leaves nothing behind in /dev/shm.
-                endpoint.buffer.unlink()
-        except BaseException:
-            if endpoint is not None:
-                endpoint.close()
-            raise
-        assert endpoint is not None
-        return endpoint
+        return await ring_over_group(cls, pg, max_chunk_bytes, max_chunks, writer_rank)
 
     # -- writer ----------------------------------------------------------------
 
