@@ -8,25 +8,43 @@ run in a helper thread (:func:`~aiokvpipe.shm.threads.call_in_thread`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 from ..errors import AiokvpipeError, ConfigError, HandleError
-from .ring import ShmRingBuffer
+from .ring import ShmRingBuffer, ShmRingHandle
 from .threads import call_in_thread
-
-if TYPE_CHECKING:
-    from .io import ShmRingBufferIO
 
 __all__ = ["ring_over_group"]
 
 
+class _Endpoint(Protocol):
+    """What this module needs of a ring endpoint (``ShmRingBufferIO``, which
+    imports this module: naming it here would make an import cycle)."""
+
+    buffer: ShmRingBuffer
+
+    def export_handle(self) -> ShmRingHandle: ...
+
+    def close(self) -> None: ...
+
+
+E = TypeVar("E", bound=_Endpoint)
+E_co = TypeVar("E_co", bound=_Endpoint, covariant=True)
+
+
+class _EndpointClass(Protocol[E_co]):
+    def __call__(self, buffer: ShmRingBuffer, reader_rank: int, *, owns_buffer: bool) -> E_co: ...
+
+    def attach(self, handle: ShmRingHandle, reader_rank: int) -> E_co: ...
+
+
 async def ring_over_group(
-    cls: type[ShmRingBufferIO],
+    cls: _EndpointClass[E],
     pg: Any,
     max_chunk_bytes: int,
     max_chunks: int,
     writer_rank: int = 0,
-) -> ShmRingBufferIO:
+) -> E:
     """Rank ``writer_rank`` of ``pg`` creates a ring and the others attach to it.
 
     What :meth:`ShmRingBufferIO.create_from_process_group` does; every rank
@@ -43,7 +61,7 @@ async def ring_over_group(
         raise ConfigError("writer_rank", f"must be in [0, {world}), got {writer_rank}")
     src = dist.get_process_group_ranks(pg)[writer_rank]
     box: list[Any] = [None]
-    endpoint: ShmRingBufferIO | None = None
+    endpoint: E | None = None
     if rank == writer_rank:
         ring = ShmRingBuffer(world - 1, max_chunk_bytes, max_chunks)
         try:
