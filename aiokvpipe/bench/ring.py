@@ -2,7 +2,8 @@
 
 Every figure comes from real processes (spawn start method): a writer process
 and one or two reader processes attached to a ring this process creates.
-Workers (:mod:`aiokvpipe.bench.ring_workers`) are spawned once and run one
+Workers (:mod:`aiokvpipe.bench.ring_workers`, run by
+:mod:`aiokvpipe.bench.ring_procs`) are spawned once and run one
 scenario after another (a spawned interpreter takes seconds to import the
 package), each scenario on a fresh ring. Baselines come from the same run:
 
@@ -21,20 +22,17 @@ package), each scenario on a fresh ring. Baselines come from the same run:
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import statistics
 import time
-from multiprocessing.connection import Connection
 from typing import Any
 
 from ..shm import ShmRingBuffer
 from .report import Progress, Result
-from .ring_workers import serve
+from .ring_procs import SPAWN, Worker, handoff, latencies, run_ring, run_scenario
 
 SUITE = "ring"
 MIB = 1 << 20
-_ctx = mp.get_context("spawn")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,110 +60,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="1 MiB messages per bandwidth run (default 4000, quick 800)",
     )
-
-
-# -- orchestration -------------------------------------------------------------
-
-
-class _Worker:
-    def __init__(self, pipes: list[Connection] | None = None) -> None:
-        self.conn, theirs = _ctx.Pipe()
-        self.proc = _ctx.Process(target=serve, args=(theirs, pipes or []), daemon=True)
-        self.proc.start()
-        theirs.close()
-
-    def start(self, name: str, *args: Any) -> None:
-        self.conn.send((name, args))
-
-    def expect_ready(self) -> None:
-        msg = self.conn.recv()
-        if msg != "ready":
-            raise RuntimeError(f"worker answered {msg!r} instead of 'ready'")
-
-    def result(self) -> Any:
-        tag, value = self.conn.recv()
-        assert tag == "result"
-        return value
-
-    def stop(self) -> None:
-        try:
-            self.conn.send(None)
-        except OSError:
-            pass
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
-        self.conn.close()
-
-
-def _scenario(
-    writer: _Worker, readers: list[_Worker], wcall: tuple[Any, ...], rcalls: list[tuple[Any, ...]]
-) -> tuple[list[Any], Any]:
-    """Start readers, then the writer; go once all are attached; collect
-    (each reader's result, the writer's)."""
-    for reader, call in zip(readers, rcalls, strict=True):
-        reader.start(*call)
-    writer.start(*wcall)
-    for w in (*readers, writer):
-        w.expect_ready()
-    writer.conn.send("go")
-    results = [r.result() for r in readers]
-    return results, writer.result()
-
-
-def _latencies(sent: list[int], got: list[tuple[int, int]]) -> list[int]:
-    """Send-call-to-receive-return times (ns), pairing each receipt with its send."""
-    return [done - sent[i] for i, done in got]
-
-
-def _ring(
-    writer: _Worker,
-    readers: list[_Worker],
-    loop: str,
-    mode: str,
-    n: int,
-    size: int,
-    chunk: int,
-    chunks: int,
-    interval: float = 0.0,
-    anticipate: bool = True,
-    seed: bool = False,
-) -> list[Any]:
-    """Each reader's result; a stamped run's receipts become latencies (ns).
-
-    ``seed``: the readers wait the way the reference ring's do (a busy poll).
-    """
-    with ShmRingBuffer(len(readers), chunk, chunks) as ring:
-        h = ring.export_handle()
-        rcalls = [
-            ("seed_read", h, r, n) if seed else ("ring_read", h, r, loop, mode, n, anticipate)
-            for r in range(len(readers))
-        ]
-        results, sent = _scenario(
-            writer, readers, ("ring_write", h, loop, mode, n, size, interval), rcalls
-        )
-    if mode == "stamped":
-        return [(_latencies(sent, got), cpu, woke) for got, cpu, woke in results]
-    return results
-
-
-def _handoff(writer: _Worker, reader: _Worker, n: int, size: int) -> float:
-    """Bytes per second through one shared buffer handed back and forth with a
-    flag, between the same two processes as the ring's (no ring code at all).
-
-    On these VMs the speed of copies between two processes' CPUs changes by
-    up to 7x for seconds at a time (measured: 2.0 against 14.3 GB/s for this
-    handoff, alternating with the ring in the same processes, and the ring
-    slow in the same runs), while a copy inside one process does not: the
-    1 MiB row's memcpy baseline cannot see that, this one does.
-    """
-    with ShmRingBuffer(0, size, 1) as shared:
-        (rate,), _ = _scenario(
-            writer, [reader], ("handoff_write", shared.name, n, size),
-            [("handoff_read", shared.name, n, size)],
-        )  # fmt: skip
-    return float(rate)
 
 
 def _memcpy_bandwidth(size: int, count: int) -> float:
@@ -203,25 +97,25 @@ def run(args: argparse.Namespace) -> list[Result]:
     progress = Progress(3 + 6 * len(loops), "ring")  # sparse steps count per reader count
     results: list[Result] = []
 
-    pipe_pairs = [_ctx.Pipe(duplex=False) for _ in range(2)]
-    pwriter = _Worker([send for _, send in pipe_pairs])
-    preaders = [_Worker([recv]) for recv, _ in pipe_pairs]
-    writer, readers = _Worker(), [_Worker(), _Worker()]
+    pipe_pairs = [SPAWN.Pipe(duplex=False) for _ in range(2)]
+    pwriter = Worker([send for _, send in pipe_pairs])
+    preaders = [Worker([recv]) for recv, _ in pipe_pairs]
+    writer, readers = Worker(), [Worker(), Worker()]
     for recv, send in pipe_pairs:
         recv.close()
         send.close()
     try:
         base_lat = {}
         for k in (1, 2):
-            got, sent = _scenario(
+            got, sent = run_scenario(
                 pwriter,
                 preaders[:k],
                 ("pipe_write", k, "stamped", sparse_n, 0.002),
                 [("pipe_read", "stamped", sparse_n)] * k,
             )
-            base_lat[k] = _flat([_latencies(sent, g) for g in got])
+            base_lat[k] = _flat([latencies(sent, g) for g in got])
         progress.step("pipe latency baseline")
-        base_rate = _scenario(
+        base_rate = run_scenario(
             pwriter,
             preaders[:1],
             ("pipe_write", 1, "rate", small_n, 0.0),
@@ -238,13 +132,13 @@ def run(args: argparse.Namespace) -> list[Result]:
 
         for loop in loops:
             address = f"\0aiokv_bench_floor_{os.getpid()}".encode()
-            (got,), sent = _scenario(
+            (got,), sent = run_scenario(
                 writer,
                 readers[:1],
                 ("floor_write", address, loop, sparse_n, 0.002),
                 [("floor_read", address, loop, sparse_n)],
             )
-            lat = _latencies(sent, got)
+            lat = latencies(sent, got)
             for q in (0.50, 0.99):
                 results.append(
                     Result(
@@ -266,11 +160,13 @@ def run(args: argparse.Namespace) -> list[Result]:
                 seeds: list[list[Any]] = []
                 for _ in range(2):
                     seeds.append(
-                        _ring(writer, readers[:k], loop, "stamped", sparse_n, 64, 4096, 16,
+                        run_ring(writer, readers[:k], loop, "stamped", sparse_n, 64, 4096, 16,
                               0.002, seed=True)
                     )  # fmt: skip
                     runs.append(
-                        _ring(writer, readers[:k], loop, "stamped", sparse_n, 64, 4096, 16, 0.002)
+                        run_ring(
+                            writer, readers[:k], loop, "stamped", sparse_n, 64, 4096, 16, 0.002
+                        )
                     )
                 got = runs[-1]
                 lat = _flat([lats for run in runs for lats, _, _ in run])
@@ -356,7 +252,7 @@ def run(args: argparse.Namespace) -> list[Result]:
                     )
                 # The same stream with readers that only park: what
                 # anticipation buys, and what it costs in CPU.
-                parked = _ring(
+                parked = run_ring(
                     writer, readers[:k], loop, "stamped", sparse_n, 64, 4096, 16, 0.002, False
                 )
                 plat = _flat([lats for lats, _, _ in parked])
@@ -385,7 +281,7 @@ def run(args: argparse.Namespace) -> list[Result]:
                     )
                 )
                 progress.step(f"{loop} sparse {what}")
-            cpu, wall = _ring(writer, readers[:1], loop, "idle", 1, 64, 4096, 4, idle_s)[0]
+            cpu, wall = run_ring(writer, readers[:1], loop, "idle", 1, 64, 4096, 4, idle_s)[0]
             idle = 100.0 * cpu / wall
             results.append(
                 Result(
@@ -401,7 +297,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             )
             progress.step(f"{loop} idle")
             rates = [
-                _ring(writer, readers[:1], loop, "rate", small_n // 3, 64, 4096, 64)[0][0]
+                run_ring(writer, readers[:1], loop, "rate", small_n // 3, 64, 4096, 64)[0][0]
                 for _ in range(3)
             ]
             rate = statistics.median(rates)
@@ -422,9 +318,10 @@ def run(args: argparse.Namespace) -> list[Result]:
             bws, handoffs = [], []
             for _ in range(3):  # interleaved: the machine's cross-CPU copy speed drifts
                 bws.append(
-                    _ring(writer, readers[:1], loop, "rate", large_n // 3, MIB, MIB, 8)[0][1] / 1e9
+                    run_ring(writer, readers[:1], loop, "rate", large_n // 3, MIB, MIB, 8)[0][1]
+                    / 1e9
                 )
-                handoffs.append(_handoff(writer, readers[0], max(large_n // 6, 8), MIB) / 1e9)
+                handoffs.append(handoff(writer, readers[0], max(large_n // 6, 8), MIB) / 1e9)
             bw = statistics.median(bws)
             results.append(
                 Result(

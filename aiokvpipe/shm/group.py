@@ -8,6 +8,7 @@ run in a helper thread (:func:`~aiokvpipe.shm.threads.call_in_thread`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from ..errors import AiokvpipeError, ConfigError, HandleError
@@ -29,17 +30,11 @@ class _Endpoint(Protocol):
 
 
 E = TypeVar("E", bound=_Endpoint)
-E_co = TypeVar("E_co", bound=_Endpoint, covariant=True)
-
-
-class _EndpointClass(Protocol[E_co]):
-    def __call__(self, buffer: ShmRingBuffer, reader_rank: int, *, owns_buffer: bool) -> E_co: ...
-
-    def attach(self, handle: ShmRingHandle, reader_rank: int) -> E_co: ...
 
 
 async def ring_over_group(
-    cls: _EndpointClass[E],
+    create: Callable[[ShmRingBuffer], E],
+    attach: Callable[[ShmRingHandle, int], E],
     pg: Any,
     max_chunk_bytes: int,
     max_chunks: int,
@@ -48,10 +43,12 @@ async def ring_over_group(
     """Rank ``writer_rank`` of ``pg`` creates a ring and the others attach to it.
 
     What :meth:`ShmRingBufferIO.create_from_process_group` does; every rank
-    of ``pg`` calls it. The handle goes out with ``broadcast_object_list``;
-    then every rank reports whether it attached (``all_gather_object``), so
-    all return once every reader has mapped the segment, or all fail
-    together with HandleError naming the ranks that could not attach.
+    of ``pg`` calls it. ``create(ring)`` opens the writer's endpoint on the
+    new ring (which it then owns), ``attach(handle, reader_rank)`` a
+    reader's. The handle goes out with ``broadcast_object_list``; then every
+    rank reports whether it attached (``all_gather_object``), so all return
+    once every reader has mapped the segment, or all fail together with
+    HandleError naming the ranks that could not attach.
     """
     import torch.distributed as dist
 
@@ -65,7 +62,7 @@ async def ring_over_group(
     if rank == writer_rank:
         ring = ShmRingBuffer(world - 1, max_chunk_bytes, max_chunks)
         try:
-            endpoint = cls(ring, -1, owns_buffer=True)
+            endpoint = create(ring)
         except BaseException:
             ring.close()
             raise
@@ -76,7 +73,7 @@ async def ring_over_group(
         if endpoint is None:
             readers = [r for r in range(world) if r != writer_rank]
             try:
-                endpoint = cls.attach(box[0], readers.index(rank))
+                endpoint = attach(box[0], readers.index(rank))
             except AiokvpipeError as exc:  # e.g. this rank is on another host
                 problem = f"rank {rank}: {exc}"
         # Nobody returns before every reader is attached (the writer may

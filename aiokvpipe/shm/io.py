@@ -111,7 +111,14 @@ class ShmRingBufferIO(RingMessages):
         """
         from .group import ring_over_group
 
-        return await ring_over_group(cls, pg, max_chunk_bytes, max_chunks, writer_rank)
+        return await ring_over_group(
+            lambda ring: cls(ring, -1, owns_buffer=True),
+            cls.attach,
+            pg,
+            max_chunk_bytes,
+            max_chunks,
+            writer_rank,
+        )
 
     # -- writer ----------------------------------------------------------------
 
