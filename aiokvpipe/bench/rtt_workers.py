@@ -176,18 +176,17 @@ def _rtt_mixed_worker(
                 if rank == 0:
                     if gap:
                         await asyncio.sleep(gap)
+                    sent_from = this_cpu()  # outside the timed round trip
                     t0 = time.perf_counter()
-                    sent_from = this_cpu()
                     await pipe.send(payload)
                     await pipe.recv()
                     if i >= warm:
                         samples[k].append(time.perf_counter() - t0)
                         where[k].append(sent_from)
                 else:
-                    got = await pipe.recv()
-                    if i >= warm:
+                    await pipe.send(await pipe.recv())
+                    if i >= warm:  # read after the echo, off its critical path
                         where[k].append(this_cpu())
-                    await pipe.send(got)
                 if (i + 1) % block == 0:
                     c1 = cpu_seconds()
                     if i >= warm:
